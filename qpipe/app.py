@@ -1,0 +1,96 @@
+"""One pipeline execution: validate, open the MLflow run, run the DAG, summarise."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from qpipe.config import resolve_device
+from qpipe.dag import load_dag
+from qpipe.runner import Runner, RunReport
+from qpipe.tracking import Tracker
+from qpipe.validate import validate_config
+
+log = logging.getLogger("qpipe")
+
+# The numbers a person looks at first, in this order.
+SUMMARY_METRICS = (
+    "mem.est_weights_gb",
+    "mem.est_peak_gb",
+    "mem.measured_peak_gb",
+    "mem.est_error_pct",
+    "quality.ppl",
+    "quality.ppl_delta_pct",
+    "quality.embed_cosine_mean",
+    "perf.ttft_ms",
+    "perf.prefill_tok_s",
+    "perf.decode_tok_s",
+    "time.quantize_s",
+)
+
+
+def stable_params(cfg: DictConfig) -> dict[str, str]:
+    """The params every run logs under names that stay stable (DESIGN.md)."""
+    return {
+        "model": cfg.model.name,
+        "quant": cfg.quant.name,
+        "quant.method": cfg.quant.method,
+        "quant.bits": cfg.quant.get("bits"),
+        "quant.group_size": cfg.quant.get("group_size"),
+        "hardware": cfg.hardware.name,
+        "pipeline": cfg.pipeline.dag,
+        "workload.batch_size": cfg.workload.batch_size,
+        "workload.context_len": cfg.workload.context_len,
+    }
+
+
+def run_pipeline(
+    cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None, log_file: Path | None = None
+) -> RunReport:
+    """Run the configured pipeline once, tracked in MLflow. Config errors raise before any
+    MLflow run is opened or any weight is touched."""
+    validate_config(cfg)
+    dag = load_dag(cfg.pipeline.dag)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    all_tags = {"qpipe.pipeline": dag.name, "qpipe.run_dir": str(run_dir)}
+    all_tags.update(tags or {})
+    run_id = tracker.start(f"{cfg.model.name}/{cfg.quant.name}", all_tags)
+    tracker.log_params({**stable_params(cfg), "device": resolve_device(cfg)})
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    report = RunReport(status="FAILED")
+    try:
+        report = Runner(cfg, dag, run_dir, tracker).run()
+    except KeyboardInterrupt:
+        report.error = "interrupted"
+        raise
+    finally:
+        if log_file is not None and log_file.is_file():
+            tracker.log_artifact(log_file)
+        tracker.end("FINISHED" if report.status == "FINISHED" else "FAILED")
+    report.run_id = run_id
+    report.ui_hint = tracker.ui_hint()
+    return report
+
+
+def summary_table(cfg: DictConfig, report: RunReport) -> Table:
+    table = Table(title=f"qpipe · {cfg.model.name} · quant={cfg.quant.name} · {report.status}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in SUMMARY_METRICS:
+        if name in report.metrics:
+            table.add_row(name, f"{report.metrics[name]:.4g}")
+    return table
+
+
+def print_summary(cfg: DictConfig, report: RunReport, console: Console | None = None) -> None:
+    console = console or Console()
+    if report.metrics:
+        console.print(summary_table(cfg, report))
+    if report.error:
+        console.print(f"[red]✘ {report.failed_stage}: {report.error}[/red]")
+    console.print(f"MLflow run {report.run_id} — to compare runs: {report.ui_hint}")

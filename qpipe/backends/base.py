@@ -1,0 +1,81 @@
+"""One interface for every quantization library.
+
+A backend knows how to turn a local Hugging Face folder into a quantized checkpoint and how to
+load that checkpoint back. It never knows about MLflow or Hydra: it gets plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class QuantizeRequest:
+    """Everything a backend needs to quantize one model.
+
+    source: a local Hugging Face folder with the full-precision weights.
+    model_class: the transformers auto class that loads it ("AutoModelForCausalLM", ...).
+    quant: the ``quant`` config group as a plain dict (method, bits, group_size, ...).
+    skip_modules: module names that stay in high precision (from exclude_layers).
+    targets: module names of the Linear layers to quantize (from exclude_layers).
+    pad_plan: per-module changes decided by pad_align ({"group_size": {...}, "pad": {...}}).
+    calib_texts: calibration texts (GPTQ/AWQ); empty for methods that need none.
+    calib_seq_len / calib_samples: calibration shape.
+    output_dir: where the checkpoint goes (created by the caller, empty).
+    device: where quantization runs ("cpu", "cuda", "cuda:0").
+    dtype: dtype of the unquantized parts.
+    """
+
+    source: Path
+    model_class: str
+    quant: dict[str, Any]
+    skip_modules: list[str]
+    targets: list[str]
+    output_dir: Path
+    device: str
+    dtype: torch.dtype
+    pad_plan: dict[str, Any] = field(default_factory=dict)
+    calib_texts: list[str] = field(default_factory=list)
+    calib_seq_len: int = 512
+    calib_samples: int = 64
+
+
+@dataclass
+class QuantizeResult:
+    """A finished checkpoint: a folder that ``Backend.load`` (and, for library formats,
+    plain transformers) can load; ``format`` names its layout; ``recipe`` is the file that
+    says how it was made (YAML), if any."""
+
+    checkpoint: Path
+    format: str
+    recipe: Path | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """A quantization library behind qpipe's interface."""
+
+    name: str
+
+    def validate(self, quant: dict[str, Any]) -> None:
+        """Raise ConfigError naming a bad ``quant`` value and the valid ones. Cheap: it runs
+        before anything heavy."""
+
+    def unavailable_reason(self, quant: dict[str, Any], device: str) -> str | None:
+        """Why this backend cannot run here (None when it can). Cheap: no weights touched."""
+
+    def legal_group_sizes(self, quant: dict[str, Any]) -> list[int] | None:
+        """Group sizes this format accepts (None: the method has no groups)."""
+
+    def quantize(self, request: QuantizeRequest) -> QuantizeResult:
+        """Quantize ``request.source`` into ``request.output_dir``."""
+
+    def load(
+        self, checkpoint: Path, model_class: str, device: str, dtype: torch.dtype, kernel: str
+    ) -> torch.nn.Module:
+        """Load a checkpoint made by ``quantize`` onto ``device``; ``kernel`` picks the
+        matmul implementation where the backend has a choice ("torch", "triton")."""

@@ -1,0 +1,397 @@
+"""GPTQ, AWQ and RTN through llm-compressor: config validation, recipe building, calibration
+data and the ``oneshot`` call, shared by the three backends.
+
+The recipe is built as plain data from the ``quant`` config, written as YAML and handed to
+``oneshot`` as that YAML: the file saved next to the checkpoint (``recipe.yaml``) is exactly
+what ran, and ``llmcompressor.oneshot(model=..., recipe="recipe.yaml")`` reproduces it.
+Checkpoints are compressed-tensors ``pack-quantized`` folders (transformers and vLLM load them)
+with the tokenizer saved alongside, so a folder is self-contained.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from qpipe.align import module_group_size
+from qpipe.backends.base import QuantizeRequest, QuantizeResult
+from qpipe.calib import BUILTIN, synthetic_windows, token_windows
+from qpipe.errors import BackendUnavailable, ConfigError
+from qpipe.paths import data_file
+
+CT_FORMAT = "compressed-tensors"
+# Group sizes our formats accept: compressed-tensors takes any divisor of K, but qpipe's
+# kernels tile K in powers of two, and smaller groups cost more scale memory than they win.
+LEGAL_GROUP_SIZES = [32, 64, 128, 256]
+ACT_ORDERS = ("static", "group", "weight", "none")
+
+_COMMON_KEYS = {"name", "method", "bits", "group_size", "symmetric"}
+_KEYS = {
+    "gptq": _COMMON_KEYS | {"act_order", "dampening", "block_size"},
+    "awq": _COMMON_KEYS | {"duo_scaling", "n_grid"},
+    "rtn": _COMMON_KEYS | {"format"},
+}
+_BITS = {"gptq": (4, 8), "awq": (4,), "rtn": (4, 8)}
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_quant(quant: Mapping[str, Any]) -> None:
+    """One-line ConfigError naming the bad ``quant`` value and the valid ones. Cheap: no
+    library import, no weights; call it before any heavy work."""
+    method = quant.get("method")
+    if method not in _KEYS:
+        raise ConfigError(f"quant.method={method!r} is not one of {', '.join(_KEYS)}")
+    unknown = sorted(set(quant) - _KEYS[method])
+    if unknown:
+        raise ConfigError(
+            f"quant.{unknown[0]} is not an option of quant.method={method}; "
+            f"valid: {', '.join(sorted(_KEYS[method]))}"
+        )
+    bits = quant.get("bits")
+    if bits not in _BITS[method] or not _is_int(bits):
+        raise ConfigError(
+            f"quant.bits={bits!r} is not valid for {method}; use {' or '.join(map(str, _BITS[method]))}"
+        )
+    gs = quant.get("group_size")
+    if not _is_int(gs) or (gs != 0 and gs not in LEGAL_GROUP_SIZES):
+        raise ConfigError(
+            f"quant.group_size={gs!r} is not valid; use one of "
+            f"{', '.join(map(str, LEGAL_GROUP_SIZES))} or 0 (one scale per output channel)"
+        )
+    if not isinstance(quant.get("symmetric", True), bool):
+        raise ConfigError(f"quant.symmetric={quant.get('symmetric')!r} is not valid; use true or false")
+    if method == "gptq":
+        _validate_gptq(quant)
+    elif method == "awq":
+        _validate_awq(quant)
+    else:
+        fmt = quant.get("format", CT_FORMAT)
+        from qpipe.backends.qlinear_loader import QPIPE_W4
+
+        if fmt not in (CT_FORMAT, QPIPE_W4):
+            raise ConfigError(f"quant.format={fmt!r} is not valid; use {CT_FORMAT} or {QPIPE_W4}")
+        if fmt == QPIPE_W4 and bits != 4:
+            raise ConfigError(f"quant.format={QPIPE_W4} holds 4-bit weights; set quant.bits=4")
+
+
+def _validate_gptq(quant: Mapping[str, Any]) -> None:
+    act = _act_order(quant)
+    if act not in ACT_ORDERS:
+        raise ConfigError(
+            f"quant.act_order={quant.get('act_order')!r} is not valid; use one of {', '.join(ACT_ORDERS)}"
+        )
+    damp = quant.get("dampening", 0.01)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
+        raise ConfigError(f"quant.dampening={damp!r} is not valid; use a number in (0, 1]")
+    block = quant.get("block_size", 128)
+    if not _is_int(block) or block < 1:
+        raise ConfigError(f"quant.block_size={block!r} is not valid; use a positive integer")
+
+
+def _act_order(quant: Mapping[str, Any]) -> Any:
+    act = quant.get("act_order", "static")
+    return "none" if act is None else act
+
+
+def _validate_awq(quant: Mapping[str, Any]) -> None:
+    duo = quant.get("duo_scaling", True)
+    if not (duo is True or duo is False or duo == "both"):
+        raise ConfigError(f"quant.duo_scaling={duo!r} is not valid; use true, false or both")
+    grid = quant.get("n_grid", 20)
+    if not _is_int(grid) or grid < 2:
+        raise ConfigError(f"quant.n_grid={grid!r} is not valid; use an integer >= 2")
+
+
+def llmcompressor_missing() -> str | None:
+    """Why llm-compressor cannot be used here (None when it can)."""
+    if importlib.util.find_spec("llmcompressor") is None:
+        return "llm-compressor is not installed: pip install 'llmcompressor>=0.14,<0.15'"
+    return None
+
+
+# -- recipe ----------------------------------------------------------------------------------
+
+
+def _weights_args(quant: Mapping[str, Any], group_size: int) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "num_bits": int(quant["bits"]),
+        "type": "int",
+        "symmetric": bool(quant.get("symmetric", True)),
+    }
+    if group_size > 0:
+        args.update(strategy="group", group_size=group_size)
+    else:
+        args["strategy"] = "channel"
+    return args
+
+
+def _compact_targets(names: Sequence[str], same_leaf_elsewhere: set[str]) -> list[str]:
+    """Module names as a short target list: ``re:.*\\.<leaf>$`` for a leaf name (q_proj...)
+    whose targeted modules all fall in this group, exact names otherwise."""
+    by_leaf: dict[str, list[str]] = defaultdict(list)
+    for n in names:
+        by_leaf[n.rsplit(".", 1)[-1]].append(n)
+    out: list[str] = []
+    for leaf, members in sorted(by_leaf.items()):
+        if leaf in same_leaf_elsewhere:
+            out.extend(sorted(members))
+        else:
+            out.append(f"re:.*\\.{re.escape(leaf)}$" if "." in members[0] else members[0])
+    return out
+
+
+def config_groups(
+    quant: Mapping[str, Any], targets: Sequence[str], pad_plan: Mapping[str, Any] | None
+) -> dict[str, dict[str, Any]]:
+    """compressed-tensors config groups: one per group size the pad plan uses. A single group
+    targets every ``Linear`` (the recipe's ``ignore`` keeps the rest out)."""
+    default = int(quant.get("group_size") or 0)
+    by_size: dict[int, list[str]] = defaultdict(list)
+    for name in targets:
+        by_size[module_group_size(pad_plan, name, default)].append(name)
+    if len(by_size) <= 1:
+        gs = next(iter(by_size), default)
+        return {"group_0": {"targets": ["Linear"], "weights": _weights_args(quant, gs)}}
+    leaves = {gs: {n.rsplit(".", 1)[-1] for n in names} for gs, names in by_size.items()}
+    groups = {}
+    for i, (gs, names) in enumerate(sorted(by_size.items(), key=lambda kv: -len(kv[1]))):
+        elsewhere = set().union(*(lv for g, lv in leaves.items() if g != gs))
+        groups[f"group_{i}"] = {
+            "targets": _compact_targets(names, elsewhere),
+            "weights": _weights_args(quant, gs),
+        }
+    return groups
+
+
+def build_recipe(
+    quant: Mapping[str, Any],
+    targets: Sequence[str],
+    ignore: Sequence[str],
+    pad_plan: Mapping[str, Any] | None = None,
+    awq_mappings: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The llm-compressor recipe for ``quant`` as plain data (YAML-ready)."""
+    method = quant["method"]
+    scheme = {"ignore": list(ignore), "config_groups": config_groups(quant, targets, pad_plan)}
+    if method == "gptq":
+        act = _act_order(quant)
+        modifiers: dict[str, Any] = {
+            "GPTQModifier": {
+                **scheme,
+                "dampening_frac": float(quant.get("dampening", 0.01)),
+                "block_size": int(quant.get("block_size", 128)),
+                "actorder": None if act == "none" else act,
+            }
+        }
+    elif method == "awq":
+        awq: dict[str, Any] = {
+            "duo_scaling": quant.get("duo_scaling", True),
+            "n_grid": int(quant.get("n_grid", 20)),
+        }
+        if awq_mappings is not None:
+            awq["mappings"] = awq_mappings
+        # AWQ only rescales (exactly, in full precision); the quantizer after it rounds.
+        modifiers = {"AWQModifier": awq, "QuantizationModifier": scheme}
+    elif method == "rtn":
+        modifiers = {"QuantizationModifier": scheme}
+    else:
+        raise ConfigError(f"quant.method={method!r} has no llm-compressor recipe")
+    return {"quant_stage": {"quant_modifiers": modifiers}}
+
+
+def recipe_yaml(recipe: Mapping[str, Any]) -> str:
+    header = "# llm-compressor recipe written by qpipe; re-run with oneshot(recipe=this file)\n"
+    return header + yaml.safe_dump(dict(recipe), sort_keys=False, width=100)
+
+
+# -- calibration -----------------------------------------------------------------------------
+
+
+class _PretokenizedOnly:
+    """Stands in for a tokenizer when the source folder has none (random-weight models).
+    oneshot wants a processor object, but it only tokenizes text; our data is token ids."""
+
+
+def calibration_data(
+    tokenizer: Any, request: QuantizeRequest, vocab_size: int
+) -> tuple[Any, dict[str, Any]]:
+    """A tokenized ``datasets.Dataset`` of calibration windows and what it holds."""
+    from datasets import Dataset
+
+    n, seq_len = int(request.calib_samples), int(request.calib_seq_len)
+    if tokenizer is None:
+        windows, source = synthetic_windows(vocab_size, n, seq_len), "random token ids"
+    else:
+        texts = request.calib_texts or [data_file(BUILTIN).read_text(encoding="utf-8")]
+        source = "texts" if request.calib_texts else f"builtin:{BUILTIN}"
+        ids: list[int] = []
+        for text in texts:  # one document after another, like one long text
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        windows = token_windows(ids, n, seq_len)
+        if not windows:
+            raise ConfigError("the calibration texts are empty; set calib.dataset=null")
+    ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
+    details = {
+        "calib.source": source,
+        "calib.samples": len(windows),
+        "calib.seq_len": seq_len,
+        "calib.tokens": sum(len(w) for w in windows),
+    }
+    return ds, details
+
+
+def _tokenizer(source: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        # No tokenizer files: a random-weight model folder. Calibration falls back to
+        # random token ids, which carry no meaning for such a model anyway.
+        return None
+
+
+# -- quantization ---------------------------------------------------------------------------
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _awq_mappings(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The library's AWQ mappings for this architecture (Llama, Qwen3, ...), written into the
+    recipe so that it states what was smoothed instead of relying on inference."""
+    from llmcompressor.modifiers.transform.awq import get_layer_mappings_from_model
+
+    out = []
+    for m in get_layer_mappings_from_model(model):
+        entry = {"smooth_layer": m.smooth_layer, "balance_layers": list(m.balance_layers)}
+        if m.activation_hook_target is not None:
+            entry["activation_hook_target"] = m.activation_hook_target
+        out.append(entry)
+    return out
+
+
+def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
+    """Run ``request.quant`` (gptq/awq/rtn, compressed-tensors format) through oneshot and
+    save the compressed checkpoint, tokenizer and recipe into ``request.output_dir``."""
+    validate_quant(request.quant)
+    missing = llmcompressor_missing()
+    if missing:
+        raise BackendUnavailable(missing)
+    from llmcompressor import oneshot
+
+    from qpipe.backends._llmc_patches import skip_pinning_without_accelerator
+    from qpipe.backends.qlinear_loader import auto_class
+
+    method = request.quant["method"]
+    out = Path(request.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = auto_class(request.model_class).from_pretrained(request.source, dtype=request.dtype)
+    model.to(request.device)
+    linears = _linear_names(model)
+    targets = list(request.targets) or [n for n in linears if n not in set(request.skip_modules)]
+    unknown = [t for t in targets if t not in set(linears)]
+    if unknown:
+        raise ConfigError(f"quantize: target {unknown[0]!r} is not a Linear module of the model")
+    ignore = [n for n in linears if n not in set(targets)]
+    recipe = build_recipe(
+        request.quant,
+        targets,
+        ignore,
+        request.pad_plan,
+        awq_mappings=_awq_mappings(model) if method == "awq" else None,
+    )
+    text = recipe_yaml(recipe)
+    details: dict[str, Any] = {"quant.modules": len(targets), "quant.format": CT_FORMAT}
+    kwargs: dict[str, Any] = {}
+    tokenizer = _tokenizer(request.source)
+    if method in ("gptq", "awq"):
+        vocab = int(getattr(model.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings)
+        ds, calib = calibration_data(tokenizer, request, vocab)
+        details.update(calib)
+        kwargs = {
+            "dataset": ds,
+            "num_calibration_samples": len(ds),
+            "max_seq_length": int(request.calib_seq_len),
+            # Shuffling draws from the global RNG; every window is used anyway.
+            "shuffle_calibration_samples": False,
+        }
+    if method == "awq":
+        skip_pinning_without_accelerator()
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        recipe=text,
+        processor=tokenizer if tokenizer is not None else _PretokenizedOnly(),
+        **kwargs,
+    )
+    details["quant.oneshot_s"] = round(time.perf_counter() - start, 2)
+    model.save_pretrained(out, save_compressed=True)
+    # llm-compressor writes its own serialisation of the recipe (with Python-object tags that
+    # yaml.safe_load rejects); the file we ran is the readable, re-runnable one.
+    recipe_path = out / "recipe.yaml"
+    recipe_path.write_text(text)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    sizes = Counter(
+        g["weights"].get("group_size", 0)
+        for g in recipe["quant_stage"]["quant_modifiers"][
+            "GPTQModifier" if method == "gptq" else "QuantizationModifier"
+        ]["config_groups"].values()
+    )
+    details["quant.group_sizes"] = ",".join(str(g) for g in sorted(sizes))
+    details["checkpoint.mb"] = round(
+        sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20, 2
+    )
+    return QuantizeResult(checkpoint=out, format=CT_FORMAT, recipe=recipe_path, details=details)
+
+
+# -- the backends' shared shape ---------------------------------------------------------------
+
+
+class LlmcBackend:
+    """What GPTQ, AWQ and RTN share: validation, group sizes, the compressed-tensors format,
+    and loading (QuantLinear for kernel torch/triton, plain transformers for kernel hf)."""
+
+    name = "llmc"
+
+    def unavailable_reason(self, quant: dict[str, Any], device: str) -> str | None:
+        """Raises ConfigError for a bad value; returns why it cannot run here, or None."""
+        validate_quant(quant)
+        if quant.get("method") != self.name:
+            raise ConfigError(f"quant.method={quant.get('method')!r} given to the {self.name} backend")
+        if self.checkpoint_format(quant) == CT_FORMAT:
+            return llmcompressor_missing()
+        return None
+
+    def legal_group_sizes(self, quant: dict[str, Any]) -> list[int] | None:
+        return list(LEGAL_GROUP_SIZES)
+
+    def checkpoint_format(self, quant: dict[str, Any]) -> str:
+        """The layout of the checkpoint this backend writes (pad_align picks its mode by it)."""
+        return CT_FORMAT
+
+    def quantize(self, request: QuantizeRequest) -> QuantizeResult:
+        return quantize_with_llmc(request)
+
+    def load(
+        self, checkpoint: Path, model_class: str, device: str, dtype: torch.dtype, kernel: str
+    ) -> torch.nn.Module:
+        from qpipe.backends.qlinear_loader import load_checkpoint
+
+        return load_checkpoint(checkpoint, model_class, device, dtype, kernel)

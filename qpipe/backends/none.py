@@ -1,0 +1,41 @@
+"""The unquantized baseline: the source folder is the checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from qpipe.backends.base import QuantizeRequest, QuantizeResult
+
+
+def load_hf(
+    checkpoint: Path, model_class: str, device: str, dtype: torch.dtype | None, **kwargs: Any
+) -> torch.nn.Module:
+    """Plain transformers loading onto one device, in eval mode."""
+    cls = getattr(transformers, model_class)
+    model = cls.from_pretrained(checkpoint, dtype=dtype, device_map=device, **kwargs)
+    return model.eval()
+
+
+class NoQuant:
+    name = "none"
+
+    def validate(self, quant: dict[str, Any]) -> None:
+        return None
+
+    def unavailable_reason(self, quant: dict[str, Any], device: str) -> str | None:
+        return None
+
+    def legal_group_sizes(self, quant: dict[str, Any]) -> list[int] | None:
+        return None
+
+    def quantize(self, request: QuantizeRequest) -> QuantizeResult:
+        return QuantizeResult(checkpoint=request.source, format="hf")
+
+    def load(
+        self, checkpoint: Path, model_class: str, device: str, dtype: torch.dtype, kernel: str
+    ) -> torch.nn.Module:
+        return load_hf(checkpoint, model_class, device, dtype)

@@ -1,0 +1,80 @@
+"""Round-to-nearest: grouped min/max scales, no calibration. The baseline that shows what
+GPTQ's and AWQ's calibration buys.
+
+Two formats (``quant.format``):
+- ``compressed-tensors`` (default): llm-compressor's QuantizationModifier, the same packing as
+  GPTQ/AWQ, loadable by transformers and vLLM.
+- ``qpipe-w4``: qpipe's own QuantLinear layout, which can hold zero-padded K, so it is the
+  format where ``pad_align.mode=pad`` keeps the requested group size on any K.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from qpipe.align import module_group_size, module_pad_to
+from qpipe.backends.base import QuantizeRequest, QuantizeResult
+from qpipe.backends.llmc import CT_FORMAT, LlmcBackend, quantize_with_llmc, validate_quant
+from qpipe.backends.qlinear_loader import QPIPE_W4, auto_class, save_qpipe_w4
+from qpipe.errors import ConfigError
+
+
+class RtnBackend(LlmcBackend):
+    name = "rtn"
+
+    def checkpoint_format(self, quant: dict[str, Any]) -> str:
+        return str(quant.get("format", CT_FORMAT))
+
+    def quantize(self, request: QuantizeRequest) -> QuantizeResult:
+        validate_quant(request.quant)
+        if self.checkpoint_format(request.quant) == CT_FORMAT:
+            return quantize_with_llmc(request)
+        return quantize_qpipe_w4(request)
+
+
+def quantize_qpipe_w4(request: QuantizeRequest) -> QuantizeResult:
+    """RTN into QuantLinear layers (padding K where the pad plan says), saved as qpipe-w4."""
+    import torch
+
+    from qpipe.kernels import QuantLinear
+
+    quant = request.quant
+    out = Path(request.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = auto_class(request.model_class).from_pretrained(request.source, dtype=request.dtype)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    skip = set(request.skip_modules)
+    targets = list(request.targets) or [n for n in linears if n not in skip]
+    default_gs = int(quant["group_size"])
+    start = time.perf_counter()
+    for name in targets:
+        if name not in linears:
+            raise ConfigError(f"quantize: target {name!r} is not a Linear module of the model")
+        linear = linears[name]
+        gs = module_group_size(request.pad_plan, name, default_gs) or linear.in_features
+        padded = module_pad_to(request.pad_plan, name, linear.in_features) > linear.in_features
+        q = QuantLinear.from_linear(
+            linear,
+            group_size=gs,
+            symmetric=bool(quant.get("symmetric", True)),
+            pad_to=gs if padded else None,
+            dtype=request.dtype,
+        )
+        model.set_submodule(name, q)
+    seconds = round(time.perf_counter() - start, 2)
+    save_qpipe_w4(model, out, {"bits": 4, "group_size": default_gs, "method": "rtn"})
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(request.source).save_pretrained(out)
+    except (OSError, ValueError, TypeError):
+        pass  # random-weight folders have no tokenizer to copy
+    details = {
+        "quant.modules": len(targets),
+        "quant.format": QPIPE_W4,
+        "quant.rtn_s": seconds,
+        "checkpoint.mb": round(sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20, 2),
+    }
+    return QuantizeResult(checkpoint=out, format=QPIPE_W4, recipe=None, details=details)

@@ -1,0 +1,101 @@
+"""Config helpers: where the Hydra configs live, the users' ``+group=`` form, and the few
+values that are decided from the machine (``auto``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qpipe.errors import ConfigError
+
+CONF_DIR = Path(__file__).parent / "conf"
+PIPELINES_DIR = Path(__file__).parent / "pipelines"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def defaulted_groups() -> set[str]:
+    """Config groups that the primary config's defaults list already selects."""
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml").defaults
+    return {next(iter(item)) for item in defaults if isinstance(item, DictConfig)}
+
+
+_APPEND = re.compile(r"^\+(?P<group>[\w/]+)=")
+
+
+def normalize_overrides(args: list[str]) -> list[str]:
+    """Let ``+model=X`` mean ``model=X`` for groups that have a default.
+
+    Users write ``+model=internvl +quant=awq`` (the form in many READMEs). Hydra reserves
+    ``+group=`` for groups *absent* from the defaults list and rejects it otherwise; giving
+    ``model`` and ``quant`` defaults is what lets plain ``python -m qpipe`` run. Both forms
+    are wanted, so the append form is rewritten to an override for exactly those groups;
+    ``+`` on anything else (new keys) keeps Hydra's meaning.
+    """
+    groups = defaulted_groups()
+    out = []
+    for arg in args:
+        match = _APPEND.match(arg)
+        if match and match["group"] in groups:
+            arg = arg[1:]
+        out.append(arg)
+    return out
+
+
+def load_group(group: str, name: str) -> DictConfig:
+    """One option of a config group, e.g. ``load_group("model", "smollm2")``."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        valid = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"{group}={name!r} is not known; valid: {', '.join(valid)}")
+    return OmegaConf.load(path)
+
+
+def load_model_group(name: str) -> DictConfig:
+    return load_group("model", name)
+
+
+def resolve_device(cfg: DictConfig) -> str:
+    """``device: auto`` becomes cuda when there is one, else cpu."""
+    device = str(cfg.get("device", "auto"))
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but this machine has no CUDA device; use device=cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"device={device!r} is not valid; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(cfg: DictConfig, device: str) -> torch.dtype:
+    """``dtype: auto`` is bf16 on GPU and fp32 on CPU (CPU half-precision matmuls are slow
+    and not what users deploy)."""
+    name = str(cfg.get("dtype", "auto"))
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype={name!r} is not valid; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def dtype_from_name(name: str, default: torch.dtype) -> torch.dtype:
+    """A dtype from its config spelling; ``auto`` gives ``default``."""
+    if name in (None, "auto"):
+        return default
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype {name!r} is not valid; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_kernel(cfg: DictConfig, device: str) -> str:
+    """``kernel: auto`` is our Triton kernel on GPU and the torch reference on CPU."""
+    kernel = str(cfg.get("kernel", "auto"))
+    valid = ("auto", "triton", "torch", "hf")
+    if kernel not in valid:
+        raise ConfigError(f"kernel={kernel!r} is not valid; use one of: {', '.join(valid)}")
+    if kernel == "auto":
+        return "triton" if device.startswith("cuda") else "torch"
+    return kernel

@@ -1,0 +1,39 @@
+"""W4A16 kernels, packing formats and the torch reference.
+
+Exchange format: ``IntWeights`` (unpacked integers, exact). Converters: ``from_autogptq``,
+``from_autoawq``, ``from_compressed_tensors``, ``quantize_rtn``. Module: ``QuantLinear``
+(kernel "torch" everywhere, "triton" on CUDA).
+
+Kernel layout "qpipe-w4" v1 (details in ``qpipe/kernels/layout.py``):
+    qweight int32 [N, ceil(K/8)]  N-major rows, contiguous along K; column 8w+j of row n in
+                                  nibble j (bits 4j..4j+3) of word w, so one 128-bit load
+                                  brings 32 consecutive weights of one output.
+    scales  fp16/bf16 [G, N]      contiguous along N; zeros uint8 [G, N] (asymmetric only,
+                                  else 2**(bits-1) = 8); perm int32 [K] (act-order only).
+    Act-order (g_idx) checkpoints are re-ordered at load time: columns are sorted by group so
+    each group is contiguous; the activation is permuted with ``perm`` at run time.
+
+Kernels (``triton_w4a16.py``): a split-K GEMV for small M (CUDA cores, fp32 accumulation,
+self-cleaning fp32 workspace so one launch does it all) and a tensor-core tiled kernel
+(``tl.dot`` on the dequantized tile) for larger M. Triton is imported only when the triton
+kernel runs, so this package imports on machines without it.
+"""
+
+from qpipe.kernels.formats import from_autoawq, from_autogptq, from_compressed_tensors
+from qpipe.kernels.intweights import IntWeights, quantize_rtn
+from qpipe.kernels.layout import PackedW4, dequantize_kernel_order, pack_w4, unpack_w4
+from qpipe.kernels.quant_linear import QuantLinear, kernel_available
+
+__all__ = [
+    "IntWeights",
+    "PackedW4",
+    "QuantLinear",
+    "dequantize_kernel_order",
+    "from_autoawq",
+    "from_autogptq",
+    "from_compressed_tensors",
+    "kernel_available",
+    "pack_w4",
+    "quantize_rtn",
+    "unpack_w4",
+]

@@ -1,0 +1,143 @@
+"""qpipe's own packed int4 layout ("qpipe-w4", version 1), as the Triton kernels read it.
+
+All tensors live in *kernel order* of the input columns: for act-order checkpoints the columns
+are sorted by group once at load time (``perm``) and the activation is permuted the same way at
+run time, so every group is a contiguous run of ``group_size`` columns and the kernels never
+gather scales.
+
+qweight  int32 [N, ceil(K / 8)]   row n, word w holds columns 8w .. 8w + 7 of output n; column
+                                  8w + j sits in bits 4j .. 4j + 3 (lowest nibble first). Rows are
+                                  contiguous along K, so a thread reads 16 bytes = 32 weights of
+                                  one output with one 128-bit load; a tail word is zero-padded.
+scales   fp16/bf16 [G, N]         per group, contiguous along N (one coalesced vector per group).
+zeros    uint8 [G, N] or absent   integer zero points (asymmetric); absent => 2**(bits - 1).
+                                  uint8 keeps AutoGPTQ v1's zero of 16 exact.
+perm     int32 [K] or absent      kernel column c is original column perm[c] (act-order only).
+
+Dequantized weight in kernel order: ``w[n, c] = (q[n, c] - z[c // gs, n]) * s[c // gs, n]``;
+in original order ``W[:, perm[c]] = w[:, c]``, so ``x @ W.T == x[..., perm] @ w.T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qpipe.kernels.intweights import IntWeights, num_groups
+
+LAYOUT_NAME = "qpipe-w4"
+LAYOUT_VERSION = 1
+PACK = 8  # int4 values per int32 word
+
+
+@dataclass
+class PackedW4:
+    """The kernel layout of one linear layer (see the module docstring)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    perm: torch.Tensor | None
+    group_size: int
+    k: int  # columns held (kernel order); the layer's in_features may be smaller (pad mode)
+
+    @property
+    def n(self) -> int:
+        return self.qweight.shape[0]
+
+
+def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] values 0..15 -> int32 [N, ceil(K/8)], column 8w + j in nibble j."""
+    n, k = q.shape
+    words = -(-k // PACK)
+    qp = torch.nn.functional.pad(q.to(torch.int64), (0, words * PACK - k)).view(n, words, PACK)
+    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+    packed = (qp << shifts).sum(dim=-1)  # disjoint bit fields: the sum is an OR
+    # Reinterpret as signed int32 (values >= 2**31 wrap) without overflow errors.
+    return (packed - ((packed >> 31) << 32)).to(torch.int32)
+
+
+def unpack_int4_rows(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [N, W] -> uint8 [N, k]."""
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    q = (qweight.unsqueeze(-1) >> shifts) & 0xF
+    return q.reshape(qweight.shape[0], -1)[:, :k].to(torch.uint8)
+
+
+def act_order_perm(g_idx: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Stable sort of the columns by group; checks that each group is then one contiguous
+    run of ``group_size`` columns (true for GPTQ act-order, where groups are filled in
+    quantization order), which is what the kernels assume."""
+    perm = torch.sort(g_idx.to(torch.int64), stable=True).indices
+    sorted_groups = g_idx.to(torch.int64)[perm]
+    expect = torch.arange(g_idx.numel(), device=g_idx.device) // group_size
+    if not torch.equal(sorted_groups, expect):
+        raise ValueError(
+            "g_idx does not split into contiguous groups of group_size columns once sorted; "
+            "this act-order layout is not supported"
+        )
+    return perm.to(torch.int32)
+
+
+def pack_w4(w: IntWeights, dtype: torch.dtype = torch.float16) -> PackedW4:
+    """IntWeights -> the kernel layout. Exact: scales are cast to ``dtype`` (the activation
+    dtype), which is the only rounding, and the torch reference path uses the same scales."""
+    if w.bits != 4:
+        raise ValueError(f"the qpipe-w4 layout holds 4-bit weights, got bits={w.bits}")
+    n, k = w.shape
+    g = num_groups(k, w.group_size)
+    q, scales, zeros = w.q, w.scales, w.zeros
+    perm = None
+    if w.g_idx is not None:
+        perm = act_order_perm(w.g_idx, w.group_size)
+        q = q[:, perm.long()]
+    if scales.shape[1] != g:
+        raise ValueError(f"expected {g} groups for K={k}, gs={w.group_size}; got {scales.shape[1]}")
+    z = None
+    if zeros is not None:
+        zf = zeros.float()
+        if bool(((zf < 0) | (zf > 255) | (zf != zf.round())).any()):
+            raise ValueError("zero points must be integers in 0..255 for the qpipe-w4 layout")
+        z = zf.to(torch.uint8).t().contiguous()
+    if bool((q > 15).any()):
+        raise ValueError("q values must lie in 0..15")
+    return PackedW4(
+        qweight=pack_int4_rows(q).contiguous(),
+        scales=scales.t().to(dtype).contiguous(),
+        zeros=z,
+        perm=perm,
+        group_size=w.group_size,
+        k=k,
+    )
+
+
+def dequantize_kernel_order(p: PackedW4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[N, K] dequantized weights in kernel column order, computed in float32."""
+    q = unpack_int4_rows(p.qweight, p.k).float()
+    grp = torch.arange(p.k, device=q.device) // p.group_size
+    s = p.scales.float().t()[:, grp]
+    if p.zeros is None:
+        return ((q - 8.0) * s).to(dtype)
+    z = p.zeros.float().t()[:, grp]
+    return ((q - z) * s).to(dtype)
+
+
+def unpack_w4(p: PackedW4) -> IntWeights:
+    """The kernel layout back to IntWeights in original column order (exact)."""
+    q = unpack_int4_rows(p.qweight, p.k)
+    g_idx = None
+    if p.perm is not None:
+        inv = torch.empty_like(p.perm, dtype=torch.long)
+        inv[p.perm.long()] = torch.arange(p.k, device=p.perm.device)
+        q = q[:, inv]
+        g_idx = torch.empty(p.k, dtype=torch.int32, device=q.device)
+        g_idx[p.perm.long()] = (torch.arange(p.k, device=q.device) // p.group_size).to(torch.int32)
+    return IntWeights(
+        q=q,
+        scales=p.scales.t().contiguous(),
+        zeros=None if p.zeros is None else p.zeros.t().contiguous(),
+        group_size=p.group_size,
+        g_idx=g_idx,
+        bits=4,
+    )

@@ -1,0 +1,136 @@
+"""Measuring memory: the torch allocator and NVML on GPU, the process's resident set on CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from qpipe.envinfo import nvml_process_used_gb
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor the model owns, counting bitsandbytes' quant state (absmax,
+    nested absmax, code) that hangs off its weights rather than being a parameter."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: torch.Tensor | None) -> None:
+        nonlocal total
+        if t is None or not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        if key in seen:
+            return
+        seen.add(key)
+        total += t.untyped_storage().nbytes() if t.numel() else 0
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        add(tensor)
+        state = getattr(tensor, "quant_state", None)
+        while state is not None:
+            add(getattr(state, "absmax", None))
+            add(getattr(state, "code", None))
+            state = getattr(state, "state2", None)
+        add(getattr(tensor, "SCB", None))
+    return total
+
+
+def _release_freed_heap() -> None:
+    """Give freed heap back to the OS so RSS growth measures new memory, not reuse of what an
+    earlier stage (the baseline model) freed. glibc keeps freed arenas otherwise."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        # Not glibc (musl, macOS): there is nothing to trim.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(libc_name).malloc_trim(0)
+
+
+def _reset_host_peak() -> bool:
+    """Linux lets a process reset its peak RSS (VmHWM) by writing 5 to clear_refs."""
+    try:
+        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _host_peak_bytes() -> int | None:
+    try:
+        for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class MemoryWindow:
+    """Peak memory between ``start()`` and ``stop()``: allocator bytes on GPU, resident-set
+    growth on CPU (the libraries already loaded before the window are not the model's)."""
+
+    device: str
+    baseline: int = 0
+    peak: int = 0
+    reserved_peak: int = 0
+    nvml_gb: float | None = None
+    _sampler: threading.Thread | None = None
+    _running: bool = False
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def start(self) -> MemoryWindow:
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = 0  # allocator bytes are the model's own from zero
+            return self
+        _release_freed_heap()
+        self.baseline = psutil.Process().memory_info().rss
+        if not _reset_host_peak():
+            self._start_sampler()
+        return self
+
+    def _start_sampler(self) -> None:
+        # Fallback where clear_refs is not allowed: sample RSS every 10 ms.
+        self._running = True
+        proc = psutil.Process()
+
+        def sample() -> None:
+            while self._running:
+                self.peak = max(self.peak, proc.memory_info().rss)
+                time.sleep(0.01)
+
+        self._sampler = threading.Thread(target=sample, daemon=True)
+        self._sampler.start()
+
+    def stop(self) -> MemoryWindow:
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.reserved_peak = torch.cuda.max_memory_reserved(self.device)
+            self.nvml_gb = nvml_process_used_gb(torch.device(self.device).index or 0)
+            return self
+        if self._sampler is not None:
+            self._running = False
+            self._sampler.join()
+        else:
+            self.peak = _host_peak_bytes() or psutil.Process().memory_info().rss
+        return self
+
+    @property
+    def used_gb(self) -> float:
+        return max(self.peak - self.baseline, 0) / 1e9

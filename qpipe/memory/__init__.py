@@ -1,0 +1,25 @@
+"""Memory estimation from a model's config alone."""
+
+from qpipe.memory.estimator import (
+    ArchDims,
+    Estimate,
+    Workload,
+    adamw_training_gb,
+    arch_dims,
+    estimate,
+    weights_gb,
+)
+from qpipe.memory.inventory import Inventory, build_inventory, inventory_of
+
+__all__ = [
+    "ArchDims",
+    "Estimate",
+    "Inventory",
+    "Workload",
+    "adamw_training_gb",
+    "arch_dims",
+    "build_inventory",
+    "estimate",
+    "inventory_of",
+    "weights_gb",
+]

@@ -1,0 +1,245 @@
+"""The memory estimator: pure functions of a model inventory, a precision plan and a workload.
+
+Units: bytes inside, decimal GB (1e9 bytes) in reports, as GPU vendors count memory on the
+box and as the stable metric names (``mem.*_gb``) expect.
+
+What is counted, and why it is a good predictor of the allocator's peak:
+- weights, module by module, in the format each module will really have after loading:
+  high-precision modules at the run's dtype; quantized Linear layers as their packed payload
+  plus the format's side tensors (bnb absmax / double-quant state, int8 row scales, GPTQ/AWQ
+  group scales and zero points);
+- the KV cache for ``batch_size × context_len`` tokens;
+- the largest transient of one forward pass over the prompt (the MLP's intermediates dominate
+  for decoders at batch 1; the last position's fp32 logits ride on top);
+- fine-tuning: fp32 master weights, gradients and AdamW's two moments (16 bytes a parameter)
+  plus stored activations (Korthikanti et al. 2022, ``s·b·h·(34 + 5·a·s/h)`` bytes a layer);
+- a runtime overhead (CUDA context + library workspaces) that depends on the device, taken
+  from the ``hardware`` config: the allocator never sees it, the process does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qpipe.memory.inventory import Inventory, ModuleInfo
+
+if TYPE_CHECKING:
+    from qpipe.exclusion import PrecisionPlan
+
+GB = 1e9
+BNB_BLOCK = 64  # bitsandbytes' 4-bit block size
+BNB_NESTED_BLOCK = 256  # double-quant: absmax quantized to 8 bits in blocks of 256
+
+
+def weights_gb(n_params: float, bits: float) -> float:
+    """Payload of ``n_params`` weights at ``bits`` each, in GB (no format overhead)."""
+    return n_params * bits / 8 / GB
+
+
+def adamw_training_gb(n_params: float) -> float:
+    """Full fine-tuning with AdamW in fp32: weights + gradients + two moments = 16 B/param."""
+    return n_params * 16 / GB
+
+
+@dataclass(frozen=True)
+class ArchDims:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    decoder: bool
+
+
+def arch_dims(config: Any) -> ArchDims:
+    """The dimensions that size the KV cache and activations (the language model's, for VLMs)."""
+    text = getattr(config, "text_config", None) or config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    decoder = not getattr(text, "is_encoder_decoder", False) and text.model_type not in (
+        "bert",
+        "roberta",
+        "distilbert",
+        "xlm-roberta",
+        "deberta",
+        "deberta-v2",
+        "modernbert",
+    )
+    return ArchDims(
+        layers=text.num_hidden_layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        intermediate=getattr(text, "intermediate_size", 4 * hidden),
+        vocab=text.vocab_size,
+        decoder=decoder,
+    )
+
+
+def quantized_linear_bytes(
+    shape: tuple[int, ...], quant: dict[str, Any], dtype_bytes: int, device: str = "cuda"
+) -> int:
+    """Bytes of one Linear weight ``[out, in]`` in the quantized format of ``quant`` as it sits
+    on ``device`` (bitsandbytes repacks 4-bit weights for its CPU kernels: bf16 absmax, no
+    double quantization)."""
+    out_f, in_f = shape
+    numel = out_f * in_f
+    method, bits = quant["method"], int(quant["bits"])
+    if method == "bnb" and bits == 4:
+        blocks = math.ceil(numel / BNB_BLOCK)
+        if device == "cpu":
+            state = blocks * 2
+        elif quant.get("double_quant", False):
+            # 8-bit absmax per block + fp32 absmax per 256 blocks + the 256-entry fp32 code
+            state = blocks + math.ceil(blocks / BNB_NESTED_BLOCK) * 4 + 256 * 4 + 4
+        else:
+            state = blocks * 4
+        return math.ceil(numel / 2) + state
+    if method == "bnb" and bits == 8:
+        return numel + out_f * 4  # int8 weights + one fp32 scale per output row
+    if method in ("gptq", "awq", "rtn"):
+        group = int(quant.get("group_size") or in_f)
+        if group <= 0:
+            group = in_f
+        groups = math.ceil(in_f / group)
+        payload = math.ceil(numel * bits / 8)
+        scales = out_f * groups * 2  # fp16/bf16 scales
+        zeros = 0 if quant.get("symmetric", True) else math.ceil(out_f * groups * bits / 8)
+        g_idx = in_f * 4 if quant.get("act_order") else 0
+        return payload + scales + zeros + g_idx
+    return numel * dtype_bytes
+
+
+def _module_weight_bytes(
+    module: ModuleInfo, quantized: bool, quant: dict[str, Any], dtype_bytes: int, device: str
+) -> tuple[int, int]:
+    """(payload-equivalent bytes, format overhead bytes) of one module."""
+    if not quantized:
+        return module.numel * dtype_bytes, 0
+    weight = math.prod(module.weight_shape)
+    bias = module.numel - weight
+    packed = quantized_linear_bytes(module.weight_shape, quant, dtype_bytes, device)
+    payload = math.ceil(weight * int(quant["bits"]) / 8)
+    return payload + bias * dtype_bytes, packed - payload
+
+
+@dataclass
+class Workload:
+    mode: str = "inference"  # inference | finetune
+    batch_size: int = 1
+    context_len: int = 2048
+
+
+@dataclass
+class Estimate:
+    """Every figure in GB. ``peak_gb`` is what the allocator should see at its peak;
+    ``total_gb`` adds the runtime overhead the process pays on top."""
+
+    weights_gb: float
+    weights_quantized_gb: float
+    weights_high_precision_gb: float
+    quant_overhead_gb: float
+    buffers_gb: float
+    kv_cache_gb: float
+    activations_gb: float
+    optimizer_gb: float
+    runtime_gb: float
+    peak_gb: float
+    total_gb: float
+    params: int
+    params_quantized: int
+    by_role_gb: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def kv_cache_bytes(dims: ArchDims, workload: Workload, dtype_bytes: int) -> int:
+    if not dims.decoder:
+        return 0
+    return (
+        2
+        * dims.layers
+        * workload.batch_size
+        * dims.kv_heads
+        * dims.head_dim
+        * workload.context_len
+        * dtype_bytes
+    )
+
+
+def activation_bytes(dims: ArchDims, workload: Workload, dtype_bytes: int) -> int:
+    """Largest transient of one forward over the whole prompt (inference), or the activations
+    kept for backward (fine-tuning)."""
+    b, s, h = workload.batch_size, workload.context_len, dims.hidden
+    if workload.mode == "finetune":
+        per_layer = s * b * h * (34 + 5 * dims.heads * s / h)
+        return int(dims.layers * per_layer)
+    q_dim = dims.heads * dims.head_dim
+    kv_dim = dims.kv_heads * dims.head_dim
+    mlp = b * s * (3 * dims.intermediate + 2 * h) * dtype_bytes
+    attention = b * s * (2 * h + 2 * q_dim + 2 * kv_dim) * dtype_bytes
+    logits_rows = b if dims.decoder else 0  # generate keeps only the last position's logits
+    logits = logits_rows * dims.vocab * 4
+    return max(mlp, attention) + logits
+
+
+def estimate(
+    inventory: Inventory,
+    plan: PrecisionPlan,
+    quant: dict[str, Any],
+    dims: ArchDims,
+    workload: Workload,
+    dtype_bytes: int,
+    runtime_gb: float = 0.0,
+    device: str = "cuda",
+) -> Estimate:
+    """The memory a run needs, module by module, for this plan and workload."""
+    targets = set(plan.targets)
+    quantized_bytes = high_bytes = overhead = buffers = 0
+    params_quantized = 0
+    by_role: dict[str, float] = {}
+    for module in inventory.modules:
+        is_q = module.name in targets
+        payload, extra = _module_weight_bytes(module, is_q, quant, dtype_bytes, device)
+        if is_q:
+            quantized_bytes += payload
+            params_quantized += math.prod(module.weight_shape)
+        else:
+            high_bytes += payload
+        overhead += extra
+        # Buffers (rotary tables, position ids) are small; fp32 is the conservative size.
+        buffers += module.buffer_numel * 4
+        by_role[module.role] = by_role.get(module.role, 0.0) + (payload + extra) / GB
+
+    weights = quantized_bytes + high_bytes + overhead
+    kv = kv_cache_bytes(dims, workload, dtype_bytes)
+    act = activation_bytes(dims, workload, dtype_bytes)
+    optimizer = 0
+    if workload.mode == "finetune":
+        # fp32 master weights + gradients + AdamW moments replace the inference weights.
+        optimizer = adamw_training_gb(inventory.total_params) * GB - weights
+        kv = 0
+    peak = weights + buffers + kv + act + optimizer
+    return Estimate(
+        weights_gb=weights / GB,
+        weights_quantized_gb=quantized_bytes / GB,
+        weights_high_precision_gb=high_bytes / GB,
+        quant_overhead_gb=overhead / GB,
+        buffers_gb=buffers / GB,
+        kv_cache_gb=kv / GB,
+        activations_gb=act / GB,
+        optimizer_gb=optimizer / GB,
+        runtime_gb=runtime_gb,
+        peak_gb=peak / GB,
+        total_gb=peak / GB + runtime_gb,
+        params=inventory.total_params,
+        params_quantized=params_quantized,
+        by_role_gb=by_role,
+    )

@@ -1,0 +1,11 @@
+"""Model sources: local HF folder, embedded GGUF, hub id, or random weights from a config."""
+
+from qpipe.models.source import (
+    load_config,
+    load_tokenizer,
+    materialize,
+    model_class,
+    source_summary,
+)
+
+__all__ = ["load_config", "load_tokenizer", "materialize", "model_class", "source_summary"]

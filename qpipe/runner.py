@@ -1,0 +1,180 @@
+"""The DAG runner: runs stages in dependency order, times them, caches what may be cached,
+and owns the MLflow run from start to FINISHED or FAILED."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from qpipe.dag import Dag, StageSpec, stage_function
+from qpipe.errors import QpipeError
+from qpipe.paths import cache_dir
+from qpipe.stages.base import StageContext, StageResult
+from qpipe.tracking import Tracker
+
+log = logging.getLogger("qpipe")
+
+CACHE_VERSION = "1"  # bump when a cached stage's result format changes
+
+
+@dataclass
+class RunReport:
+    status: str  # FINISHED | FAILED
+    results: dict[str, StageResult] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    failed_stage: str | None = None
+    error: str | None = None
+    run_id: str | None = None
+    ui_hint: str | None = None
+
+
+def _jsonable(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
+
+
+class Runner:
+    def __init__(self, cfg: DictConfig, dag: Dag, run_dir: Path, tracker: Tracker | None) -> None:
+        self.cfg = cfg
+        self.dag = dag
+        self.run_dir = run_dir
+        self.tracker = tracker
+
+    # -- caching -----------------------------------------------------------------------------
+    def _cache_key(self, spec: StageSpec) -> str:
+        sections = {key: OmegaConf.select(self.cfg, key) for key in spec.cache}
+        blob = {
+            "version": CACHE_VERSION,
+            "stage": spec.module,
+            "config": OmegaConf.to_container(OmegaConf.create(sections), resolve=True),
+        }
+        digest = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:16]
+
+    @staticmethod
+    def _load_cached(folder: Path) -> StageResult | None:
+        record = folder / "result.json"
+        if not record.is_file():
+            return None
+        data = json.loads(record.read_text())
+        return StageResult(
+            outputs=data["outputs"],
+            metrics=data["metrics"],
+            params=data["params"],
+            artifacts=[folder / a for a in data["artifacts"]],
+        )
+
+    @staticmethod
+    def _store_cached(partial: Path, final: Path, result: StageResult) -> StageResult:
+        # Only a finished result gets the final name, so a crash mid-stage is never reused.
+        record = {
+            "outputs": _jsonable(result.outputs),
+            "metrics": result.metrics,
+            "params": _jsonable(result.params),
+            "artifacts": [str(Path(a).relative_to(partial)) for a in result.artifacts],
+        }
+        (partial / "result.json").write_text(json.dumps(record, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        return Runner._rebase(result, partial, final)
+
+    @staticmethod
+    def _rebase(result: StageResult, old: Path, new: Path) -> StageResult:
+        def move(value: Any) -> Any:
+            if isinstance(value, str) and value.startswith(str(old)):
+                return str(new) + value[len(str(old)) :]
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [move(v) for v in value]
+            return value
+
+        result.outputs = move(result.outputs)
+        result.artifacts = [new / Path(a).relative_to(old) for a in result.artifacts]
+        return result
+
+    # -- one stage ---------------------------------------------------------------------------
+    def _run_stage(self, spec: StageSpec, results: dict[str, StageResult]) -> StageResult:
+        inputs = {name: results[name] for name in self.dag.upstream(spec.name)}
+        run = stage_function(spec)
+        if not spec.cache:
+            workdir = self.run_dir / "stages" / spec.name
+            workdir.mkdir(parents=True, exist_ok=True)
+            return run(StageContext(self.cfg, inputs, workdir))
+
+        key = self._cache_key(spec)
+        final = cache_dir("stages", spec.name) / key
+        cached = self._load_cached(final)
+        if cached is not None:
+            log.info("%s: reusing cached result %s", spec.name, final)
+            cached.params[f"cache.{spec.name}"] = "hit"
+            return cached
+        partial = final.with_name(key + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        try:
+            result = run(StageContext(self.cfg, inputs, partial))
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        result.params[f"cache.{spec.name}"] = "miss"
+        return self._store_cached(partial, final, result)
+
+    def _log_stage(self, name: str, result: StageResult, seconds: float) -> None:
+        if self.tracker is None:
+            return
+        if result.params:
+            self.tracker.log_params(result.params)
+        self.tracker.log_metrics({**result.metrics, f"time.{name}_s": seconds})
+        self.tracker.log_json(result.outputs, f"stages/{name}.json")
+        for artifact in result.artifacts:
+            path = Path(artifact)
+            if path.is_file():
+                self.tracker.log_artifact(path, "artifacts")
+
+    # -- the whole DAG -----------------------------------------------------------------------
+    def run(self) -> RunReport:
+        report = RunReport(status="RUNNING")
+        for name in self.dag.order:
+            spec = self.dag.stages[name]
+            log.info("▶ %s", name)
+            start = time.perf_counter()
+            try:
+                result = self._run_stage(spec, report.results)
+            except QpipeError as err:
+                return self._fail(report, name, str(err), None)
+            except Exception as err:  # anything else is a bug or an environment problem
+                return self._fail(report, name, f"{type(err).__name__}: {err}", traceback.format_exc())
+            seconds = time.perf_counter() - start
+            report.results[name] = result
+            report.metrics.update(result.metrics)
+            report.metrics[f"time.{name}_s"] = seconds
+            report.params.update(result.params)
+            self._log_stage(name, result, seconds)
+            if result.stop:
+                return self._fail(report, name, result.stop, None)
+            log.info("✔ %s (%.1f s)", name, seconds)
+        report.status = "FINISHED"
+        return report
+
+    def _fail(self, report: RunReport, stage: str, message: str, trace: str | None) -> RunReport:
+        report.status = "FAILED"
+        report.failed_stage = stage
+        report.error = message
+        log.error("✘ %s: %s", stage, message)
+        if trace:
+            log.debug(trace)
+        if self.tracker is not None:
+            self.tracker.set_tags({"qpipe.failed_stage": stage, "qpipe.failure": message[:5000]})
+            if trace:
+                self.tracker.log_text(trace, "traceback.txt")
+        return report

@@ -1,0 +1,60 @@
+"""The stage contract: what a stage receives and what it gives back.
+
+A stage is a function ``run(ctx: StageContext) -> StageResult``. It reads the resolved config
+and the results of the stages it needs; it never talks to MLflow or the cache (the runner does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+@dataclass
+class StageResult:
+    """What a stage hands forward.
+
+    outputs: plain JSON-serialisable data, logged as ``<stage>.json`` and given to dependents.
+    metrics: numbers with the stable names of DESIGN.md (``mem.est_peak_gb``...).
+    params: strings logged once per run (``quant.method``...).
+    artifacts: files the stage wrote that belong in MLflow (plots, recipes, samples).
+    objects: live in-memory handles (a loaded model, a tokenizer) passed to dependents only;
+      never logged, never cached.
+    stop: set when the stage finished its measurement but the pipeline must not go on (a
+      budget that cannot fit): the runner logs the result, then fails the run with this text.
+    """
+
+    outputs: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    objects: dict[str, Any] = field(default_factory=dict)
+    stop: str | None = None
+
+
+@dataclass
+class StageContext:
+    """What the runner gives a stage.
+
+    cfg: the whole resolved config (read-only by convention).
+    inputs: for each stage named in ``needs`` (transitively), its StageResult.
+    workdir: a folder of this stage's own, where it writes checkpoints and artifacts.
+    """
+
+    cfg: DictConfig
+    inputs: dict[str, StageResult]
+    workdir: Path
+
+    def output(self, stage: str, key: str, default: Any = None) -> Any:
+        """A value from an upstream stage's outputs (``default`` when that stage did not run)."""
+        result = self.inputs.get(stage)
+        if result is None:
+            return default
+        return result.outputs.get(key, default)
+
+    def obj(self, stage: str, key: str) -> Any:
+        """A live object handed forward by an upstream stage (a model, a tokenizer)."""
+        return self.inputs[stage].objects[key]

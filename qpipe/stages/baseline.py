@@ -1,0 +1,51 @@
+"""baseline: the unquantized model's quality on the eval text, for quality.ppl_delta_pct.
+
+Cached by the runner per model / eval / dtype / device, so a sweep pays for it once. Skipped,
+with the reason, when the unquantized model would not fit (the budget's estimate says so).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from qpipe.backends.none import load_hf
+from qpipe.config import resolve_device, resolve_dtype
+from qpipe.evaluate import eval_ids, eval_sentences, perplexity, sentence_embeddings
+from qpipe.models import load_tokenizer, materialize
+from qpipe.stages.base import StageContext, StageResult
+from qpipe.textdata import read_text
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    if not cfg.eval.baseline:
+        return StageResult(outputs={"skipped": "eval.baseline=false"})
+    fp_total = ctx.output("memory_budget", "options", {}).get("none")
+    usable = ctx.output("memory_budget", "usable_gb")
+    if fp_total is not None and usable is not None and fp_total > usable:
+        return StageResult(
+            outputs={"skipped": f"unquantized model needs {fp_total:.2f} GB > {usable:.2f} GB"}
+        )
+    device = resolve_device(cfg)
+    model = load_hf(materialize(cfg.model), cfg.model.get("model_class"), device, resolve_dtype(cfg, device))
+    tokenizer = load_tokenizer(cfg.model)
+    text = read_text(cfg.eval.text)
+    outputs: dict = {}
+    metrics: dict = {}
+    if cfg.model.get("task", "causal-lm") == "feature-extraction":
+        emb = sentence_embeddings(model, tokenizer, eval_sentences(text), device)
+        path = ctx.workdir / "baseline_embeddings.pt"
+        torch.save(emb, path)
+        outputs["embeddings"] = str(path)
+    else:
+        ids = eval_ids(tokenizer, text, int(cfg.eval.max_tokens))
+        ppl = perplexity(model, ids, int(cfg.eval.window), device)
+        outputs["ppl"] = ppl
+        metrics["quality.baseline_ppl"] = ppl
+    del model
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return StageResult(outputs=outputs, metrics=metrics)

@@ -1,0 +1,57 @@
+"""env_check: what this machine is, and whether the chosen quantization can run on it."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from qpipe.backends import get_backend
+from qpipe.config import load_group, resolve_device, resolve_dtype, resolve_kernel
+from qpipe.dag import load_dag
+from qpipe.envinfo import device_facts, library_versions, measure_cuda_context_gb
+from qpipe.errors import BackendUnavailable, QpipeError
+from qpipe.models.source import check_weights_reachable
+from qpipe.stages.base import StageContext, StageResult
+
+# One representative option per method, to tell the user what else would run here.
+_REPRESENTATIVES = {"none": "none", "bnb": "bnb_nf4", "gptq": "gptq", "awq": "awq", "rtn": "rtn"}
+
+
+def _loads_weights(dag_name: str) -> bool:
+    return any(
+        spec.module.rsplit(".", 1)[-1] in ("baseline", "quantize", "load")
+        for spec in load_dag(dag_name).stages.values()
+    )
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    kernel = resolve_kernel(cfg, device)
+    quant = OmegaConf.to_container(cfg.quant, resolve=True)
+
+    facts = device_facts(device)
+    facts["libraries"] = library_versions()
+    facts["cuda_context_gb"] = measure_cuda_context_gb(device)
+
+    runnable = {}
+    for method, option in _REPRESENTATIVES.items():
+        if method == quant["method"]:
+            runnable[method] = get_backend(method).unavailable_reason(quant, device) or "ok"
+            continue
+        try:
+            probe = OmegaConf.to_container(load_group("quant", option), resolve=True)
+            runnable[method] = get_backend(method).unavailable_reason(probe, device) or "ok"
+        except (ImportError, QpipeError) as err:  # another method's library may be missing
+            runnable[method] = str(err)
+    reason = runnable[quant["method"]]
+    if reason != "ok":
+        raise BackendUnavailable(f"quant={quant['name']} cannot run on {device}: {reason}")
+
+    if _loads_weights(cfg.pipeline.dag):
+        check_weights_reachable(cfg.model)
+
+    facts.update(dtype=str(dtype).removeprefix("torch."), kernel=kernel, backends=runnable)
+    params = {"device": facts.get("gpu_name", device), "kernel": kernel, "dtype": facts["dtype"]}
+    params.update({f"lib.{k}": v for k, v in facts["libraries"].items()})
+    return StageResult(outputs=facts, params=params)

@@ -1,0 +1,42 @@
+"""load: load the checkpoint onto the target device with the configured kernel.
+
+The memory window opened here stays open through validate_vram's generation, so the peak it
+reports covers loading and running, as a user's process would see them.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+from qpipe.backends import get_backend
+from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
+from qpipe.measure import MemoryWindow, tensor_bytes
+from qpipe.models import load_tokenizer
+from qpipe.stages.base import StageContext, StageResult
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    kernel = resolve_kernel(cfg, device)
+    checkpoint = Path(ctx.output("quantize", "checkpoint"))
+    backend = get_backend(cfg.quant.method)
+
+    window = MemoryWindow(device).start()
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
+        model = backend.load(
+            checkpoint, cfg.model.get("model_class", "AutoModelForCausalLM"), device, dtype, kernel
+        )
+    seconds = time.perf_counter() - start
+    weights = tensor_bytes(model) / 1e9
+    tokenizer = load_tokenizer(cfg.model)
+    return StageResult(
+        outputs={"checkpoint": str(checkpoint), "device": device, "kernel": kernel},
+        metrics={"time.load_model_s": seconds, "mem.loaded_weights_gb": weights},
+        objects={"model": model, "tokenizer": tokenizer, "memory_window": window},
+    )

@@ -1,0 +1,118 @@
+"""memory_budget: does it fit? Estimated from the config alone (meta device, no weights), for
+the chosen precision plan and for every other quant option, against the hardware's memory."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from qpipe.config import CONF_DIR, load_group, resolve_device, resolve_dtype
+from qpipe.errors import ConfigError
+from qpipe.exclusion import plan_precision
+from qpipe.memory import Estimate, Workload, arch_dims, build_inventory, estimate
+from qpipe.models import load_config
+from qpipe.plots import memory_breakdown
+from qpipe.stages.base import StageContext, StageResult
+
+
+def _workload(cfg) -> Workload:
+    w = cfg.workload
+    if w.mode not in ("inference", "finetune"):
+        raise ConfigError(f"workload.mode={w.mode!r} is not valid; use inference or finetune")
+    if int(w.batch_size) < 1 or int(w.context_len) < 1:
+        raise ConfigError("workload.batch_size and workload.context_len must be ≥ 1")
+    return Workload(mode=w.mode, batch_size=int(w.batch_size), context_len=int(w.context_len))
+
+
+def _capacity_gb(ctx: StageContext) -> float:
+    hw = ctx.cfg.hardware
+    if hw.memory_gb is not None:
+        return float(hw.memory_gb)
+    return ctx.output("env_check", "gpu_memory_gb") or ctx.output("env_check", "host_memory_gb")
+
+
+def _runtime_gb(ctx: StageContext, device: str) -> float:
+    hw = ctx.cfg.hardware
+    if hw.runtime_overhead_gb is not None:
+        return float(hw.runtime_overhead_gb)
+    if not device.startswith("cuda"):
+        return 0.0  # on CPU we measure the growth of the process, not its libraries
+    measured = ctx.output("env_check", "cuda_context_gb")
+    return float(measured) if measured is not None else 0.55
+
+
+def _metrics(est: Estimate) -> dict[str, float]:
+    return {
+        "mem.est_weights_gb": est.weights_gb,
+        "mem.est_quant_overhead_gb": est.quant_overhead_gb,
+        "mem.est_kv_cache_gb": est.kv_cache_gb,
+        "mem.est_activations_gb": est.activations_gb,
+        "mem.est_runtime_gb": est.runtime_gb,
+        "mem.est_peak_gb": est.peak_gb,
+        "mem.est_total_gb": est.total_gb,
+        "model.params_b": est.params / 1e9,
+        "model.params_quantized_b": est.params_quantized / 1e9,
+    }
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    # A named GPU is a plan for that GPU, wherever qpipe runs now (plan a 24 GB card from a
+    # laptop): price it in the GPU's dtype and bitsandbytes' CUDA layout.
+    device = resolve_device(cfg) if cfg.hardware.name == "auto" else "cuda"
+    dtype_bytes = resolve_dtype(cfg, device).itemsize
+    workload = _workload(cfg)
+    config = load_config(cfg.model)
+    inventory = build_inventory(config, cfg.model.get("model_class", "AutoModelForCausalLM"))
+    dims = arch_dims(config)
+    runtime = _runtime_gb(ctx, device)
+    exclude = OmegaConf.to_container(cfg.exclude, resolve=True)
+
+    def price(quant: dict) -> Estimate:
+        plan = plan_precision(inventory, exclude, quantize=quant["method"] != "none")
+        return estimate(inventory, plan, quant, dims, workload, dtype_bytes, runtime, device)
+
+    chosen = OmegaConf.to_container(cfg.quant, resolve=True)
+    est = price(chosen)
+    options = {chosen["name"]: est}
+    for path in sorted((CONF_DIR / "quant").glob("*.yaml")):
+        if path.stem not in options:
+            options[path.stem] = price(OmegaConf.to_container(load_group("quant", path.stem)))
+
+    capacity = _capacity_gb(ctx)
+    usable = capacity * (1 - float(cfg.hardware.headroom_pct) / 100)
+    fits = est.total_gb <= usable
+    title = f"{cfg.model.name}: {workload.mode}, batch {workload.batch_size} × {workload.context_len} tokens on {cfg.hardware.name}"
+    plot = memory_breakdown(
+        {name: e.as_dict() for name, e in options.items()},
+        capacity,
+        title,
+        ctx.workdir / "memory_breakdown.png",
+        chosen=chosen["name"],
+    )
+    metrics = _metrics(est) | {"mem.capacity_gb": capacity, "mem.headroom_gb": usable - est.total_gb}
+    outputs = {
+        "fits": fits,
+        "capacity_gb": capacity,
+        "usable_gb": usable,
+        "workload": vars(workload),
+        "estimate": est.as_dict(),
+        "options": {name: round(e.total_gb, 3) for name, e in options.items()},
+    }
+    stop = None
+    if not fits:
+        fitting = sorted((e.total_gb, n) for n, e in options.items() if e.total_gb <= usable)
+        hint = f"; quant={fitting[-1][1]} would fit ({fitting[-1][0]:.2f} GB)" if fitting else ""
+        stop = (
+            f"{cfg.model.name} with quant={chosen['name']} needs {est.total_gb:.2f} GB "
+            f"(weights {est.weights_gb:.2f}, KV {est.kv_cache_gb:.2f}, activations "
+            f"{est.activations_gb:.2f}, optimizer {est.optimizer_gb:.2f}, runtime "
+            f"{est.runtime_gb:.2f}) but hardware={cfg.hardware.name} has {usable:.2f} GB "
+            f"usable{hint}"
+        )
+    return StageResult(
+        outputs=outputs,
+        metrics=metrics,
+        params={"hardware": cfg.hardware.name, "workload.mode": workload.mode},
+        artifacts=[plot],
+        stop=stop,
+    )

@@ -1,0 +1,79 @@
+"""quantize: call the chosen backend and save a loadable checkpoint with its recipe."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from qpipe.backends import QuantizeRequest, get_backend
+from qpipe.config import resolve_device, resolve_dtype
+from qpipe.measure import MemoryWindow
+from qpipe.models import materialize
+from qpipe.stages.base import StageContext, StageResult
+
+
+def _calibration(cfg) -> tuple[list[str], int, int]:
+    """Calibration texts for the methods that need them (GPTQ, AWQ)."""
+    if cfg.quant.method not in ("gptq", "awq") or "calib" not in cfg:
+        return [], 0, 0
+    from qpipe.backends.llmc import calibration_texts
+
+    return calibration_texts(cfg.calib), int(cfg.calib.seq_len), int(cfg.calib.num_samples)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    quant = OmegaConf.to_container(cfg.quant, resolve=True)
+    backend = get_backend(quant["method"])
+    source = materialize(cfg.model)
+    texts, seq_len, samples = _calibration(cfg)
+    output_dir = ctx.workdir / "checkpoint"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    request = QuantizeRequest(
+        source=source,
+        model_class=cfg.model.get("model_class", "AutoModelForCausalLM"),
+        quant=quant,
+        skip_modules=sorted(ctx.output("exclude_layers", "skip", {})),
+        targets=list(ctx.output("exclude_layers", "targets", [])),
+        output_dir=output_dir,
+        device=device,
+        dtype=dtype,
+        pad_plan=ctx.inputs["pad_align"].outputs if "pad_align" in ctx.inputs else {},
+        calib_texts=texts,
+        calib_seq_len=seq_len or 512,
+        calib_samples=samples or 64,
+    )
+    window = MemoryWindow(device).start()
+    start = time.perf_counter()
+    result = backend.quantize(request)
+    seconds = time.perf_counter() - start
+    window.stop()
+
+    artifacts: list[Path] = []
+    if result.recipe is not None and Path(result.recipe).is_file():
+        artifacts.append(Path(result.recipe))
+    metrics = {"time.quantize_compute_s": seconds, "mem.quantize_peak_gb": window.used_gb}
+    metrics.update(
+        {f"quantize.{k}": v for k, v in result.details.items() if isinstance(v, int | float)}
+    )
+    return StageResult(
+        outputs={
+            "checkpoint": str(result.checkpoint),
+            "format": result.format,
+            "source": str(source),
+            "recipe": str(result.recipe) if result.recipe else None,
+            "details": result.details,
+        },
+        metrics=metrics,
+        params={
+            "quant.method": quant["method"],
+            "quant.bits": quant.get("bits"),
+            "quant.group_size": quant.get("group_size"),
+            "quant.format": result.format,
+        },
+        artifacts=artifacts,
+    )

@@ -1,0 +1,80 @@
+"""validate_vram: run the budgeted workload on the loaded model and compare the measured peak
+with the estimate. GPU: the torch allocator's peak (+ NVML's process view). CPU: the growth
+of the process's resident set, reported as host memory, never as VRAM."""
+
+from __future__ import annotations
+
+import torch
+
+from qpipe.measure import MemoryWindow
+from qpipe.plots import memory_breakdown
+from qpipe.stages.base import StageContext, StageResult
+from qpipe.textdata import read_text, token_ids
+
+
+def _run_workload(model, tokenizer, cfg, device: str) -> dict[str, int]:
+    """The workload the budget priced: batch × context_len tokens (prompt + generated)."""
+    batch = int(cfg.workload.batch_size)
+    context = int(cfg.workload.context_len)
+    max_pos = getattr(getattr(model.config, "text_config", model.config), "max_position_embeddings", context)
+    context = min(context, max_pos)
+    if cfg.model.get("task", "causal-lm") == "feature-extraction":
+        ids = token_ids(tokenizer, read_text(cfg.eval.text), context).repeat(batch, 1).to(device)
+        with torch.inference_mode():
+            model(input_ids=ids)
+        return {"prompt_tokens": context, "new_tokens": 0}
+    new = min(int(cfg.eval.max_new_tokens), context - 1)
+    prompt = context - new
+    ids = token_ids(tokenizer, read_text(cfg.eval.text), prompt).repeat(batch, 1).to(device)
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+    return {"prompt_tokens": prompt, "new_tokens": new}
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    model = ctx.obj("load", "model")
+    tokenizer = ctx.obj("load", "tokenizer")
+    window: MemoryWindow = ctx.obj("load", "memory_window")
+    device = ctx.output("load", "device")
+    shape = _run_workload(model, tokenizer, cfg, device)
+    window.stop()
+
+    est = ctx.output("memory_budget", "estimate")
+    measured = window.used_gb
+    metrics = {
+        "mem.measured_peak_gb": measured,
+        "mem.est_error_pct": (est["peak_gb"] - measured) / measured * 100,
+    }
+    loaded = ctx.inputs["load"].metrics["mem.loaded_weights_gb"]
+    metrics["mem.weights_error_pct"] = (est["weights_gb"] - loaded) / loaded * 100
+    if window.on_gpu:
+        metrics["mem.reserved_peak_gb"] = window.reserved_peak / 1e9
+        if window.nvml_gb is not None:
+            metrics["mem.nvml_process_gb"] = window.nvml_gb
+            metrics["mem.est_total_error_pct"] = (est["total_gb"] - window.nvml_gb) / window.nvml_gb * 100
+    else:
+        metrics["mem.host_peak_rss_growth_gb"] = measured
+
+    measured_on = "cuda allocator" if window.on_gpu else "host RSS growth"
+    plot = memory_breakdown(
+        {cfg.quant.name: est},
+        ctx.output("memory_budget", "capacity_gb"),
+        f"estimate vs measured ({measured_on}): {measured:.3f} GB measured",
+        ctx.workdir / "memory_measured.png",
+        chosen=cfg.quant.name,
+        measured_gb=measured,
+    )
+    return StageResult(
+        outputs={"measured_on": measured_on, **shape, "measured_peak_gb": measured},
+        metrics=metrics,
+        params={"mem.measured_on": measured_on},
+        artifacts=[plot],
+    )

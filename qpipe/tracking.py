@@ -1,0 +1,84 @@
+"""MLflow, behind the few calls the runner makes. Stages never import this."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from qpipe.paths import outputs_root
+
+
+def default_tracking_uri() -> str:
+    """A sqlite store under ``outputs/`` (never ``./mlruns`` in whatever the cwd is)."""
+    root = outputs_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), sub, out)
+    else:
+        out[prefix] = value
+
+
+class Tracker:
+    """One MLflow run per pipeline execution."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            # Artifacts go beside the store, not into ./mlruns of the current directory.
+            location = None
+            if self.tracking_uri.startswith("sqlite:"):
+                location = (outputs_root() / "mlartifacts").as_uri()
+            mlflow.create_experiment(experiment, artifact_location=location)
+        mlflow.set_experiment(experiment)
+        self.run_id: str | None = None
+
+    def start(self, run_name: str, tags: dict[str, str]) -> str:
+        run = self._mlflow.start_run(run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat: dict[str, Any] = {}
+        _flatten("", params, flat)
+        # MLflow caps a param value at 6000 characters; ours are short, but a long list is not.
+        self._mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        clean = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        if clean:
+            self._mlflow.log_metrics(clean)
+
+    def log_json(self, data: Any, artifact_file: str) -> None:
+        self._mlflow.log_text(json.dumps(data, indent=2, default=str), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._mlflow.log_text(text, artifact_file)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags(tags)
+
+    def end(self, status: str) -> None:
+        self._mlflow.end_run(status=status)
+
+    def ui_hint(self) -> str:
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"open {self.tracking_uri}"
+        return f"mlflow ui --backend-store-uri {self.tracking_uri}"

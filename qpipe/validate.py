@@ -1,0 +1,56 @@
+"""Check the composed config before anything heavy runs: one clear line per bad value."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from qpipe.backends import get_backend
+from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
+from qpipe.dag import load_dag
+from qpipe.errors import ConfigError
+from qpipe.models.source import model_class, source_kind
+from qpipe.textdata import read_text
+
+_PAD_MODES = ("auto", "regroup", "pad", "error")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first invalid value and what would be valid."""
+    device = resolve_device(cfg)
+    resolve_dtype(cfg, device)
+    kernel = resolve_kernel(cfg, device)
+    if kernel == "triton" and not device.startswith("cuda"):
+        raise ConfigError("kernel=triton needs a CUDA device; use kernel=torch (or auto) on CPU")
+    load_dag(cfg.pipeline.dag)
+    source_kind(cfg.model)
+    model_class(cfg.model)
+    task = cfg.model.get("task", "causal-lm")
+    if task not in ("causal-lm", "image-text-to-text", "feature-extraction"):
+        raise ConfigError(
+            f"model.task={task!r} is not valid; use causal-lm, image-text-to-text or "
+            "feature-extraction"
+        )
+    quant = OmegaConf.to_container(cfg.quant, resolve=True)
+    backend = get_backend(quant.get("method"))
+    validate = getattr(backend, "validate", None)
+    if validate is not None:
+        validate(quant)
+    mode = cfg.get("pad_align", {}).get("mode", "auto")
+    if mode not in _PAD_MODES:
+        raise ConfigError(f"pad_align.mode={mode!r} is not valid; use one of: {', '.join(_PAD_MODES)}")
+    w = cfg.workload
+    if w.mode not in ("inference", "finetune"):
+        raise ConfigError(f"workload.mode={w.mode!r} is not valid; use inference or finetune")
+    for key in ("batch_size", "context_len"):
+        if int(w[key]) < 1:
+            raise ConfigError(f"workload.{key}={w[key]} must be ≥ 1")
+    hw = cfg.hardware
+    if hw.memory_gb is not None and float(hw.memory_gb) <= 0:
+        raise ConfigError(f"hardware.memory_gb={hw.memory_gb} must be > 0")
+    if "eval" in cfg:
+        read_text(cfg.eval.text)
+        for key in ("max_tokens", "window", "max_new_tokens", "prefill_tokens", "repeats"):
+            if int(cfg.eval[key]) < 1:
+                raise ConfigError(f"eval.{key}={cfg.eval[key]} must be ≥ 1")
+        if int(cfg.eval.max_new_tokens) < 2:
+            raise ConfigError("eval.max_new_tokens must be ≥ 2 to time decoding")

@@ -1,0 +1,26 @@
+"""Shared test setup: one outputs folder per test session (so the dequantised SmolLM2 and
+the MLflow store are made once), and the Hydra compose helper."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from qpipe.config import CONF_DIR, normalize_overrides
+
+
+@pytest.fixture(scope="session", autouse=True)
+def outputs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = Path(os.environ.get("QPIPE_TEST_OUTPUTS") or tmp_path_factory.mktemp("outputs"))
+    os.environ["QPIPE_OUTPUTS"] = str(path)
+    return path
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The config ``python -m qpipe <overrides>`` would run with."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=normalize_overrides(list(overrides)))

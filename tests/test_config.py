@@ -1,0 +1,90 @@
+"""Config composition: defaults, both override forms, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qpipe.config import defaulted_groups, normalize_overrides
+from qpipe.errors import ConfigError
+from qpipe.validate import validate_config
+from tests.conftest import compose_config
+
+
+def test_defaults_compose() -> None:
+    cfg = compose_config()
+    assert cfg.model.name == "smollm2-135m"
+    assert cfg.quant.method == "none"
+    assert cfg.hardware.name == "auto"
+    assert cfg.pipeline.dag == "default"
+
+
+def test_plus_form_and_plain_form_give_the_same_config() -> None:
+    plus = compose_config("+model=tiny_llama", "+quant=bnb_nf4", "+hardware=rtx4090_24gb")
+    plain = compose_config("model=tiny_llama", "quant=bnb_nf4", "hardware=rtx4090_24gb")
+    assert plus == plain
+    assert plus.quant.quant_type == "nf4" and plus.hardware.memory_gb == pytest.approx(25.76)
+
+
+def test_plus_keeps_its_meaning_for_new_keys() -> None:
+    assert normalize_overrides(["+quant=gptq", "+foo.bar=1", "quant.bits=8"]) == [
+        "quant=gptq",
+        "+foo.bar=1",
+        "quant.bits=8",
+    ]
+    assert {"model", "quant", "hardware", "pipeline", "eval"} <= defaulted_groups()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("device=tpu", "device='tpu' is not valid"),
+        ("dtype=float8", "dtype='float8' is not valid"),
+        ("kernel=cutlass", "kernel='cutlass' is not valid"),
+        ("workload.mode=training", "workload.mode='training' is not valid"),
+        ("pad_align.mode=stretch", "pad_align.mode='stretch' is not valid"),
+        ("quant.bits=3", "quant.bits=3 is not valid for bitsandbytes"),
+        ("model.weights=fake", "model.weights='fake' is not valid"),
+        ("pipeline.dag=nope", "pipeline.dag='nope' not found"),
+        ("eval.text=/no/such/file.txt", "eval.text='/no/such/file.txt'"),
+    ],
+)
+def test_bad_values_fail_with_one_clear_line(override: str, message: str) -> None:
+    cfg = compose_config("quant=bnb_nf4", override)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def _cli(*args: str, outputs: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QPIPE_OUTPUTS": outputs, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "qpipe", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_cli_unknown_option_lists_valid_ones(outputs_dir) -> None:
+    proc = _cli("+model=llama9000", outputs=str(outputs_dir))
+    assert proc.returncode != 0
+    assert "Available options in 'model'" in proc.stderr
+    assert "smollm2" in proc.stderr and "internvl" in proc.stderr
+
+
+def test_cli_bad_value_is_one_line_without_traceback(outputs_dir) -> None:
+    proc = _cli("quant=bnb_nf4", "quant.quant_type=nf5", outputs=str(outputs_dir))
+    assert proc.returncode == 2
+    assert "quant.quant_type='nf5' is not valid for 4-bit bitsandbytes; use nf4 or fp4" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_cli_internvl_without_hub_names_the_offline_alternatives(outputs_dir) -> None:
+    proc = _cli("+model=internvl", "+quant=bnb_nf4", outputs=str(outputs_dir))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "cannot fetch weights of 'OpenGVLab/InternVL3_5-8B-HF'" in out
+    assert "model.weights=random" in out and "model.path=" in out
+    assert "Traceback" not in out
