@@ -57,7 +57,9 @@ class Dag:
 
 def known_stages() -> list[str]:
     folder = Path(__file__).parent / "stages"
-    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_") and p.stem != "base")
+    return sorted(
+        p.stem for p in folder.glob("*.py") if not p.stem.startswith("_") and p.stem != "base"
+    )
 
 
 def _spec(name: str, raw: Any) -> StageSpec:

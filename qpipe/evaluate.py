@@ -31,9 +31,7 @@ def perplexity(model, ids: torch.Tensor, window: int, device: str) -> float:
             if chunk.numel() < 2:
                 break
             logits = model(input_ids=chunk).logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[0, :-1], chunk[0, 1:], reduction="sum"
-            )
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
             nll_sum += loss.item()
             count += chunk.numel() - 1
     return math.exp(nll_sum / count)
@@ -62,7 +60,14 @@ def _generate(model, ids: torch.Tensor, new_tokens: int, pad_id: int) -> torch.T
 
 
 def generation_speed(
-    model, tokenizer, text: str, prompt_tokens: int, new_tokens: int, batch: int, repeats: int, device: str
+    model,
+    tokenizer,
+    text: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    batch: int,
+    repeats: int,
+    device: str,
 ) -> dict[str, float]:
     """TTFT (prefill + first token), prefill tokens/s and decode tokens/s for greedy
     generation, medians over ``repeats`` after one warm-up."""
@@ -90,7 +95,9 @@ def greedy_sample(model, tokenizer, prompt: str, new_tokens: int, device: str) -
 
 def sentence_embeddings(model, tokenizer, sentences: list[str], device: str) -> torch.Tensor:
     """Mean-pooled, L2-normalised embeddings (the sentence-transformers recipe for MiniLM)."""
-    batch = tokenizer(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt").to(device)
+    batch = tokenizer(
+        sentences, padding=True, truncation=True, max_length=256, return_tensors="pt"
+    ).to(device)
     with torch.inference_mode():
         hidden = model(**batch).last_hidden_state.float()
     mask = batch["attention_mask"].unsqueeze(-1).float()

@@ -55,6 +55,10 @@ def plan_precision(inventory: Inventory, exclude: dict[str, Any], quantize: bool
         return plan
     patterns = _compile(list(exclude.get("patterns") or []))
     for module in inventory.linears():
+        if module.tied:
+            # Quantizing a weight shared with the embedding would quantize the embedding too.
+            plan.skip[module.name] = "tied to the input embeddings"
+            continue
         switch = _ROLE_SWITCH.get(module.role)
         if switch and exclude.get(switch, True):
             plan.skip[module.name] = f"exclude.{switch}"

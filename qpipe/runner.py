@@ -153,7 +153,9 @@ class Runner:
             except QpipeError as err:
                 return self._fail(report, name, str(err), None)
             except Exception as err:  # anything else is a bug or an environment problem
-                return self._fail(report, name, f"{type(err).__name__}: {err}", traceback.format_exc())
+                return self._fail(
+                    report, name, f"{type(err).__name__}: {err}", traceback.format_exc()
+                )
             seconds = time.perf_counter() - start
             report.results[name] = result
             report.metrics.update(result.metrics)

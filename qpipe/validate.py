@@ -37,7 +37,9 @@ def validate_config(cfg: DictConfig) -> None:
         validate(quant)
     mode = cfg.get("pad_align", {}).get("mode", "auto")
     if mode not in _PAD_MODES:
-        raise ConfigError(f"pad_align.mode={mode!r} is not valid; use one of: {', '.join(_PAD_MODES)}")
+        raise ConfigError(
+            f"pad_align.mode={mode!r} is not valid; use one of: {', '.join(_PAD_MODES)}"
+        )
     w = cfg.workload
     if w.mode not in ("inference", "finetune"):
         raise ConfigError(f"workload.mode={w.mode!r} is not valid; use inference or finetune")

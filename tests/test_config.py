@@ -77,7 +77,9 @@ def test_cli_unknown_option_lists_valid_ones(outputs_dir) -> None:
 def test_cli_bad_value_is_one_line_without_traceback(outputs_dir) -> None:
     proc = _cli("quant=bnb_nf4", "quant.quant_type=nf5", outputs=str(outputs_dir))
     assert proc.returncode == 2
-    assert "quant.quant_type='nf5' is not valid for 4-bit bitsandbytes; use nf4 or fp4" in proc.stdout
+    assert (
+        "quant.quant_type='nf5' is not valid for 4-bit bitsandbytes; use nf4 or fp4" in proc.stdout
+    )
     assert "Traceback" not in proc.stdout + proc.stderr
 
 

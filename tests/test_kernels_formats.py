@@ -214,3 +214,14 @@ def test_kernel_layout_roundtrip_act_order():
     back = unpack_w4(pack_w4(iw, torch.float32))
     assert torch.equal(back.dequantize(), iw.dequantize())
     assert torch.equal(back.g_idx, g_idx)
+
+
+def test_kernel_layout_bit_order():
+    """The kernels hard-code where each column sits inside a word: pin it."""
+    from qpipe.kernels.layout import pack_int4_rows
+
+    q = torch.arange(8, dtype=torch.uint8).view(1, 8)  # column c holds value c
+    word = int(pack_int4_rows(q)[0, 0]) & 0xFFFFFFFF
+    assert [(word >> (4 * i)) & 0xF for i in range(8)] == [0, 2, 4, 6, 1, 3, 5, 7]
+    # K not a multiple of 8: the tail word is zero-padded
+    assert pack_int4_rows(torch.full((2, 9), 15, dtype=torch.uint8)).shape == (2, 2)

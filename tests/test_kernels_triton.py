@@ -25,8 +25,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [
     ("gemv_g32_sym_k576", 1, 40, 576, 32, True, False, "float16", ("gemv", 32, 1), True, None),
     ("gemv_g64_asym_split", 2, 72, 576, 64, False, False, "bfloat16", ("gemv", 64, 3), False, None),
-    ("gemv_g128_partial_group", 1, 24, 576, 128, False, False, "float16", ("gemv", 16, 2), True, None),
+    (
+        "gemv_g128_partial_group",
+        1,
+        24,
+        576,
+        128,
+        False,
+        False,
+        "float16",
+        ("gemv", 16, 2),
+        True,
+        None,
+    ),
     ("gemv_act_order", 1, 40, 256, 64, False, True, "float16", ("gemv", 32, 2), False, None),
+    ("gemv_m4_g128_asym", 4, 40, 256, 128, False, False, "float16", ("gemv", 32, 1), True, None),
     ("mm_g32_asym", 17, 40, 256, 32, False, False, "float16", ("mm", 32, 1), True, None),
     ("mm_g64_sym_split", 20, 72, 576, 64, True, False, "bfloat16", ("mm", 64, 4), True, None),
     ("mm_g128_k576", 33, 24, 576, 128, True, False, "float16", ("mm", 16, 2), False, None),
@@ -134,9 +147,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 def test_gpu_quant_linear_matches_torch_path(m, variant):
     sym = variant.startswith("sym")
     dtype = torch.float16 if "fp16" in variant else torch.bfloat16
-    ql, x = _build_case(
-        m, 1000, 1152, 64 if sym else 128, sym, not sym, dtype, True, None, seed=m
-    )
+    ql, x = _build_case(m, 1000, 1152, 64 if sym else 128, sym, not sym, dtype, True, None, seed=m)
     ql = ql.cuda()
     x = x.cuda()
     ref = _reference(ql, x)

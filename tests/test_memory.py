@@ -51,7 +51,9 @@ def test_internvl_estimates_in_bf16_and_nf4() -> None:
     exclude = OmegaConf.to_container(compose_config().exclude)
     work = Workload(batch_size=1, context_len=2048)
     quant_none = {"method": "none", "bits": 16}
-    bf16 = estimate(inv, plan_precision(inv, exclude, False), quant_none, arch_dims(config), work, 2)
+    bf16 = estimate(
+        inv, plan_precision(inv, exclude, False), quant_none, arch_dims(config), work, 2
+    )
     nf4_cfg = OmegaConf.to_container(load_group("quant", "bnb_nf4"))
     plan = plan_precision(inv, exclude, True)
     nf4 = estimate(inv, plan, nf4_cfg, arch_dims(config), work, 2)
@@ -59,7 +61,9 @@ def test_internvl_estimates_in_bf16_and_nf4() -> None:
     # 36 layers × 7 linears quantized; the head, embeddings, vision tower, projector stay bf16.
     assert len(plan.targets) == 36 * 7
     assert nf4.params_quantized / 1e9 == pytest.approx(6.94, abs=0.01)
-    assert nf4.weights_gb == pytest.approx(6.94 * 0.5 + (8.528 - 6.94) * 2 + nf4.quant_overhead_gb, rel=0.002)
+    assert nf4.weights_gb == pytest.approx(
+        6.94 * 0.5 + (8.528 - 6.94) * 2 + nf4.quant_overhead_gb, rel=0.002
+    )
     # KV: 2 × 36 layers × 8 heads × 128 × 2048 tokens × 2 bytes
     assert bf16.kv_cache_gb == pytest.approx(2 * 36 * 8 * 128 * 2048 * 2 / 1e9)
 
@@ -116,9 +120,7 @@ def test_kv_cache_formula_matches_transformers_cache(tiny_llama) -> None:
         out = model(input_ids=ids, use_cache=True)
     cache = out.past_key_values
     measured = sum(
-        t.numel() * t.element_size()
-        for layer in cache.layers
-        for t in (layer.keys, layer.values)
+        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
     )
     dims = arch_dims(load_config(cfg))
     assert kv_cache_bytes(dims, Workload(batch_size=2, context_len=100), 4) == measured

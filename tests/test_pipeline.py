@@ -41,7 +41,10 @@ def test_budget_that_cannot_fit_stops_before_any_weight_loads(outputs_dir, tmp_p
 
 def test_estimate_pipeline_on_the_real_architecture(tmp_path) -> None:
     cfg = compose_config(
-        "+model=internvl", "model.weights=random", "+quant=bnb_nf4", "pipeline=estimate",
+        "+model=internvl",
+        "model.weights=random",
+        "+quant=bnb_nf4",
+        "pipeline=estimate",
         "hardware=rtx4090_24gb",
     )
     report = run_pipeline(cfg, tmp_path / "run")
@@ -62,10 +65,19 @@ def test_cli_sweep_runs_the_default_pipeline_on_smollm2(outputs_dir) -> None:
     env = {**os.environ, "QPIPE_OUTPUTS": str(outputs_dir), "COLUMNS": "200"}
     proc = subprocess.run(
         [
-            sys.executable, "-m", "qpipe", "--multirun", "+quant=none,bnb_nf4",
-            "eval=quick", "workload.context_len=256", "mlflow.experiment=e2e",
+            sys.executable,
+            "-m",
+            "qpipe",
+            "--multirun",
+            "+quant=none,bnb_nf4",
+            "eval=quick",
+            "workload.context_len=256",
+            "mlflow.experiment=e2e",
         ],
-        capture_output=True, text=True, env=env, timeout=1500,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = _mlflow_runs("e2e")
@@ -75,9 +87,17 @@ def test_cli_sweep_runs_the_default_pipeline_on_smollm2(outputs_dir) -> None:
     by_quant = {row["params.quant"]: row for _, row in runs.iterrows()}
     for row in by_quant.values():
         for metric in (
-            "mem.est_weights_gb", "mem.est_peak_gb", "mem.measured_peak_gb", "mem.est_error_pct",
-            "quality.ppl", "quality.ppl_delta_pct", "perf.ttft_ms", "perf.decode_tok_s",
-            "perf.prefill_tok_s", "time.quantize_s", "time.benchmark_s",
+            "mem.est_weights_gb",
+            "mem.est_peak_gb",
+            "mem.measured_peak_gb",
+            "mem.est_error_pct",
+            "quality.ppl",
+            "quality.ppl_delta_pct",
+            "perf.ttft_ms",
+            "perf.decode_tok_s",
+            "perf.prefill_tok_s",
+            "time.quantize_s",
+            "time.benchmark_s",
         ):
             assert row[f"metrics.{metric}"] == row[f"metrics.{metric}"], metric  # not NaN
         assert row["params.model"] == "smollm2-135m"

@@ -23,14 +23,15 @@ import yaml
 
 from qpipe.align import module_group_size
 from qpipe.backends.base import QuantizeRequest, QuantizeResult
-from qpipe.calib import BUILTIN, synthetic_windows, token_windows
+from qpipe.calib import BUILTIN, load_calib_texts, synthetic_windows, token_windows
 from qpipe.errors import BackendUnavailable, ConfigError
 from qpipe.paths import data_file
 
 CT_FORMAT = "compressed-tensors"
 # Group sizes our formats accept: compressed-tensors takes any divisor of K, but qpipe's
-# kernels tile K in powers of two, and smaller groups cost more scale memory than they win.
-LEGAL_GROUP_SIZES = [32, 64, 128, 256]
+# Triton kernel tiles K in multiples of 16 that must divide the group; regroup picks the
+# largest of these that divides K (16 only for odd widths such as 688 = 43 x 16).
+LEGAL_GROUP_SIZES = [16, 32, 64, 128, 256]
 ACT_ORDERS = ("static", "group", "weight", "none")
 
 _COMMON_KEYS = {"name", "method", "bits", "group_size", "symmetric"}
@@ -114,6 +115,28 @@ def _validate_awq(quant: Mapping[str, Any]) -> None:
     grid = quant.get("n_grid", 20)
     if not _is_int(grid) or grid < 2:
         raise ConfigError(f"quant.n_grid={grid!r} is not valid; use an integer >= 2")
+
+
+def validate_kernel(quant: Mapping[str, Any], kernel: str) -> None:
+    """One-line ConfigError when ``kernel`` cannot run the checkpoint ``quant`` will produce:
+    found before quantizing, not after."""
+    from qpipe.backends.qlinear_loader import QPIPE_W4
+
+    if kernel in ("torch", "triton", "auto") and int(quant.get("bits", 4)) != 4:
+        raise ConfigError(
+            f"quant.bits={quant.get('bits')} with kernel={kernel}: qpipe's kernels run 4-bit "
+            "weights only; use kernel=hf (transformers decompresses) or quant.bits=4"
+        )
+    if kernel == "hf" and quant.get("format") == QPIPE_W4:
+        raise ConfigError(
+            f"kernel=hf cannot load quant.format={QPIPE_W4} (qpipe's own layout); "
+            "use kernel=torch|triton or quant.format=compressed-tensors"
+        )
+
+
+def calibration_texts(calib: Mapping[str, Any]) -> list[str]:
+    """The texts of the ``calib`` config group (see ``qpipe.calib``)."""
+    return load_calib_texts(calib)
 
 
 def llmcompressor_missing() -> str | None:

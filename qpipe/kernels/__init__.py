@@ -5,9 +5,11 @@ Exchange format: ``IntWeights`` (unpacked integers, exact). Converters: ``from_a
 (kernel "torch" everywhere, "triton" on CUDA).
 
 Kernel layout "qpipe-w4" v1 (details in ``qpipe/kernels/layout.py``):
-    qweight int32 [N, ceil(K/8)]  N-major rows, contiguous along K; column 8w+j of row n in
-                                  nibble j (bits 4j..4j+3) of word w, so one 128-bit load
-                                  brings 32 consecutive weights of one output.
+    qweight int32 [N, ceil(K/8)]  N-major rows, contiguous along K (one 128-bit load brings 32
+                                  consecutive weights of one output); inside a word the 8
+                                  columns are interleaved like AutoAWQ's ([0,2,4,6,1,3,5,7]
+                                  nibble -> column) so that two columns land in one fp16x2
+                                  register with a single AND-OR (magic-number dequant).
     scales  fp16/bf16 [G, N]      contiguous along N; zeros uint8 [G, N] (asymmetric only,
                                   else 2**(bits-1) = 8); perm int32 [K] (act-order only).
     Act-order (g_idx) checkpoints are re-ordered at load time: columns are sorted by group so

@@ -337,12 +337,12 @@ def sweep(shapes, ms, replays: int, log=print) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k, device="cuda").half()
             cfgs = []
-            if m <= 8:
+            if m <= 4:
                 for bn in (32, 64, 128):
-                    for warps in (2, 4, 8):
+                    for warps in (2, 4):
                         for split in (1, 2, 4, 8, 16, 32):
                             cfgs.append(KernelConfig("gemv", bn, 128, split, 1, warps, 1))
-            for bm in sorted({max(16, min(64, 1 << max(0, (m - 1).bit_length()))), 16}):
+            for bm in (max(16, min(64, 1 << max(0, (m - 1).bit_length()))),):
                 for bn, warps in ((64, 4), (128, 4), (128, 8)):
                     for stages in (3, 4):
                         for split in (1, 2, 4, 8):

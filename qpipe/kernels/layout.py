@@ -6,9 +6,14 @@ run time, so every group is a contiguous run of ``group_size`` columns and the k
 gather scales.
 
 qweight  int32 [N, ceil(K / 8)]   row n, word w holds columns 8w .. 8w + 7 of output n; column
-                                  8w + j sits in bits 4j .. 4j + 3 (lowest nibble first). Rows are
-                                  contiguous along K, so a thread reads 16 bytes = 32 weights of
-                                  one output with one 128-bit load; a tail word is zero-padded.
+                                  8w + c sits in nibble NIBBLE_OF_COL[c] = [0,4,1,5,2,6,3,7][c]
+                                  (bits 4i .. 4i + 3 of nibble i). Equivalently nibble i holds
+                                  column [0,2,4,6,1,3,5,7][i], AutoAWQ's interleave: one AND-OR
+                                  with 0x000F000F / 0x00F000F0 then drops the columns (2p, 2p+1)
+                                  into the two halves of one register as fp16 bits (the 0x6400
+                                  magic-number dequant, two weights per instruction). Rows are
+                                  contiguous along K: a thread reads 16 bytes = 32 weights of one
+                                  output with one 128-bit load; a tail word is zero-padded.
 scales   fp16/bf16 [G, N]         per group, contiguous along N (one coalesced vector per group).
 zeros    uint8 [G, N] or absent   integer zero points (asymmetric); absent => 2**(bits - 1).
                                   uint8 keeps AutoGPTQ v1's zero of 16 exact.
@@ -29,6 +34,7 @@ from qpipe.kernels.intweights import IntWeights, num_groups
 LAYOUT_NAME = "qpipe-w4"
 LAYOUT_VERSION = 1
 PACK = 8  # int4 values per int32 word
+NIBBLE_OF_COL = (0, 4, 1, 5, 2, 6, 3, 7)  # column 8w + c of a word lives in this nibble
 
 
 @dataclass
@@ -47,12 +53,16 @@ class PackedW4:
         return self.qweight.shape[0]
 
 
+def _col_shifts(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NIBBLE_OF_COL, device=device, dtype=torch.int64) * 4
+
+
 def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] values 0..15 -> int32 [N, ceil(K/8)], column 8w + j in nibble j."""
+    """uint8 [N, K] values 0..15 -> int32 [N, ceil(K/8)] (column order inside a word above)."""
     n, k = q.shape
     words = -(-k // PACK)
     qp = torch.nn.functional.pad(q.to(torch.int64), (0, words * PACK - k)).view(n, words, PACK)
-    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+    shifts = _col_shifts(q.device)
     packed = (qp << shifts).sum(dim=-1)  # disjoint bit fields: the sum is an OR
     # Reinterpret as signed int32 (values >= 2**31 wrap) without overflow errors.
     return (packed - ((packed >> 31) << 32)).to(torch.int32)
@@ -60,7 +70,7 @@ def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4_rows(qweight: torch.Tensor, k: int) -> torch.Tensor:
     """int32 [N, W] -> uint8 [N, k]."""
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    shifts = _col_shifts(qweight.device).to(torch.int32)
     q = (qweight.unsqueeze(-1) >> shifts) & 0xF
     return q.reshape(qweight.shape[0], -1)[:, :k].to(torch.uint8)
 

@@ -2,21 +2,26 @@
 
 Two kernels, one epilogue:
 
-* ``_gemv_kernel`` (small M): CUDA-core dot products. Each program owns BLOCK_N output rows
-  and a slice of K (split-K), streams [BLOCK_N, BLOCK_K / 8] int32 words with 16-byte loads,
-  and turns each nibble into the exact float ``q - z`` with the magic-number trick
-  (``bits(q | 0x4B000000) - (2**23 + z)``: one OR and one FADD, no int->float convert).
-  The group scale is applied once per word after the 8-wide in-thread dot, fp32 throughout.
+* ``_gemv_kernel`` (M <= 4, decode): CUDA cores. A program owns BLOCK_N output rows, up to 4
+  activation rows and a slice of K (split-K); it streams [BLOCK_N, BLOCK_K / 8] int32 words with
+  16-byte loads, the next tile's words loaded before the current one is used. On the GPU the
+  dequant + dot of each word is 17 PTX instructions for 8 weights (``_GEMV_ASM``): the
+  interleaved nibble order lets one ``lop3`` (AND-OR with 0x64006400) turn two columns into the
+  fp16x2 pair (1024 + q), one ``add/fma.f16x2`` makes the exact integers ``q - z``, and four
+  ``fma.f16x2`` do the 8-wide dot. Activations enter pre-scaled by 1/64 (exact) so the fp16
+  partial of a word cannot overflow; every word's partial is then accumulated in fp32 with the
+  group scale (times 64). Under Triton's interpreter (no inline PTX) the same kernel runs a
+  pure-Triton fp32 formulation instead (``USE_ASM=False``).
 * ``_mm_kernel`` (larger M): tensor cores. The dequantized weight tile [BLOCK_N, BLOCK_K] is
   the *left* operand, the activation tile the right one ("swap AB": acc = W x^T), so the
   small M lands on the MMA's narrow side and BLOCK_N >= 64 fills its wide side.
 
 Split-K reduction happens inside the one launch: partial sums go to an fp32 workspace with
 atomic adds; the last program of an output tile (a ticket counter) reads the sum back and
-zeroes it, adds the bias, casts and stores, and resets the counter. The
-workspace is therefore all-zero between launches and no memset kernel is needed, which
-matters at M=1 where a whole layer takes a few microseconds. One workspace per device: do
-not run two of these kernels concurrently on different streams of the same device.
+zeroes it, adds the bias, casts and stores, and resets the counter. The workspace is therefore
+all-zero between launches and no memset kernel is needed, which matters at M=1 where a whole
+layer takes a few microseconds. One workspace per device: do not run two of these kernels
+concurrently on different streams of the same device.
 
 A K tile never straddles a group (BLOCK_K divides the group size), so a tile has one scale and
 one zero per output row and the kernels never gather them.
@@ -31,8 +36,88 @@ import torch
 import triton
 import triton.language as tl
 
-# M at or below this runs the split-K GEMV; above it, the tensor-core kernel.
-GEMV_MAX_M = 8
+X_PRESCALE = tl.constexpr(1.0 / 64.0)  # |x/64 * (q - z)| * 4 terms < 65504 for any fp16 x
+
+
+def _gemv_asm(rows: int) -> str:
+    """PTX: one int32 word (8 columns) x `rows` activation rows -> `rows` fp32 partial dots.
+
+    Operands: $0..$(rows-1) fp32 outputs; then the word; za = fp16x2 -(1024 + z);
+    zb = fp16x2 -(64 + z); then 4 fp16x2 activation pairs (x0,x1)..(x6,x7) per row.
+    Columns (2p, 2p+1) sit in nibbles (p, p + 4) (layout.py): masking 0x000F000F (or 0x00F000F0,
+    giving 16 q) and OR-ing 0x6400 makes fp16 1024 + q (or 1024 + 16 q) in each half.
+    """
+    w, za, zb = f"${rows}", f"${rows + 1}", f"${rows + 2}"
+    lines = [
+        "{",
+        ".reg .b32 t0, t1, t2, t3, w8, c16, a;",
+        ".reg .b16 lo, hi;",
+        ".reg .f32 flo, fhi;",
+        "mov.b32 c16, 0x2c002c00;",  # fp16x2 (1/16, 1/16)
+        f"lop3.b32 t0, {w}, 0x000f000f, 0x64006400, 0xea;",  # (a & b) | c
+        f"lop3.b32 t1, {w}, 0x00f000f0, 0x64006400, 0xea;",
+        f"shr.u32 w8, {w}, 8;",
+        "lop3.b32 t2, w8, 0x000f000f, 0x64006400, 0xea;",
+        "lop3.b32 t3, w8, 0x00f000f0, 0x64006400, 0xea;",
+        f"add.rn.f16x2 t0, t0, {za};",  # (1024 + q) - (1024 + z): exact
+        f"fma.rn.f16x2 t1, t1, c16, {zb};",  # (1024 + 16 q) / 16 - (64 + z): exact
+        f"add.rn.f16x2 t2, t2, {za};",
+        f"fma.rn.f16x2 t3, t3, c16, {zb};",
+    ]
+    for r in range(rows):
+        x = [f"${rows + 3 + 4 * r + i}" for i in range(4)]
+        lines += [
+            f"mul.rn.f16x2 a, t0, {x[0]};",
+            f"fma.rn.f16x2 a, t1, {x[1]}, a;",
+            f"fma.rn.f16x2 a, t2, {x[2]}, a;",
+            f"fma.rn.f16x2 a, t3, {x[3]}, a;",
+            "mov.b32 {lo, hi}, a;",
+            "cvt.f32.f16 flo, lo;",
+            "cvt.f32.f16 fhi, hi;",
+            f"add.f32 ${r}, flo, fhi;",
+        ]
+    return "\n".join(lines + ["}"])
+
+
+def _dequant_asm() -> str:
+    """PTX: one int32 word -> its 8 columns as fp16 (q - z) * s, exactly the torch reference's
+    fp16 weights ((q - z) is exact, the product rounds once). Operands: $0..$7 fp16 outputs
+    (columns 0..7), $8 the word, $9 fp16x2 -(1024 + z), $10 fp16x2 -(64 + z), $11 fp16x2 s."""
+    return "\n".join(
+        [
+            "{",
+            ".reg .b32 t0, t1, t2, t3, w8, c16;",
+            "mov.b32 c16, 0x2c002c00;",
+            "lop3.b32 t0, $8, 0x000f000f, 0x64006400, 0xea;",
+            "lop3.b32 t1, $8, 0x00f000f0, 0x64006400, 0xea;",
+            "shr.u32 w8, $8, 8;",
+            "lop3.b32 t2, w8, 0x000f000f, 0x64006400, 0xea;",
+            "lop3.b32 t3, w8, 0x00f000f0, 0x64006400, 0xea;",
+            "add.rn.f16x2 t0, t0, $9;",
+            "fma.rn.f16x2 t1, t1, c16, $10;",
+            "add.rn.f16x2 t2, t2, $9;",
+            "fma.rn.f16x2 t3, t3, c16, $10;",
+            "mul.rn.f16x2 t0, t0, $11;",
+            "mul.rn.f16x2 t1, t1, $11;",
+            "mul.rn.f16x2 t2, t2, $11;",
+            "mul.rn.f16x2 t3, t3, $11;",
+            "mov.b32 {$0, $1}, t0;",
+            "mov.b32 {$2, $3}, t1;",
+            "mov.b32 {$4, $5}, t2;",
+            "mov.b32 {$6, $7}, t3;",
+            "}",
+        ]
+    )
+
+
+_DEQUANT_ASM = tl.constexpr(_dequant_asm())
+_DEQUANT_CON = tl.constexpr(",".join(["=h"] * 8 + ["r"] * 4))
+_GEMV_ASM_1 = tl.constexpr(_gemv_asm(1))
+_GEMV_ASM_2 = tl.constexpr(_gemv_asm(2))
+_GEMV_ASM_4 = tl.constexpr(_gemv_asm(4))
+_GEMV_CON_1 = tl.constexpr(",".join(["=f"] * 1 + ["r"] * (3 + 4 * 1)))
+_GEMV_CON_2 = tl.constexpr(",".join(["=f"] * 2 + ["r"] * (3 + 4 * 2)))
+_GEMV_CON_4 = tl.constexpr(",".join(["=f"] * 4 + ["r"] * (3 + 4 * 4)))
 
 
 @triton.jit
@@ -99,21 +184,58 @@ def _nib(words, SHIFT: tl.constexpr):
 
 @triton.jit
 def _unpack_f(words):
-    """int32 [R, W] -> fp32 [R, W, 8] holding 1 + q/16 for column 8w + j at [:, w, j].
+    """int32 [R, W] -> fp32 [R, W, 8] holding 1 + q/16 for column 8w + c at [:, w, c].
 
-    The 8 nibbles are joined into the new last axis (tl.join keeps it inside one thread), so
-    no data moves between threads.
+    Column c of a word sits in nibble [0, 4, 1, 5, 2, 6, 3, 7][c] (layout.py). The 8 columns
+    are joined into the new last axis (tl.join keeps it inside one thread), so no data moves
+    between threads; tl.join appends its axis last, so the first join is the most significant
+    of the three size-2 axes: column c = 4 * (first) + 2 * (second) + (third).
     """
     words = words.to(tl.uint32, bitcast=True)  # logical shifts
-    # tl.join appends its new axis last, so the first join becomes the most significant of
-    # the three size-2 axes: nibble j = 4 * (first) + 2 * (second) + (third).
-    even = tl.join(
-        tl.join(_nib(words, 0), _nib(words, 16)), tl.join(_nib(words, 8), _nib(words, 24))
-    )
-    odd = tl.join(
-        tl.join(_nib(words, 4), _nib(words, 20)), tl.join(_nib(words, 12), _nib(words, 28))
-    )
+    c0, c1, c2, c3 = _nib(words, 0), _nib(words, 16), _nib(words, 4), _nib(words, 20)
+    c4, c5, c6, c7 = _nib(words, 8), _nib(words, 24), _nib(words, 12), _nib(words, 28)
+    even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+    odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
     return tl.reshape(tl.join(even, odd), (words.shape[0], words.shape[1], 8))
+
+
+@triton.jit
+def _f16x2(v):
+    """fp32 [...] -> int32 [...] holding the fp16 value in both halves."""
+    h = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
+@triton.jit
+def _x_tile(x_ptr, row, stride_xm, M, kt, K, BLOCK_K: tl.constexpr):
+    """Activation row ``row``, K tile ``kt`` as fp32 [BLOCK_K / 8, 8] (zeros past M or K)."""
+    BKW: tl.constexpr = BLOCK_K // 8
+    k_idx = kt * BLOCK_K + tl.arange(0, BKW)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    k_lim = K * (row < M).to(tl.int32)  # rows past M read nothing (kept tensor-only: the
+    ptrs = x_ptr + row * stride_xm + k_idx  # interpreter rejects scalar-bool mask terms)
+    return tl.load(ptrs, mask=k_idx < k_lim, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _x_pairs(x):
+    """fp32 [W, 8] -> four int32 [W]: fp16x2 pairs (x0,x1), (x2,x3), (x4,x5), (x6,x7) of each
+    word's columns, pre-scaled by 1/64 (exact: a power of two)."""
+    h = (x * X_PRESCALE).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    lo, hi = tl.split(tl.reshape(h, (h.shape[0], 4, 2)))  # even / odd columns
+    pair = lo | (hi << 16)  # [W, 4]: pair p = (x_2p, x_2p+1)
+    a, b = tl.split(tl.reshape(pair, (h.shape[0], 2, 2)))  # a: pairs 0, 2; b: pairs 1, 3
+    p0, p2 = tl.split(a)
+    p1, p3 = tl.split(b)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _dot_words_f32(words, x, zc):
+    """Pure-Triton fallback: [R, W] words . x [W, 8] -> [R, W] exact-ish fp32 partials
+    sum_c (q_c - z) x_c, via 16 * sum f x - (16 + z) * sum x with f = 1 + q/16."""
+    f = _unpack_f(words)
+    d = tl.sum(f * x[None, :, :], axis=2)
+    return 16.0 * d - (16.0 + zc)[:, None] * tl.sum(x, axis=1)[None, :]
 
 
 @triton.jit
@@ -135,46 +257,111 @@ def _gemv_kernel(
     GS: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # always 1: one activation row per program
+    BLOCK_M: tl.constexpr,  # 1, 2 or 4 activation rows per program
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K,  # runtime: one compiled kernel serves every split
+    USE_ASM: tl.constexpr = True,
 ):
     BKW: tl.constexpr = BLOCK_K // 8
-    # The row of x is the fastest grid axis: the programs of all rows that read one weight
-    # tile run side by side, so rows after the first find the tile in L2.
+    # The row block is the fastest grid axis: programs that read the same weight tile for
+    # different rows run side by side, so all but the first find it in L2.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_m = pid_m + tl.arange(0, 1)
+    m0 = pid_m * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, BKW)
-    offs_j = tl.arange(0, 8)
     n_ok = offs_n < N
     kt0, kt1 = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
-    acc = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+    w_ptrs = qw_ptr + offs_n[:, None] * KW + offs_w[None, :]
+    acc0 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+    z = tl.full((BLOCK_N,), 8.0, tl.float32)
+    w_end = tl.minimum(KW, kt1 * BKW)  # words of this split: [kt0 * BKW, w_end)
+    # Software prefetch, two tiles deep: with few warps per SM (the asm path is register
+    # hungry) the loads of later tiles must already be in flight while one is computed.
+    nxt1 = tl.load(
+        w_ptrs + kt0 * BKW, mask=n_ok[:, None] & ((kt0 * BKW + offs_w) < w_end)[None, :], other=0
+    )
+    nxt2 = tl.load(
+        w_ptrs + (kt0 + 1) * BKW,
+        mask=n_ok[:, None] & (((kt0 + 1) * BKW + offs_w) < w_end)[None, :],
+        other=0,
+    )
     for kt in range(kt0, kt1):
-        w_idx = kt * BKW + offs_w
-        words = tl.load(
-            qw_ptr + offs_n[:, None] * KW + w_idx[None, :],
-            mask=n_ok[:, None] & (w_idx < KW)[None, :],
+        words = nxt1
+        nxt1 = nxt2
+        nxt2 = tl.load(
+            w_ptrs + (kt + 2) * BKW,
+            mask=n_ok[:, None] & (((kt + 2) * BKW + offs_w) < w_end)[None, :],
             other=0,
         )
         g = (kt * BLOCK_K) // GS
         s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+        if USE_ASM:
+            za = _f16x2(-(1024.0 + z))[:, None]
+            zb = _f16x2(-(64.0 + z))[:, None]
+            s64 = (s * (1.0 / X_PRESCALE))[:, None]
+            a0, a1, a2, a3 = _x_pairs(_x_tile(x_ptr, m0, stride_xm, M, kt, K, BLOCK_K))
+            if BLOCK_M == 1:
+                d0 = tl.inline_asm_elementwise(
+                    _GEMV_ASM_1, _GEMV_CON_1,
+                    [words, za, zb, a0[None, :], a1[None, :], a2[None, :], a3[None, :]],
+                    dtype=tl.float32, is_pure=True, pack=1,
+                )  # fmt: skip
+                acc0 += d0 * s64
+            elif BLOCK_M == 2:
+                b0, b1, b2, b3 = _x_pairs(_x_tile(x_ptr, m0 + 1, stride_xm, M, kt, K, BLOCK_K))
+                d0, d1 = tl.inline_asm_elementwise(
+                    _GEMV_ASM_2, _GEMV_CON_2,
+                    [words, za, zb, a0[None, :], a1[None, :], a2[None, :], a3[None, :],
+                     b0[None, :], b1[None, :], b2[None, :], b3[None, :]],
+                    dtype=(tl.float32, tl.float32), is_pure=True, pack=1,
+                )  # fmt: skip
+                acc0 += d0 * s64
+                acc1 += d1 * s64
+            else:
+                b0, b1, b2, b3 = _x_pairs(_x_tile(x_ptr, m0 + 1, stride_xm, M, kt, K, BLOCK_K))
+                c0, c1, c2, c3 = _x_pairs(_x_tile(x_ptr, m0 + 2, stride_xm, M, kt, K, BLOCK_K))
+                e0, e1, e2, e3 = _x_pairs(_x_tile(x_ptr, m0 + 3, stride_xm, M, kt, K, BLOCK_K))
+                d0, d1, d2, d3 = tl.inline_asm_elementwise(
+                    _GEMV_ASM_4, _GEMV_CON_4,
+                    [words, za, zb, a0[None, :], a1[None, :], a2[None, :], a3[None, :],
+                     b0[None, :], b1[None, :], b2[None, :], b3[None, :],
+                     c0[None, :], c1[None, :], c2[None, :], c3[None, :],
+                     e0[None, :], e1[None, :], e2[None, :], e3[None, :]],
+                    dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1,
+                )  # fmt: skip
+                acc0 += d0 * s64
+                acc1 += d1 * s64
+                acc2 += d2 * s64
+                acc3 += d3 * s64
         else:
-            z = tl.full((BLOCK_N,), 8.0, tl.float32)
-        f = _unpack_f(words)  # 1 + q/16
-        k_idx = kt * BLOCK_K + offs_w[:, None] * 8 + offs_j[None, :]
-        x = tl.load(x_ptr + pid_m * stride_xm + k_idx, mask=k_idx < K, other=0.0).to(tl.float32)
-        xs = tl.sum(x, axis=1)  # per word, shared by all rows
-        # sum_j (q_j - z) x_j = 16 * sum_j f_j x_j - (16 + z) * sum_j x_j; the 8-wide dot stays
-        # inside one thread, the offset, zero and group scale are paid once per word.
-        d = tl.sum(f * x[None, :, :], axis=2)
-        acc += (16.0 * d - (16.0 + z)[:, None] * xs[None, :]) * s[:, None]
-    out = tl.sum(acc, axis=1)[None, :]
+            s2 = s[:, None]
+            acc0 += _dot_words_f32(words, _x_tile(x_ptr, m0, stride_xm, M, kt, K, BLOCK_K), z) * s2
+            if BLOCK_M >= 2:
+                x1 = _x_tile(x_ptr, m0 + 1, stride_xm, M, kt, K, BLOCK_K)
+                acc1 += _dot_words_f32(words, x1, z) * s2
+            if BLOCK_M == 4:
+                x2 = _x_tile(x_ptr, m0 + 2, stride_xm, M, kt, K, BLOCK_K)
+                x3 = _x_tile(x_ptr, m0 + 3, stride_xm, M, kt, K, BLOCK_K)
+                acc2 += _dot_words_f32(words, x2, z) * s2
+                acc3 += _dot_words_f32(words, x3, z) * s2
+    # [BLOCK_M, BLOCK_N] from the per-row accumulators
+    if BLOCK_M == 1:
+        out = tl.sum(acc0, axis=1)[None, :]
+    elif BLOCK_M == 2:
+        out = tl.trans(tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1)))
+    else:
+        r02 = tl.join(tl.sum(acc0, axis=1), tl.sum(acc2, axis=1))
+        r13 = tl.join(tl.sum(acc1, axis=1), tl.sum(acc3, axis=1))
+        out = tl.trans(tl.reshape(tl.join(r02, r13), (BLOCK_N, 4)))
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     tile_id = pid_m * tl.num_programs(1) + pid_n
     _epilogue(
         out, offs_m, offs_n, M, N, stride_ym, y_ptr, b_ptr, ws_ptr, cnt_ptr, tile_id,
@@ -206,6 +393,7 @@ def _mm_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K,  # runtime: one compiled kernel serves every split
     DOT_F32: tl.constexpr = False,
+    USE_ASM: tl.constexpr = False,
 ):
     BKW: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
@@ -239,10 +427,22 @@ def _mm_kernel(
             z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
         else:
             z = tl.full((BLOCK_N,), 8.0, tl.float32)
-        f = tl.reshape(_unpack_f(words), (BLOCK_N, BLOCK_K))
-        # (q - z) * s in fp32 (16 f - 16 - z is exact), one rounding to the activation dtype:
-        # the same weights as the torch reference
-        w = ((16.0 * f - (16.0 + z)[:, None]) * s[:, None]).to(dt)
+        if USE_ASM:  # fp16 activations on the GPU: 16 PTX instructions per 8 weights
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                _DEQUANT_ASM, _DEQUANT_CON,
+                [words, _f16x2(-(1024.0 + z))[:, None], _f16x2(-(64.0 + z))[:, None],
+                 _f16x2(s)[:, None]],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
+            # same join tree as _unpack_f: column c = 4 * (first) + 2 * (second) + (third)
+            even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+            odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+            w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+        else:
+            f = tl.reshape(_unpack_f(words), (BLOCK_N, BLOCK_K))
+            # (q - z) * s in fp32 (16 f - 16 - z is exact), one rounding to the activation
+            # dtype: the same weights as the torch reference
+            w = ((16.0 * f - (16.0 + z)[:, None]) * s[:, None]).to(dt)
         # Triton's CPU interpreter mis-multiplies bf16 dots; fp32 is exact there
         if DOT_F32:  # noqa: SIM108
             acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
@@ -288,7 +488,7 @@ WORKSPACE = _Workspace()
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One launch configuration. kind "gemv" ignores block_m (one row per program)."""
+    """One launch configuration. kind "gemv" picks block_m from M itself (1, 2 or 4)."""
 
     kind: str
     block_n: int
@@ -334,13 +534,15 @@ def launch(
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     n_tiles = triton.cdiv(n, cfg.block_n)
     if cfg.kind == "gemv":
-        block_m, grid = 1, (m, n_tiles, cfg.split_k)
-        kernel, extra = _gemv_kernel, {}
+        block_m = 1 if m == 1 else (2 if m == 2 else 4)
+        grid = (triton.cdiv(m, block_m), n_tiles, cfg.split_k)
+        kernel, extra = _gemv_kernel, {"USE_ASM": not interpreting()}
     else:
         block_m = cfg.block_m
         grid = (n_tiles, cfg.split_k, triton.cdiv(m, block_m))
         kernel = _mm_kernel
-        extra = {"DOT_F32": True} if interpreting() else {}
+        interp = interpreting()
+        extra = {"DOT_F32": interp, "USE_ASM": not interp and x.dtype == torch.float16}
     ws, cnt = WORKSPACE.get(
         x.device, m * n if cfg.split_k > 1 else 1, n_tiles * triton.cdiv(m, block_m)
     )
@@ -369,9 +571,5 @@ def w4a16_matmul(
     if cfg is None:
         from qpipe.kernels.tuning import TUNER
 
-        n, k = qweight.shape[0], x.shape[1]
-        cfg = TUNER.choose(
-            x, n, k, group_size, zeros is not None,
-            lambda c: launch(x, qweight, scales, zeros, group_size, bias, c),
-        )  # fmt: skip
+        cfg = TUNER.choose(x, qweight, scales, zeros, group_size, bias)
     return launch(x, qweight, scales, zeros, group_size, bias, cfg)

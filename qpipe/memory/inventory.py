@@ -27,6 +27,7 @@ class ModuleInfo:
     numel: int  # parameters owned directly (weight + bias)
     buffer_numel: int
     weight_shape: tuple[int, ...] | None  # [out, in] for linears
+    tied: bool = False  # its weight belongs to another module (tied embeddings)
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,14 @@ def inventory_of(model: torch.nn.Module) -> Inventory:
     modules = []
     dtype_bytes = 4
     for name, module in model.named_modules():
-        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        own = list(module.parameters(recurse=False))
+        params = [p for p in own if id(p) not in seen]
         buffers = list(module.buffers(recurse=False))
-        if not params and not buffers:
+        if not own and not buffers:
             continue
+        # A module whose weight is another's (a tied lm_head) still counts as a module, so the
+        # exclusion rules see it, but its bytes were counted with the owner.
+        tied = bool(own) and not params
         seen.update(id(p) for p in params)
         if params and params[0].is_floating_point():
             dtype_bytes = params[0].element_size()
@@ -108,6 +113,7 @@ def inventory_of(model: torch.nn.Module) -> Inventory:
                 numel=sum(p.numel() for p in params),
                 buffer_numel=sum(b.numel() for b in buffers),
                 weight_shape=shape,
+                tied=tied,
             )
         )
     return Inventory(modules=tuple(modules), param_dtype_bytes=dtype_bytes)

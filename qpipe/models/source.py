@@ -194,13 +194,18 @@ def _random_weights(model_cfg: DictConfig, out: Path) -> None:
     config = _inline_config(model_cfg)
     torch.manual_seed(int(model_cfg.get("seed", 0)))
     dtype = getattr(torch, model_cfg.get("random_dtype", "bfloat16"))
-    model = model_class(model_cfg).from_config(config, dtype=dtype)
+    # Initialising 8B random weights takes minutes on a CPU and a second on a GPU.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = model_class(model_cfg).from_config(config, dtype=dtype)
     model.save_pretrained(out)
 
 
 def load_tokenizer(model_cfg: DictConfig, folder: Path | None = None) -> PreTrainedTokenizerBase:
-    """The model's tokenizer; random-weight models borrow one named by ``model.tokenizer``."""
+    """The model's tokenizer; random-weight models borrow one: ``model.tokenizer`` names a
+    model group (``smollm2``) or a local tokenizer folder."""
     borrowed = model_cfg.get("tokenizer") if source_kind(model_cfg) == "random" else None
+    if borrowed and Path(borrowed).expanduser().is_dir():
+        return AutoTokenizer.from_pretrained(Path(borrowed).expanduser())
     if borrowed:
         from qpipe.config import load_model_group
 

@@ -29,7 +29,9 @@ def run(ctx: StageContext) -> StageResult:
             outputs={"skipped": f"unquantized model needs {fp_total:.2f} GB > {usable:.2f} GB"}
         )
     device = resolve_device(cfg)
-    model = load_hf(materialize(cfg.model), cfg.model.get("model_class"), device, resolve_dtype(cfg, device))
+    model = load_hf(
+        materialize(cfg.model), cfg.model.get("model_class"), device, resolve_dtype(cfg, device)
+    )
     tokenizer = load_tokenizer(cfg.model)
     text = read_text(cfg.eval.text)
     outputs: dict = {}

@@ -47,8 +47,14 @@ def run(ctx: StageContext) -> StageResult:
     speeds = {}
     for batch in ev.decode_batch_sizes:
         s = generation_speed(
-            model, tokenizer, text, int(ev.prefill_tokens), int(ev.max_new_tokens),
-            int(batch), int(ev.repeats), device,
+            model,
+            tokenizer,
+            text,
+            int(ev.prefill_tokens),
+            int(ev.max_new_tokens),
+            int(batch),
+            int(ev.repeats),
+            device,
         )
         speeds[int(batch)] = s
         metrics[f"perf.decode_tok_s.b{batch}"] = s["decode_tok_s"]

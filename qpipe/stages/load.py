@@ -24,6 +24,7 @@ def run(ctx: StageContext) -> StageResult:
     kernel = resolve_kernel(cfg, device)
     checkpoint = Path(ctx.output("quantize", "checkpoint"))
     backend = get_backend(cfg.quant.method)
+    tokenizer = load_tokenizer(cfg.model)  # before the window: it is not the model's memory
 
     window = MemoryWindow(device).start()
     start = time.perf_counter()
@@ -34,7 +35,6 @@ def run(ctx: StageContext) -> StageResult:
         )
     seconds = time.perf_counter() - start
     weights = tensor_bytes(model) / 1e9
-    tokenizer = load_tokenizer(cfg.model)
     return StageResult(
         outputs={"checkpoint": str(checkpoint), "device": device, "kernel": kernel},
         metrics={"time.load_model_s": seconds, "mem.loaded_weights_gb": weights},

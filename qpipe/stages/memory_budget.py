@@ -89,7 +89,10 @@ def run(ctx: StageContext) -> StageResult:
         ctx.workdir / "memory_breakdown.png",
         chosen=chosen["name"],
     )
-    metrics = _metrics(est) | {"mem.capacity_gb": capacity, "mem.headroom_gb": usable - est.total_gb}
+    metrics = _metrics(est) | {
+        "mem.capacity_gb": capacity,
+        "mem.headroom_gb": usable - est.total_gb,
+    }
     outputs = {
         "fits": fits,
         "capacity_gb": capacity,

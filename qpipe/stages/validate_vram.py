@@ -16,7 +16,9 @@ def _run_workload(model, tokenizer, cfg, device: str) -> dict[str, int]:
     """The workload the budget priced: batch × context_len tokens (prompt + generated)."""
     batch = int(cfg.workload.batch_size)
     context = int(cfg.workload.context_len)
-    max_pos = getattr(getattr(model.config, "text_config", model.config), "max_position_embeddings", context)
+    max_pos = getattr(
+        getattr(model.config, "text_config", model.config), "max_position_embeddings", context
+    )
     context = min(context, max_pos)
     if cfg.model.get("task", "causal-lm") == "feature-extraction":
         ids = token_ids(tokenizer, read_text(cfg.eval.text), context).repeat(batch, 1).to(device)
@@ -59,7 +61,9 @@ def run(ctx: StageContext) -> StageResult:
         metrics["mem.reserved_peak_gb"] = window.reserved_peak / 1e9
         if window.nvml_gb is not None:
             metrics["mem.nvml_process_gb"] = window.nvml_gb
-            metrics["mem.est_total_error_pct"] = (est["total_gb"] - window.nvml_gb) / window.nvml_gb * 100
+            metrics["mem.est_total_error_pct"] = (
+                (est["total_gb"] - window.nvml_gb) / window.nvml_gb * 100
+            )
     else:
         metrics["mem.host_peak_rss_growth_gb"] = measured
 

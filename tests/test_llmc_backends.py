@@ -1,0 +1,240 @@
+"""GPTQ, AWQ and RTN through llm-compressor, for real on CPU: config validation, recipes,
+calibration data, compressed-tensors checkpoints, and loading them two ways (qpipe QuantLinear
+and plain transformers) with the same results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from qpipe.align import plan_alignment
+from qpipe.backends import QuantizeRequest, get_backend
+from qpipe.backends.llmc import build_recipe, recipe_yaml, validate_kernel, validate_quant
+from qpipe.calib import load_calib_texts, token_windows
+from qpipe.config import load_group, load_model_group
+from qpipe.errors import ConfigError, WeightsUnavailable
+from qpipe.kernels import QuantLinear, quantize_rtn
+from qpipe.models import materialize
+from qpipe.paths import data_file
+
+
+def quant_cfg(name: str, **over: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return {**OmegaConf.to_container(load_group("quant", name)), **over}
+
+
+# -- validation, recipes, calibration (no weights) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "over", "message"),
+    [
+        ("gptq", {"bits": 3}, "quant.bits=3 is not valid for gptq; use 4 or 8"),
+        ("awq", {"bits": 8}, "quant.bits=8 is not valid for awq; use 4"),
+        ("gptq", {"group_size": 100}, "quant.group_size=100 is not valid; use one of 16, 32"),
+        ("gptq", {"act_order": "desc"}, "quant.act_order='desc' is not valid; use one of static"),
+        ("gptq", {"dampening": 0}, "quant.dampening=0 is not valid"),
+        ("awq", {"duo_scaling": "maybe"}, "quant.duo_scaling='maybe' is not valid; use true"),
+        ("rtn", {"format": "gguf"}, "quant.format='gguf' is not valid; use compressed-tensors or"),
+        ("gptq", {"groupsize": 64}, "quant.groupsize is not an option of quant.method=gptq"),
+    ],
+)
+def test_bad_quant_values_are_one_line_config_errors(name: str, over: dict, message: str) -> None:
+    quant = quant_cfg(name, **over)
+    with pytest.raises(ConfigError) as err:
+        get_backend(name).unavailable_reason(quant, "cpu")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_shipped_quant_options_are_valid_and_runnable_here() -> None:
+    for name in ("gptq", "awq", "rtn"):
+        quant = quant_cfg(name)
+        assert {"name", "method", "bits", "group_size"} <= set(quant)
+        assert get_backend(name).unavailable_reason(quant, "cpu") is None
+    validate_kernel(quant_cfg("gptq"), "triton")
+    with pytest.raises(ConfigError, match="kernel=hf"):
+        validate_kernel(quant_cfg("gptq", bits=8), "torch")
+    with pytest.raises(ConfigError, match="kernel=hf cannot load quant.format=qpipe-w4"):
+        validate_kernel(quant_cfg("rtn", format="qpipe-w4"), "hf")
+
+
+def test_recipe_has_one_group_per_group_size_and_is_plain_yaml() -> None:
+    shapes = {f"model.layers.{i}.{m}": [320, 320] for i in range(2) for m in ("q_proj", "o_proj")}
+    shapes |= {f"model.layers.{i}.down_proj": [320, 768] for i in range(2)}
+    targets = list(shapes)
+    plan = plan_alignment(
+        shapes, targets, group_size=128, legal=[16, 32, 64, 128, 256], mode="auto",
+        fmt="compressed-tensors",
+    )
+    recipe = build_recipe(quant_cfg("gptq", act_order="none"), targets, ["lm_head"], plan)
+    gptq = recipe["quant_stage"]["quant_modifiers"]["GPTQModifier"]
+    assert gptq["actorder"] is None and gptq["ignore"] == ["lm_head"]
+    groups = {g["weights"]["group_size"]: g["targets"] for g in gptq["config_groups"].values()}
+    assert groups == {64: ["re:.*\\.o_proj$", "re:.*\\.q_proj$"], 128: ["re:.*\\.down_proj$"]}
+    assert yaml.safe_load(recipe_yaml(recipe)) == recipe
+    awq = build_recipe(quant_cfg("awq"), targets, [], None)["quant_stage"]["quant_modifiers"]
+    assert list(awq) == ["AWQModifier", "QuantizationModifier"]
+    assert awq["QuantizationModifier"]["config_groups"]["group_0"]["targets"] == ["Linear"]
+
+
+def test_calibration_windows_spread_over_the_text() -> None:
+    ids = list(range(1000))
+    windows = token_windows(ids, num_samples=4, seq_len=100)
+    assert [w[0] for w in windows] == [0, 200, 500, 700] and all(len(w) == 100 for w in windows)
+    assert len(token_windows(ids, num_samples=50, seq_len=100)) == 10  # all there is
+    assert token_windows(ids[:30], num_samples=4, seq_len=100) == [ids[:30]]
+
+
+def test_calibration_text_is_builtin_and_never_the_eval_text(monkeypatch) -> None:
+    calib = {"dataset": None, "num_samples": 8, "seq_len": 128}
+    (text,) = load_calib_texts(calib)
+    assert "GNU Free Documentation License" in text
+    assert data_file("eval_gpl3.txt").read_text()[:2000] not in text
+    with pytest.raises(ConfigError, match="calib.seq_len=0 is not valid"):
+        load_calib_texts({**calib, "seq_len": 0})
+    # A hub dataset goes through datasets.load_dataset; offline that is one clear line.
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsUnavailable) as err:
+        load_calib_texts({**calib, "dataset": "wikitext", "dataset_config": "wikitext-2-raw-v1"})
+    assert "cannot load calibration dataset 'wikitext'" in str(err.value)
+    assert "calib.dataset=null" in str(err.value) and "\n" not in str(err.value)
+
+
+# -- a tiny Llama, quantized for real ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    return materialize(load_model_group("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """hidden 320 (not a multiple of 128: regrouped to 64), MLP 768, SmolLM2's tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        hidden_size=320, intermediate_size=768, num_hidden_layers=2, num_attention_heads=5,
+        num_key_value_heads=1, head_dim=64, vocab_size=49152, max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(path)
+    return path
+
+
+def _targets_and_shapes(folder: Path) -> tuple[list[str], dict[str, list[int]]]:
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = [n for n in linears if n != "lm_head"]
+    return targets, {n: list(linears[n].weight.shape) for n in targets}
+
+
+def quantize(folder: Path, out: Path, quant: dict[str, Any], samples: int = 4, seq_len: int = 64):
+    backend = get_backend(quant["method"])
+    assert backend.unavailable_reason(quant, "cpu") is None
+    targets, shapes = _targets_and_shapes(folder)
+    plan = plan_alignment(
+        shapes, targets, group_size=quant["group_size"], legal=backend.legal_group_sizes(quant),
+        mode="auto", fmt=backend.checkpoint_format(quant),
+    )
+    request = QuantizeRequest(
+        source=folder, model_class="AutoModelForCausalLM", quant=quant, skip_modules=["lm_head"],
+        targets=targets, output_dir=out, device="cpu", dtype=torch.float32, pad_plan=plan,
+        calib_texts=load_calib_texts({"num_samples": samples, "seq_len": seq_len}),
+        calib_seq_len=seq_len, calib_samples=samples,
+    )
+    return backend, backend.quantize(request)
+
+
+def _both_loaders(backend, checkpoint: Path):
+    ours = backend.load(checkpoint, "AutoModelForCausalLM", "cpu", torch.float32, "torch")
+    plain = backend.load(checkpoint, "AutoModelForCausalLM", "cpu", torch.float32, "hf")
+    return ours, plain
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])
+def test_tiny_llama_checkpoint_loads_the_same_in_qpipe_and_transformers(
+    method: str, tiny_llama: Path, tmp_path: Path
+) -> None:
+    backend, result = quantize(tiny_llama, tmp_path / method, quant_cfg(method))
+    ckpt = Path(result.checkpoint)
+    assert result.format == "compressed-tensors"
+    config = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    sizes = sorted(g["weights"]["group_size"] for g in config["config_groups"].values())
+    assert sizes == [64, 128]  # K=320 regrouped to 64, down_proj (K=768) keeps 128
+    assert (ckpt / "tokenizer.json").is_file() and not list(ckpt.glob("*.partial"))
+    recipe = yaml.safe_load(result.recipe.read_text())
+    assert list(recipe["quant_stage"]["quant_modifiers"])[0] == {
+        "gptq": "GPTQModifier", "awq": "AWQModifier", "rtn": "QuantizationModifier"
+    }[method]
+    if method != "rtn":
+        assert result.details["calib.tokens"] == 4 * 64
+
+    ours, plain = _both_loaders(backend, ckpt)
+    q = ours.get_submodule("model.layers.0.self_attn.q_proj")
+    down = ours.get_submodule("model.layers.0.mlp.down_proj")
+    assert isinstance(q, QuantLinear) and (q.group_size, down.group_size) == (64, 128)
+    assert q.symmetric is (method != "awq")
+    assert isinstance(ours.lm_head, torch.nn.Linear) and not isinstance(ours.lm_head, QuantLinear)
+    ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+    # Same integers, same scales: the dequantized weights are those transformers decompresses
+    # (on the first forward pass, hence after it).
+    plain_q = plain.get_submodule("model.layers.0.self_attn.q_proj").weight
+    torch.testing.assert_close(q.dequantize(), plain_q, rtol=0, atol=0)
+
+
+def test_rtn_matches_qpipe_round_to_nearest(tiny_llama: Path, tmp_path: Path) -> None:
+    """llm-compressor's RTN and qpipe's reference RTN round the same weights identically."""
+    backend, result = quantize(tiny_llama, tmp_path / "rtn", quant_cfg("rtn", group_size=64))
+    ours = backend.load(result.checkpoint, "AutoModelForCausalLM", "cpu", torch.float32, "torch")
+    source = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        weight = source.get_submodule(name).weight.detach()
+        want = quantize_rtn(weight, group_size=64, symmetric=True).dequantize()
+        torch.testing.assert_close(ours.get_submodule(name).dequantize(), want, rtol=0, atol=0)
+
+
+# -- SmolLM2: quality and the round trip through transformers ------------------------------
+
+
+def perplexity(model: torch.nn.Module, tokenizer: Any, tokens: int = 2048, window: int = 1024) -> float:
+    text = data_file("eval_gpl3.txt").read_text()
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], window):
+            chunk = ids[:, start : start + window]
+            nll += model(chunk, labels=chunk).loss.item() * (chunk.shape[1] - 1)
+            count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_smollm2_checkpoint_reloads_in_transformers_with_the_same_perplexity(
+    method: str, smollm2: Path, tmp_path: Path
+) -> None:
+    backend, result = quantize(smollm2, tmp_path / method, quant_cfg(method), samples=8, seq_len=128)
+    tokenizer = AutoTokenizer.from_pretrained(result.checkpoint)
+    ours, plain = _both_loaders(backend, Path(result.checkpoint))
+    ppl_ours, ppl_plain = perplexity(ours, tokenizer), perplexity(plain, tokenizer)
+    assert abs(ppl_ours - ppl_plain) / ppl_plain < 0.005
+    fp32 = perplexity(AutoModelForCausalLM.from_pretrained(smollm2), tokenizer)
+    # 4-bit costs quality, but a working quantizer stays near the original.
+    assert fp32 < ppl_ours < fp32 * (1.35 if method == "gptq" else 1.6), (fp32, ppl_ours)
