@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD QPIPE_OUTPUTS=/tmp/qo PYTHONUNBUFFERED=1 COLUMNS=160
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/device.csv"
 run() { python3 -m qpipe "$@" 2>&1 | grep -v -E "it/s\]" | tee -a "$out/pipeline.log"; }
-common=(model=internvl model.weights=random "model.tokenizer=$PWD/.gpu/tokenizer"
+common=(model=qwen3_8b model.weights=random "model.tokenizer=$PWD/.gpu/tokenizer"
         mlflow.experiment=gpu eval.max_tokens=2048 eval.repeats=2)
 run "${common[@]}" quant=none
 run "${common[@]}" quant=rtn quant.format=qpipe-w4 kernel=triton
