@@ -26,8 +26,7 @@ def validate_calib(calib: Mapping[str, Any]) -> None:
             raise ConfigError(f"calib.{key}={value!r} is not valid; use a positive integer")
     if calib.get("dataset") is None and not data_file(calib.get("text_file") or BUILTIN).is_file():
         raise ConfigError(
-            f"calib.text_file={calib.get('text_file')!r} is not a file in qpipe/data; "
-            f"use {BUILTIN}"
+            f"calib.text_file={calib.get('text_file')!r} is not a file in qpipe/data; use {BUILTIN}"
         )
 
 

@@ -161,7 +161,12 @@ class Runner:
             report.metrics.update(result.metrics)
             report.metrics[f"time.{name}_s"] = seconds
             report.params.update(result.params)
-            self._log_stage(name, result, seconds)
+            try:
+                self._log_stage(name, result, seconds)
+            except Exception as err:  # a tracking failure ends the run as FAILED, not a crash
+                return self._fail(
+                    report, name, f"logging to MLflow failed: {err}", traceback.format_exc()
+                )
             if result.stop:
                 return self._fail(report, name, result.stop, None)
             log.info("✔ %s (%.1f s)", name, seconds)

@@ -53,16 +53,29 @@ def test_regroup_on_k576_picks_64_for_requested_128() -> None:
 
 def test_pad_mode_pads_k_to_a_multiple_of_the_group() -> None:
     shapes = smollm2_layer_shapes(1)
-    plan = plan_alignment(shapes, list(shapes), group_size=128, legal=LEGAL, mode="auto", fmt="qpipe-w4")
+    plan = plan_alignment(
+        shapes, list(shapes), group_size=128, legal=LEGAL, mode="auto", fmt="qpipe-w4"
+    )
     assert plan["mode"] == "pad"
-    assert plan["modules"]["model.layers.0.mlp.up_proj"] == {"K": 576, "group_size": 128, "pad_to": 640}
+    assert plan["modules"]["model.layers.0.mlp.up_proj"] == {
+        "K": 576,
+        "group_size": 128,
+        "pad_to": 640,
+    }
     assert plan["pad_columns"] == 6 * 64 and plan["group_sizes"] == {"128": 7}
 
 
 def test_error_mode_names_module_k_group_and_choices() -> None:
     shapes = smollm2_layer_shapes(1)
     with pytest.raises(ConfigError) as err:
-        plan_alignment(shapes, list(shapes), group_size=128, legal=LEGAL, mode="error", fmt="compressed-tensors")
+        plan_alignment(
+            shapes,
+            list(shapes),
+            group_size=128,
+            legal=LEGAL,
+            mode="error",
+            fmt="compressed-tensors",
+        )
     msg = str(err.value)
     assert "\n" not in msg
     assert "model.layers.0.self_attn.q_proj has K=576" in msg and "quant.group_size=128" in msg
@@ -72,7 +85,9 @@ def test_error_mode_names_module_k_group_and_choices() -> None:
 def test_pad_is_refused_for_library_formats_and_bad_modes() -> None:
     shapes = smollm2_layer_shapes(1)
     with pytest.raises(ConfigError, match="cannot be used with compressed-tensors"):
-        plan_alignment(shapes, list(shapes), group_size=128, legal=LEGAL, mode="pad", fmt="compressed-tensors")
+        plan_alignment(
+            shapes, list(shapes), group_size=128, legal=LEGAL, mode="pad", fmt="compressed-tensors"
+        )
     with pytest.raises(ConfigError, match="pad_align.mode='squeeze' is not valid; use one of"):
         plan_alignment(shapes, list(shapes), group_size=128, legal=LEGAL, mode="squeeze", fmt=None)
 
@@ -80,21 +95,32 @@ def test_pad_is_refused_for_library_formats_and_bad_modes() -> None:
 def test_regroup_with_no_legal_divisor_is_a_clear_error() -> None:
     shapes = {"m.down_proj": [256, 680]}  # 680 = 8 x 85: no legal group size divides it
     with pytest.raises(ConfigError, match="K=680: no legal group size <= 128 divides it"):
-        plan_alignment(shapes, list(shapes), group_size=128, legal=LEGAL, mode="regroup", fmt="compressed-tensors")
+        plan_alignment(
+            shapes,
+            list(shapes),
+            group_size=128,
+            legal=LEGAL,
+            mode="regroup",
+            fmt="compressed-tensors",
+        )
 
 
 def test_nothing_to_do_for_groupless_methods_and_legal_shapes() -> None:
     shapes = smollm2_layer_shapes(1)
     bnb = plan_alignment(shapes, list(shapes), group_size=64, legal=None, mode="auto", fmt=None)
     assert bnb["mode"] == "none" and bnb["modules"] == {} and "no groups" in bnb["summary"]
-    fine = plan_alignment(shapes, list(shapes), group_size=64, legal=LEGAL, mode="error", fmt="compressed-tensors")
+    fine = plan_alignment(
+        shapes, list(shapes), group_size=64, legal=LEGAL, mode="error", fmt="compressed-tensors"
+    )
     assert fine["mode"] == "none" and fine["modules_changed"] == 0
 
 
 def _ctx(quant: str, mode: str, shapes: dict[str, list[int]]) -> StageContext:
     cfg = OmegaConf.create(
         {
-            "quant": OmegaConf.load(Path(pad_align.__file__).parents[1] / "conf" / "quant" / f"{quant}.yaml"),
+            "quant": OmegaConf.load(
+                Path(pad_align.__file__).parents[1] / "conf" / "quant" / f"{quant}.yaml"
+            ),
             "pad_align": {"mode": mode},
         }
     )
@@ -132,8 +158,14 @@ def test_padding_is_exact_for_one_layer() -> None:
 def _tiny_llama_folder(path: Path) -> Path:
     """hidden 192 and MLP 320: neither is a multiple of 128."""
     config = LlamaConfig(
-        hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=48, vocab_size=512, max_position_embeddings=256,
+        hidden_size=192,
+        intermediate_size=320,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=48,
+        vocab_size=512,
+        max_position_embeddings=256,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -146,19 +178,38 @@ def test_rtn_pad_checkpoint_loads_and_matches_dequantized_reference(tmp_path: Pa
     QuantLinear; logits equal a plain model holding the dequantized (unpadded) weights."""
     src = _tiny_llama_folder(tmp_path / "src")
     model = AutoModelForCausalLM.from_pretrained(src)
-    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    targets = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    ]
     shapes = {n: list(model.get_submodule(n).weight.shape) for n in targets}
     backend = get_backend("rtn")
-    quant = {"name": "rtn", "method": "rtn", "bits": 4, "group_size": 128, "symmetric": True, "format": "qpipe-w4"}
+    quant = {
+        "name": "rtn",
+        "method": "rtn",
+        "bits": 4,
+        "group_size": 128,
+        "symmetric": True,
+        "format": "qpipe-w4",
+    }
     assert backend.unavailable_reason(quant, "cpu") is None
     plan = plan_alignment(
-        shapes, targets, group_size=128, legal=backend.legal_group_sizes(quant), mode="auto",
+        shapes,
+        targets,
+        group_size=128,
+        legal=backend.legal_group_sizes(quant),
+        mode="auto",
         fmt=backend.checkpoint_format(quant),
     )
     assert plan["mode"] == "pad" and plan["modules_changed"] == len(targets)
     req = QuantizeRequest(
-        source=src, model_class="AutoModelForCausalLM", quant=quant, skip_modules=["lm_head"],
-        targets=targets, output_dir=tmp_path / "ckpt", device="cpu", dtype=torch.float32,
+        source=src,
+        model_class="AutoModelForCausalLM",
+        quant=quant,
+        skip_modules=["lm_head"],
+        targets=targets,
+        output_dir=tmp_path / "ckpt",
+        device="cpu",
+        dtype=torch.float32,
         pad_plan=plan,
     )
     result = backend.quantize(req)

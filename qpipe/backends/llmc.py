@@ -74,7 +74,9 @@ def validate_quant(quant: Mapping[str, Any]) -> None:
             f"{', '.join(map(str, LEGAL_GROUP_SIZES))} or 0 (one scale per output channel)"
         )
     if not isinstance(quant.get("symmetric", True), bool):
-        raise ConfigError(f"quant.symmetric={quant.get('symmetric')!r} is not valid; use true or false")
+        raise ConfigError(
+            f"quant.symmetric={quant.get('symmetric')!r} is not valid; use true or false"
+        )
     if method == "gptq":
         _validate_gptq(quant)
     elif method == "awq":
@@ -267,7 +269,9 @@ def calibration_data(
         windows = token_windows(ids, n, seq_len)
         if not windows:
             raise ConfigError("the calibration texts are empty; set calib.dataset=null")
-    ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
+    ds = Dataset.from_dict(
+        {"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]}
+    )
     details = {
         "calib.source": source,
         "calib.samples": len(windows),
@@ -344,7 +348,9 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
     kwargs: dict[str, Any] = {}
     tokenizer = _tokenizer(request.source)
     if method in ("gptq", "awq"):
-        vocab = int(getattr(model.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings)
+        vocab = int(
+            getattr(model.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings
+        )
         ds, calib = calibration_data(tokenizer, request, vocab)
         details.update(calib)
         kwargs = {
@@ -397,7 +403,9 @@ class LlmcBackend:
         """Raises ConfigError for a bad value; returns why it cannot run here, or None."""
         validate_quant(quant)
         if quant.get("method") != self.name:
-            raise ConfigError(f"quant.method={quant.get('method')!r} given to the {self.name} backend")
+            raise ConfigError(
+                f"quant.method={quant.get('method')!r} given to the {self.name} backend"
+            )
         if self.checkpoint_format(quant) == CT_FORMAT:
             return llmcompressor_missing()
         return None

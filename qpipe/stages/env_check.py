@@ -52,6 +52,10 @@ def run(ctx: StageContext) -> StageResult:
         check_weights_reachable(cfg.model)
 
     facts.update(dtype=str(dtype).removeprefix("torch."), kernel=kernel, backends=runnable)
-    params = {"device": facts.get("gpu_name", device), "kernel": kernel, "dtype": facts["dtype"]}
+    params = {
+        "device.name": facts.get("gpu_name", "cpu"),
+        "kernel": kernel,
+        "dtype": facts["dtype"],
+    }
     params.update({f"lib.{k}": v for k, v in facts["libraries"].items()})
     return StageResult(outputs=facts, params=params)
