@@ -75,17 +75,19 @@ class Runner:
 
     @staticmethod
     def _store_cached(partial: Path, final: Path, result: StageResult) -> StageResult:
-        # Only a finished result gets the final name, so a crash mid-stage is never reused.
+        # Paths are recorded as they will be after the rename; only a finished result gets the
+        # final name, so a crash mid-stage is never reused.
+        result = Runner._rebase(result, partial, final)
         record = {
             "outputs": _jsonable(result.outputs),
             "metrics": result.metrics,
             "params": _jsonable(result.params),
-            "artifacts": [str(Path(a).relative_to(partial)) for a in result.artifacts],
+            "artifacts": [str(Path(a).relative_to(final)) for a in result.artifacts],
         }
         (partial / "result.json").write_text(json.dumps(record, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        return Runner._rebase(result, partial, final)
+        return result
 
     @staticmethod
     def _rebase(result: StageResult, old: Path, new: Path) -> StageResult:

@@ -40,8 +40,8 @@ CASES = [
     ),
     ("gemv_act_order", 1, 40, 256, 64, False, True, "float16", ("gemv", 32, 2), False, None),
     ("gemv_m4_g128_asym", 4, 40, 256, 128, False, False, "float16", ("gemv", 32, 1), True, None),
-    ("gemv_split_interleaved", 1, 24, 576, 32, True, False, "float16", ("gemv", 16, 4), True, None),
-    ("mm_split_interleaved", 18, 24, 576, 64, False, False, "float16", ("mm", 16, 4), True, None),
+    ("gemv_split4_g32", 1, 24, 576, 32, True, False, "float16", ("gemv", 16, 4), True, None),
+    ("mm_split4_m18", 18, 24, 576, 64, False, False, "float16", ("mm", 16, 4), True, None),
     ("mm_g32_asym", 17, 40, 256, 32, False, False, "float16", ("mm", 32, 1), True, None),
     ("mm_g64_sym_split", 20, 72, 576, 64, True, False, "bfloat16", ("mm", 64, 4), True, None),
     ("mm_g128_k576", 33, 24, 576, 128, True, False, "float16", ("mm", 16, 2), False, None),
@@ -93,10 +93,7 @@ def _run_interpreted_cases() -> None:
             y = ql(x)
         else:
             kind, bn, split = cfg
-            inter = name.endswith("_interleaved")
-            kc = KernelConfig(
-                kind, block_n=bn, block_k=128, split_k=split, block_m=16, interleave_k=inter
-            )
+            kc = KernelConfig(kind, block_n=bn, block_k=128, split_k=split, block_m=16)
             y = w4a16_matmul(
                 ql._prepare_input(x), ql.qweight, ql.scales, ql.zeros, gs, ql.bias, cfg=kc
             )
@@ -175,10 +172,8 @@ def test_gpu_every_config_kind_and_split(dtype, m):
     tol = 2e-3 if dtype == torch.float16 else 1e-2
     kinds = [("mm", 16), ("mm", 64)] + ([("gemv", 1)] if m <= 4 else [])
     for kind, bm in kinds:
-        for split, inter in ((1, False), (2, False), (5, False), (2, True), (5, True)):
-            cfg = KernelConfig(
-                kind, block_n=64, block_k=128, split_k=split, block_m=bm, interleave_k=inter
-            )
+        for split in (1, 2, 5):
+            cfg = KernelConfig(kind, block_n=64, block_k=128, split_k=split, block_m=bm)
             y = w4a16_matmul(x, ql.qweight, ql.scales, ql.zeros, 32, ql.bias, cfg=cfg)
             assert _rel(y, ref) < tol, (cfg, _rel(y, ref))
     ws, cnt = WORKSPACE._bufs[x.device]

@@ -224,6 +224,42 @@ def test_tiny_llama_checkpoint_loads_the_same_in_qpipe_and_transformers(
     torch.testing.assert_close(q.dequantize(), plain_q, rtol=0, atol=0)
 
 
+def test_model_without_tokenizer_calibrates_on_token_ids_and_regroups_alone(
+    tmp_path: Path,
+) -> None:
+    """A random-weight folder has no tokenizer, and a backend called without the pad_align
+    stage still gets a legal checkpoint: it makes the plan mode=auto would."""
+    config = LlamaConfig(
+        hidden_size=192,
+        intermediate_size=384,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=64,
+        vocab_size=512,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    backend = get_backend("gptq")
+    request = QuantizeRequest(
+        source=tmp_path / "src",
+        model_class="AutoModelForCausalLM",
+        quant=quant_cfg("gptq"),
+        skip_modules=["lm_head"],
+        targets=[],
+        output_dir=tmp_path / "out",
+        device="cpu",
+        dtype=torch.float32,
+        calib_seq_len=32,
+        calib_samples=2,
+    )
+    result = backend.quantize(request)
+    assert result.details["calib.source"] == "random token ids"
+    assert result.details["calib.tokens"] == 64
+    assert result.details["align.summary"].startswith("regroup: 6/7 modules use group_size 64")
+    model = backend.load(result.checkpoint, "AutoModelForCausalLM", "cpu", torch.float32, "torch")
+    assert model.get_submodule("model.layers.0.mlp.up_proj").group_size == 64
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_rtn_matches_qpipe_round_to_nearest(
     symmetric: bool, tiny_llama: Path, tmp_path: Path

@@ -110,3 +110,24 @@ def test_cli_sweep_runs_the_default_pipeline_on_smollm2(outputs_dir) -> None:
     top = {a.path for a in _client().list_artifacts(nf4["run_id"])}
     assert {"config.yaml", "stages", "qpipe.log"} <= top
     assert Path(nf4["tags.qpipe.run_dir"]).is_dir()
+
+
+@pytest.mark.slow
+def test_a_cached_checkpoint_is_reused_and_loads(tmp_path) -> None:
+    """The second run hits the quantize cache and loads the checkpoint from its final path."""
+    overrides = (
+        "model=tiny_llama",
+        "quant=rtn",
+        "quant.format=qpipe-w4",
+        "eval=quick",
+        "workload.context_len=64",
+        "mlflow.experiment=cache",
+    )
+    first = run_pipeline(compose_config(*overrides), tmp_path / "first")
+    second = run_pipeline(compose_config(*overrides, "kernel=torch"), tmp_path / "second")
+    assert first.status == second.status == "FINISHED", (first.error, second.error)
+    assert first.params["cache.quantize"] == "miss"
+    assert second.params["cache.quantize"] == "hit"
+    checkpoint = second.results["quantize"].outputs["checkpoint"]
+    assert ".partial" not in checkpoint and Path(checkpoint).is_dir()
+    assert second.metrics["quality.ppl"] == pytest.approx(first.metrics["quality.ppl"], rel=1e-4)

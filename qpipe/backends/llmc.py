@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import yaml
 
-from qpipe.align import module_group_size
+from qpipe.align import module_group_size, plan_alignment
 from qpipe.backends.base import QuantizeRequest, QuantizeResult
 from qpipe.calib import BUILTIN, load_calib_texts, synthetic_windows, token_windows
 from qpipe.errors import BackendUnavailable, ConfigError
@@ -313,6 +313,61 @@ def _awq_mappings(model: torch.nn.Module) -> list[dict[str, Any]]:
     return out
 
 
+def _pad_plan(
+    request: QuantizeRequest, model: torch.nn.Module, targets: list[str]
+) -> dict[str, Any]:
+    """The pad_align stage's plan; without one (the backend used on its own) the same plan
+    ``pad_align.mode=auto`` would make, so a legal checkpoint comes out either way."""
+    plan = dict(request.pad_plan or {})
+    if plan.get("mode") == "pad":
+        raise ConfigError(
+            f"pad_align.mode=pad cannot be used with {CT_FORMAT} checkpoints "
+            "(transformers and vLLM expect the model's shapes); use pad_align.mode=regroup"
+        )
+    if plan:
+        return plan
+    shapes = {n: list(model.get_submodule(n).weight.shape) for n in targets}
+    return plan_alignment(
+        shapes,
+        targets,
+        group_size=int(request.quant.get("group_size") or 0),
+        legal=LEGAL_GROUP_SIZES,
+        mode="auto",
+        fmt=CT_FORMAT,
+    )
+
+
+def _calibration_kwargs(
+    request: QuantizeRequest, model: torch.nn.Module, tokenizer: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """oneshot's dataset arguments for GPTQ/AWQ (none for RTN) and what the data holds."""
+    if request.quant["method"] not in ("gptq", "awq"):
+        return {}, {}
+    vocab = int(
+        getattr(model.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings
+    )
+    ds, details = calibration_data(tokenizer, request, vocab)
+    kwargs = {
+        "dataset": ds,
+        "num_calibration_samples": len(ds),
+        "max_seq_length": int(request.calib_seq_len),
+        # Shuffling draws from the global RNG; every window is used anyway.
+        "shuffle_calibration_samples": False,
+    }
+    return kwargs, details
+
+
+def _save(model: torch.nn.Module, tokenizer: Any, recipe_text: str, out: Path) -> Path:
+    model.save_pretrained(out, save_compressed=True)
+    # llm-compressor writes its own serialisation of the recipe (with Python-object tags that
+    # yaml.safe_load rejects); the file we ran is the readable, re-runnable one.
+    recipe_path = out / "recipe.yaml"
+    recipe_path.write_text(recipe_text)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return recipe_path
+
+
 def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
     """Run ``request.quant`` (gptq/awq/rtn, compressed-tensors format) through oneshot and
     save the compressed checkpoint, tokenizer and recipe into ``request.output_dir``."""
@@ -335,31 +390,17 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
     unknown = [t for t in targets if t not in set(linears)]
     if unknown:
         raise ConfigError(f"quantize: target {unknown[0]!r} is not a Linear module of the model")
-    ignore = [n for n in linears if n not in set(targets)]
+    plan = _pad_plan(request, model, targets)
     recipe = build_recipe(
         request.quant,
         targets,
-        ignore,
-        request.pad_plan,
+        [n for n in linears if n not in set(targets)],
+        plan,
         awq_mappings=_awq_mappings(model) if method == "awq" else None,
     )
     text = recipe_yaml(recipe)
-    details: dict[str, Any] = {"quant.modules": len(targets), "quant.format": CT_FORMAT}
-    kwargs: dict[str, Any] = {}
     tokenizer = _tokenizer(request.source)
-    if method in ("gptq", "awq"):
-        vocab = int(
-            getattr(model.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings
-        )
-        ds, calib = calibration_data(tokenizer, request, vocab)
-        details.update(calib)
-        kwargs = {
-            "dataset": ds,
-            "num_calibration_samples": len(ds),
-            "max_seq_length": int(request.calib_seq_len),
-            # Shuffling draws from the global RNG; every window is used anyway.
-            "shuffle_calibration_samples": False,
-        }
+    kwargs, details = _calibration_kwargs(request, model, tokenizer)
     if method == "awq":
         skip_pinning_without_accelerator()
     start = time.perf_counter()
@@ -370,22 +411,17 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
         **kwargs,
     )
     details["quant.oneshot_s"] = round(time.perf_counter() - start, 2)
-    model.save_pretrained(out, save_compressed=True)
-    # llm-compressor writes its own serialisation of the recipe (with Python-object tags that
-    # yaml.safe_load rejects); the file we ran is the readable, re-runnable one.
-    recipe_path = out / "recipe.yaml"
-    recipe_path.write_text(text)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    sizes = Counter(
-        g["weights"].get("group_size", 0)
-        for g in recipe["quant_stage"]["quant_modifiers"][
-            "GPTQModifier" if method == "gptq" else "QuantizationModifier"
-        ]["config_groups"].values()
-    )
-    details["quant.group_sizes"] = ",".join(str(g) for g in sorted(sizes))
-    details["checkpoint.mb"] = round(
-        sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20, 2
+    recipe_path = _save(model, tokenizer, text, out)
+    details.update(
+        {
+            "quant.format": CT_FORMAT,
+            "quant.modules": len(targets),
+            "quant.group_sizes": ",".join(sorted(plan["group_sizes"], key=int)),
+            "align.summary": plan["summary"],
+            "checkpoint.mb": round(
+                sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20, 2
+            ),
+        }
     )
     return QuantizeResult(checkpoint=out, format=CT_FORMAT, recipe=recipe_path, details=details)
 

@@ -14,9 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qpipe.align import module_group_size, module_pad_to
+from qpipe.align import module_group_size, module_pad_to, plan_alignment
 from qpipe.backends.base import QuantizeRequest, QuantizeResult
-from qpipe.backends.llmc import CT_FORMAT, LlmcBackend, quantize_with_llmc, validate_quant
+from qpipe.backends.llmc import (
+    CT_FORMAT,
+    LEGAL_GROUP_SIZES,
+    LlmcBackend,
+    quantize_with_llmc,
+    validate_quant,
+)
 from qpipe.backends.qlinear_loader import QPIPE_W4, auto_class, save_qpipe_w4
 from qpipe.errors import ConfigError
 
@@ -48,13 +54,23 @@ def quantize_qpipe_w4(request: QuantizeRequest) -> QuantizeResult:
     skip = set(request.skip_modules)
     targets = list(request.targets) or [n for n in linears if n not in skip]
     default_gs = int(quant["group_size"])
+    unknown = [t for t in targets if t not in linears]
+    if unknown:
+        raise ConfigError(f"quantize: target {unknown[0]!r} is not a Linear module of the model")
+    # Without the pad_align stage's plan (the backend used on its own): what mode=auto does.
+    plan = request.pad_plan or plan_alignment(
+        {n: list(linears[n].weight.shape) for n in targets},
+        targets,
+        group_size=default_gs,
+        legal=LEGAL_GROUP_SIZES,
+        mode="auto",
+        fmt=QPIPE_W4,
+    )
     start = time.perf_counter()
     for name in targets:
-        if name not in linears:
-            raise ConfigError(f"quantize: target {name!r} is not a Linear module of the model")
         linear = linears[name]
-        gs = module_group_size(request.pad_plan, name, default_gs) or linear.in_features
-        padded = module_pad_to(request.pad_plan, name, linear.in_features) > linear.in_features
+        gs = module_group_size(plan, name, default_gs) or linear.in_features
+        padded = module_pad_to(plan, name, linear.in_features) > linear.in_features
         q = QuantLinear.from_linear(
             linear,
             group_size=gs,
@@ -75,6 +91,7 @@ def quantize_qpipe_w4(request: QuantizeRequest) -> QuantizeResult:
         "quant.modules": len(targets),
         "quant.format": QPIPE_W4,
         "quant.rtn_s": seconds,
+        "align.summary": plan["summary"],
         "checkpoint.mb": round(sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20, 2),
     }
     return QuantizeResult(checkpoint=out, format=QPIPE_W4, recipe=None, details=details)

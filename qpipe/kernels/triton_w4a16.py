@@ -160,24 +160,13 @@ def _epilogue(
 
 
 @triton.jit
-def _k_tiles(K, pid_k, BLOCK_K: tl.constexpr, SPLIT_K, INTERLEAVE_K: tl.constexpr):
-    """The K tiles of split ``pid_k`` as (first, step, count): tile i is first + i * step.
-
-    Contiguous: split p owns one run of tiles. Interleaved: split p owns tiles p, p + S, ...,
-    so the S programs of an output tile read neighbouring K tiles at the same moment (DRAM
-    locality); the autotuner picks whichever is faster for the shape.
-    """
+def _k_range(K, pid_k, BLOCK_K: tl.constexpr, SPLIT_K):
+    """The K tiles [kt0, kt1) of split ``pid_k``: contiguous, as even as possible."""
     n_kt = tl.cdiv(K, BLOCK_K)
-    if INTERLEAVE_K:
-        first = pid_k
-        step = SPLIT_K
-        count = tl.cdiv(tl.maximum(n_kt - pid_k, 0), SPLIT_K)
-    else:
-        per = tl.cdiv(n_kt, SPLIT_K)
-        first = pid_k * per
-        step = 1
-        count = tl.maximum(tl.minimum(per, n_kt - first), 0)
-    return first, step, count
+    per = tl.cdiv(n_kt, SPLIT_K)
+    kt0 = pid_k * per
+    kt1 = tl.minimum(kt0 + per, n_kt)
+    return kt0, kt1
 
 
 @triton.jit
@@ -272,7 +261,6 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K,  # runtime: one compiled kernel serves every split
-    INTERLEAVE_K: tl.constexpr = False,
     USE_ASM: tl.constexpr = True,
 ):
     BKW: tl.constexpr = BLOCK_K // 8
@@ -285,35 +273,31 @@ def _gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, BKW)
     n_ok = offs_n < N
-    first, step, count = _k_tiles(K, pid_k, BLOCK_K, SPLIT_K, INTERLEAVE_K)
+    kt0, kt1 = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
     w_ptrs = qw_ptr + offs_n[:, None] * KW + offs_w[None, :]
     acc0 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
     z = tl.full((BLOCK_N,), 8.0, tl.float32)
+    w_end = tl.minimum(KW, kt1 * BKW)  # words of this split: [kt0 * BKW, w_end)
     # Software prefetch, two tiles deep: with few warps per SM (the asm path is register
     # hungry) the loads of later tiles must already be in flight while one is computed.
-    # A tile past this split's last reads nothing: its word limit is 0 (tensor-only masks,
-    # which the interpreter needs).
-    lim1 = KW * (count > 0).to(tl.int32)
     nxt1 = tl.load(
-        w_ptrs + first * BKW, mask=n_ok[:, None] & ((first * BKW + offs_w) < lim1)[None, :], other=0
+        w_ptrs + kt0 * BKW, mask=n_ok[:, None] & ((kt0 * BKW + offs_w) < w_end)[None, :], other=0
     )
-    lim2 = KW * (count > 1).to(tl.int32)
     nxt2 = tl.load(
-        w_ptrs + (first + step) * BKW,
-        mask=n_ok[:, None] & (((first + step) * BKW + offs_w) < lim2)[None, :],
+        w_ptrs + (kt0 + 1) * BKW,
+        mask=n_ok[:, None] & (((kt0 + 1) * BKW + offs_w) < w_end)[None, :],
         other=0,
     )
-    for i in range(0, count):
-        kt = first + i * step
+    for kt in range(kt0, kt1):
         words = nxt1
         nxt1 = nxt2
-        kt2 = kt + 2 * step
-        lim = KW * (i + 2 < count).to(tl.int32)
         nxt2 = tl.load(
-            w_ptrs + kt2 * BKW, mask=n_ok[:, None] & ((kt2 * BKW + offs_w) < lim)[None, :], other=0
+            w_ptrs + (kt + 2) * BKW,
+            mask=n_ok[:, None] & (((kt + 2) * BKW + offs_w) < w_end)[None, :],
+            other=0,
         )
         g = (kt * BLOCK_K) // GS
         s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -408,7 +392,6 @@ def _mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K,  # runtime: one compiled kernel serves every split
-    INTERLEAVE_K: tl.constexpr = False,
     DOT_F32: tl.constexpr = False,
     USE_ASM: tl.constexpr = False,
 ):
@@ -423,10 +406,9 @@ def _mm_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     dt = x_ptr.dtype.element_ty
-    first, step, count = _k_tiles(K, pid_k, BLOCK_K, SPLIT_K, INTERLEAVE_K)
+    kt0, kt1 = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for i in range(0, count):
-        kt = first + i * step
+    for kt in range(kt0, kt1):
         w_idx = kt * BKW + offs_w
         words = tl.load(
             qw_ptr + offs_n[:, None] * KW + w_idx[None, :],
@@ -515,7 +497,6 @@ class KernelConfig:
     block_m: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    interleave_k: bool = False  # splits take every split_k-th K tile instead of one run
 
     def as_dict(self) -> dict[str, int | str]:
         return asdict(self)
@@ -571,7 +552,6 @@ def launch(
         m, n, k, kw, x.stride(0), y.stride(0),
         GS=group_size, HAS_Z=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k,
-        INTERLEAVE_K=cfg.interleave_k and cfg.split_k > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )  # fmt: skip
     return y

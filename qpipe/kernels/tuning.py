@@ -64,8 +64,8 @@ def heuristic(m: int, n: int, k: int, group_size: int, device: torch.device) -> 
 
 def candidates(m: int, n: int, k: int, group_size: int, device: torch.device) -> list[KernelConfig]:
     """A small search space around the heuristic: tile widths x warps x the splits that give
-    between one and sixteen programs per SM x the K order of the splits (a few tens of
-    CUDA-graph timings, about a second per new layer shape)."""
+    between one and sixteen programs per SM (a few tens of CUDA-graph timings, about a
+    second per new layer shape)."""
     base = heuristic(m, n, k, group_size, device)
     sms = _num_sms(device)
     bk = base.block_k
@@ -81,22 +81,19 @@ def candidates(m: int, n: int, k: int, group_size: int, device: torch.device) ->
         for bn in (32, 64, 128):
             for warps in (2, 4):
                 for split in splits(bn, 1):
-                    for inter in (False, True) if split > 1 else (False,):
-                        out.append(
-                            KernelConfig("gemv", block_n=bn, block_k=bk, split_k=split,
-                                         num_warps=warps, num_stages=1, interleave_k=inter)
-                        )  # fmt: skip
+                    out.append(
+                        KernelConfig("gemv", block_n=bn, block_k=bk, split_k=split,
+                                     num_warps=warps, num_stages=1)
+                    )  # fmt: skip
     if base.kind == "mm" or m > 1:  # small M > 1: the tensor-core kernel may win too
         bm = base.block_m if base.kind == "mm" else 16
         for bn, warps in ((64, 4), (128, 4), (128, 8)):
             for stages in (3, 4):
                 for split in splits(bn, -(-m // bm)):
-                    for inter in (False, True) if split > 1 else (False,):
-                        out.append(
-                            KernelConfig("mm", block_m=bm, block_n=bn, block_k=bk,
-                                         split_k=split, num_warps=warps, num_stages=stages,
-                                         interleave_k=inter)
-                        )  # fmt: skip
+                    out.append(
+                        KernelConfig("mm", block_m=bm, block_n=bn, block_k=bk,
+                                     split_k=split, num_warps=warps, num_stages=stages)
+                    )  # fmt: skip
     if base not in out:
         out.append(base)
     return out
