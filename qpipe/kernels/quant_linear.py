@@ -9,6 +9,7 @@ before ``load_state_dict``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Any
@@ -31,8 +32,10 @@ from qpipe.kernels.layout import (
 KERNELS = ("torch", "triton")
 
 
+@functools.cache
 def kernel_available(kernel: str) -> str | None:
-    """None if ``kernel`` can run here, else the reason it cannot."""
+    """None if ``kernel`` can run here, else the reason it cannot. Cached: forward() asks on
+    every call, and the package search behind the answer costs more than a decode kernel."""
     if kernel == "torch":
         return None
     if kernel != "triton":
