@@ -52,9 +52,11 @@ def run(ctx: StageContext) -> StageResult:
         check_weights_reachable(cfg.model)
 
     facts.update(dtype=str(dtype).removeprefix("torch."), kernel=kernel, backends=runnable)
+    # The kernel choice only matters to checkpoints qpipe runs itself (GPTQ/AWQ/RTN).
+    used_kernel = {"none": "dense", "bnb": "bitsandbytes"}.get(quant["method"], kernel)
     params = {
         "device.name": facts.get("gpu_name", "cpu"),
-        "kernel": kernel,
+        "kernel": used_kernel,
         "dtype": facts["dtype"],
     }
     params.update({f"lib.{k}": v for k, v in facts["libraries"].items()})
