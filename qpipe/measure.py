@@ -131,6 +131,22 @@ class MemoryWindow:
             self.peak = _host_peak_bytes() or psutil.Process().memory_info().rss
         return self
 
+    def split_host_peak(self) -> float | None:
+        """CPU only: end the loading phase and start a fresh peak for the running phase.
+
+        Returns the loading phase's peak (GB above the baseline). Loaders hold transient
+        copies (a checkpoint's tensors next to the repacked ones) that the allocator keeps as
+        free heap; the estimate prices a model that runs, so the running phase is measured
+        from the model's own resident memory after that heap is given back. On GPU the
+        allocator's peak already is the right quantity; nothing changes there.
+        """
+        if self.on_gpu or self._sampler is not None:
+            return None
+        loading_peak = (_host_peak_bytes() or 0) - self.baseline
+        _release_freed_heap()
+        _reset_host_peak()
+        return max(loading_peak, 0) / 1e9
+
     @property
     def used_gb(self) -> float:
         return max(self.peak - self.baseline, 0) / 1e9

@@ -46,6 +46,7 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = ctx.obj("load", "tokenizer")
     window: MemoryWindow = ctx.obj("load", "memory_window")
     device = ctx.output("load", "device")
+    loading_peak = window.split_host_peak()
     shape = _run_workload(model, tokenizer, cfg, device)
     window.stop()
 
@@ -66,6 +67,8 @@ def run(ctx: StageContext) -> StageResult:
             )
     else:
         metrics["mem.host_peak_rss_growth_gb"] = measured
+        if loading_peak is not None:
+            metrics["mem.host_load_peak_gb"] = loading_peak
 
     measured_on = "cuda allocator" if window.on_gpu else "host RSS growth"
     plot = memory_breakdown(
