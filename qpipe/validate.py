@@ -32,9 +32,15 @@ def validate_config(cfg: DictConfig) -> None:
         )
     quant = OmegaConf.to_container(cfg.quant, resolve=True)
     backend = get_backend(quant.get("method"))
-    validate = getattr(backend, "validate", None)
-    if validate is not None:
-        validate(quant)
+    backend.validate(quant)
+    if quant["method"] in ("gptq", "awq", "rtn"):
+        from qpipe.backends.llmc import validate_kernel
+
+        validate_kernel(quant, kernel)
+    if quant["method"] in ("gptq", "awq"):
+        from qpipe.calib import validate_calib
+
+        validate_calib(OmegaConf.to_container(cfg.calib, resolve=True))
     mode = cfg.get("pad_align", {}).get("mode", "auto")
     if mode not in _PAD_MODES:
         raise ConfigError(

@@ -90,3 +90,19 @@ def test_cli_internvl_without_hub_names_the_offline_alternatives(outputs_dir) ->
     assert "cannot fetch weights of 'OpenGVLab/InternVL3_5-8B-HF'" in out
     assert "model.weights=random" in out and "model.path=" in out
     assert "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("quant=gptq", "quant.bits=8", "kernel=torch"), "qpipe's kernels run 4-bit weights only"),
+        (("quant=rtn", "quant.format=qpipe-w4", "kernel=hf"), "kernel=hf cannot load"),
+        (("quant=gptq", "calib.num_samples=0"), "calib.num_samples=0 is not valid"),
+        (("quant=awq", "quant.group_size=100"), "group_size"),
+    ],
+)
+def test_bad_quantizer_settings_fail_before_any_work(overrides, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(*overrides))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)

@@ -78,7 +78,8 @@ def test_recipe_has_one_group_per_group_size_and_is_plain_yaml() -> None:
         mode="auto",
         fmt="compressed-tensors",
     )
-    recipe = build_recipe(quant_cfg("gptq", act_order="none"), targets, ["lm_head"], plan)
+    quant = quant_cfg("gptq", act_order="none", group_size=128)
+    recipe = build_recipe(quant, targets, ["lm_head"], plan)
     gptq = recipe["quant_stage"]["quant_modifiers"]["GPTQModifier"]
     assert gptq["actorder"] is None and gptq["ignore"] == ["lm_head"]
     groups = {g["weights"]["group_size"]: g["targets"] for g in gptq["config_groups"].values()}
@@ -192,7 +193,9 @@ def _both_loaders(backend, checkpoint: Path):
 def test_tiny_llama_checkpoint_loads_the_same_in_qpipe_and_transformers(
     method: str, tiny_llama: Path, tmp_path: Path
 ) -> None:
-    quant = quant_cfg(method, n_grid=5) if method == "awq" else quant_cfg(method)
+    quant = quant_cfg(method, group_size=128)
+    if method == "awq":
+        quant["n_grid"] = 5
     backend, result = quantize(tiny_llama, tmp_path / method, quant)
     ckpt = Path(result.checkpoint)
     assert result.format == "compressed-tensors"
@@ -243,7 +246,7 @@ def test_model_without_tokenizer_calibrates_on_token_ids_and_regroups_alone(
     request = QuantizeRequest(
         source=tmp_path / "src",
         model_class="AutoModelForCausalLM",
-        quant=quant_cfg("gptq"),
+        quant=quant_cfg("gptq", group_size=128),
         skip_modules=["lm_head"],
         targets=[],
         output_dir=tmp_path / "out",

@@ -115,7 +115,7 @@ def test_nothing_to_do_for_groupless_methods_and_legal_shapes() -> None:
     assert fine["mode"] == "none" and fine["modules_changed"] == 0
 
 
-def _ctx(quant: str, mode: str, shapes: dict[str, list[int]]) -> StageContext:
+def _ctx(quant: str, mode: str, shapes: dict[str, list[int]], **over: int) -> StageContext:
     cfg = OmegaConf.create(
         {
             "quant": OmegaConf.load(
@@ -124,13 +124,14 @@ def _ctx(quant: str, mode: str, shapes: dict[str, list[int]]) -> StageContext:
             "pad_align": {"mode": mode},
         }
     )
+    cfg.quant.update(over)
     upstream = StageResult(outputs={"targets": list(shapes), "shapes": shapes})
     return StageContext(cfg=cfg, inputs={"exclude_layers": upstream}, workdir=Path("."))
 
 
 def test_stage_reports_plan_and_metrics() -> None:
     shapes = smollm2_layer_shapes(30)
-    result = pad_align.run(_ctx("gptq", "auto", shapes))
+    result = pad_align.run(_ctx("gptq", "auto", shapes, group_size=128))
     assert result.outputs["mode"] == "regroup" and result.outputs["format"] == "compressed-tensors"
     assert result.metrics["align.modules_changed"] == 180.0
     assert result.metrics["align.modules_total"] == 210.0
@@ -138,6 +139,8 @@ def test_stage_reports_plan_and_metrics() -> None:
     assert result.params == {"pad_align.mode": "regroup"}
     bnb = pad_align.run(_ctx("bnb_nf4", "auto", shapes))
     assert bnb.outputs["mode"] == "none" and bnb.metrics["align.modules_changed"] == 0.0
+    default = pad_align.run(_ctx("gptq", "error", shapes))  # g64 divides every SmolLM2 K
+    assert default.outputs["mode"] == "none" and default.outputs["group_size"] == 64
 
 
 def test_padding_is_exact_for_one_layer() -> None:

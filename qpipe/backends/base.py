@@ -22,7 +22,7 @@ class QuantizeRequest:
     quant: the ``quant`` config group as a plain dict (method, bits, group_size, ...).
     skip_modules: module names that stay in high precision (from exclude_layers).
     targets: module names of the Linear layers to quantize (from exclude_layers).
-    pad_plan: per-module changes decided by pad_align ({"group_size": {...}, "pad": {...}}).
+    pad_plan: the pad_align stage's outputs (schema in ``qpipe/align.py``).
     calib_texts: calibration texts (GPTQ/AWQ); empty for methods that need none.
     calib_seq_len / calib_samples: calibration shape.
     output_dir: where the checkpoint goes (created by the caller, empty).

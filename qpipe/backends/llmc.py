@@ -435,13 +435,17 @@ class LlmcBackend:
 
     name = "llmc"
 
-    def unavailable_reason(self, quant: dict[str, Any], device: str) -> str | None:
-        """Raises ConfigError for a bad value; returns why it cannot run here, or None."""
+    def validate(self, quant: dict[str, Any]) -> None:
+        """One-line ConfigError for a bad ``quant`` value (see ``validate_quant``)."""
         validate_quant(quant)
         if quant.get("method") != self.name:
             raise ConfigError(
                 f"quant.method={quant.get('method')!r} given to the {self.name} backend"
             )
+
+    def unavailable_reason(self, quant: dict[str, Any], device: str) -> str | None:
+        """Raises ConfigError for a bad value; returns why it cannot run here, or None."""
+        self.validate(quant)
         if self.checkpoint_format(quant) == CT_FORMAT:
             return llmcompressor_missing()
         return None
