@@ -12,6 +12,6 @@ run() { python3 -m qpipe "$@" 2>&1 | grep -v -E "it/s\]" | tee -a "$out/pipeline
 common=(model=qwen3_8b model.weights=random "model.tokenizer=$PWD/.gpu/tokenizer"
         mlflow.experiment=gpu eval.max_tokens=2048 eval.repeats=2)
 run "${common[@]}" quant=none
-run "${common[@]}" quant=rtn quant.format=qpipe-w4 kernel=triton
-run "${common[@]}" quant=rtn quant.format=qpipe-w4 kernel=torch
+run "${common[@]}" quant=rtn quant.format=qpipe-w4 quant.group_size=128 kernel=triton
+run "${common[@]}" quant=rtn quant.format=qpipe-w4 quant.group_size=128 kernel=torch
 python3 -m qpipe.report --experiment gpu --json "$out/gpu_runs.json" --markdown "$out/gpu_runs.md"

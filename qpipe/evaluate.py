@@ -109,7 +109,3 @@ def eval_sentences(text: str, count: int = 64) -> list[str]:
     """Sentence-sized pieces of the evaluation text, for encoder quality checks."""
     pieces = [p.strip() for p in text.replace("\n", " ").split(".") if len(p.strip()) > 30]
     return pieces[:count]
-
-
-def eval_ids(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
-    return token_ids(tokenizer, text, max_tokens)

@@ -12,10 +12,10 @@ import torch
 
 from qpipe.backends.none import load_hf
 from qpipe.config import resolve_device, resolve_dtype
-from qpipe.evaluate import eval_ids, eval_sentences, perplexity, sentence_embeddings
+from qpipe.evaluate import eval_sentences, perplexity, sentence_embeddings
 from qpipe.models import load_tokenizer, materialize
 from qpipe.stages.base import StageContext, StageResult
-from qpipe.textdata import read_text
+from qpipe.textdata import read_text, token_ids
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -42,7 +42,7 @@ def run(ctx: StageContext) -> StageResult:
         torch.save(emb, path)
         outputs["embeddings"] = str(path)
     else:
-        ids = eval_ids(tokenizer, text, int(cfg.eval.max_tokens))
+        ids = token_ids(tokenizer, text, int(cfg.eval.max_tokens))
         ppl = perplexity(model, ids, int(cfg.eval.window), device)
         outputs["ppl"] = ppl
         metrics["quality.baseline_ppl"] = ppl

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from qpipe.evaluate import (
-    eval_ids,
     eval_sentences,
     generation_speed,
     greedy_sample,
@@ -14,7 +13,7 @@ from qpipe.evaluate import (
     sentence_embeddings,
 )
 from qpipe.stages.base import StageContext, StageResult
-from qpipe.textdata import read_text
+from qpipe.textdata import read_text, token_ids
 
 
 def _encoder(ctx: StageContext, model, tokenizer, device: str, text: str) -> StageResult:
@@ -38,7 +37,7 @@ def run(ctx: StageContext) -> StageResult:
     if cfg.model.get("task", "causal-lm") == "feature-extraction":
         return _encoder(ctx, model, tokenizer, device, text)
 
-    ppl = perplexity(model, eval_ids(tokenizer, text, int(ev.max_tokens)), int(ev.window), device)
+    ppl = perplexity(model, token_ids(tokenizer, text, int(ev.max_tokens)), int(ev.window), device)
     metrics = {"quality.ppl": ppl}
     baseline = ctx.output("baseline", "ppl")
     if baseline:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from qpipe.config import CONF_DIR, load_group, resolve_device, resolve_dtype
-from qpipe.errors import ConfigError
 from qpipe.exclusion import plan_precision
 from qpipe.memory import Estimate, Workload, arch_dims, build_inventory, estimate
 from qpipe.models import load_config
@@ -15,11 +14,8 @@ from qpipe.stages.base import StageContext, StageResult
 
 
 def _workload(cfg) -> Workload:
+    # Values were checked by validate_config before the run started.
     w = cfg.workload
-    if w.mode not in ("inference", "finetune"):
-        raise ConfigError(f"workload.mode={w.mode!r} is not valid; use inference or finetune")
-    if int(w.batch_size) < 1 or int(w.context_len) < 1:
-        raise ConfigError("workload.batch_size and workload.context_len must be ≥ 1")
     return Workload(mode=w.mode, batch_size=int(w.batch_size), context_len=int(w.context_len))
 
 
