@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from qpipe.align import MODES as PAD_MODES
 from qpipe.backends import get_backend
 from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
 from qpipe.dag import load_dag
 from qpipe.errors import ConfigError
 from qpipe.models.source import model_class, source_kind
 from qpipe.textdata import read_text
-
-_PAD_MODES = ("auto", "regroup", "pad", "error")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -42,9 +41,9 @@ def validate_config(cfg: DictConfig) -> None:
 
         validate_calib(OmegaConf.to_container(cfg.calib, resolve=True))
     mode = cfg.get("pad_align", {}).get("mode", "auto")
-    if mode not in _PAD_MODES:
+    if mode not in PAD_MODES:
         raise ConfigError(
-            f"pad_align.mode={mode!r} is not valid; use one of: {', '.join(_PAD_MODES)}"
+            f"pad_align.mode={mode!r} is not valid; use one of: {', '.join(PAD_MODES)}"
         )
     w = cfg.workload
     if w.mode not in ("inference", "finetune"):
