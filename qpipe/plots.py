@@ -41,16 +41,19 @@ def memory_breakdown(
         bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
     for i, total in enumerate(bottoms):
         ax.text(i, total, f"{total:.2f}", ha="center", va="bottom", fontsize=9)
-    if capacity_gb:
+    # A capacity far above every bar would flatten them: then it goes in the title instead.
+    if capacity_gb and capacity_gb <= 3 * max(bottoms, default=0.0):
         ax.axhline(capacity_gb, color="black", linestyle="--", linewidth=1)
-        ax.text(len(names) - 0.5, capacity_gb, f" capacity {capacity_gb:.1f} GB", va="bottom")
+        ax.text(-0.4, capacity_gb, f"capacity {capacity_gb:.1f} GB", va="bottom")
+    elif capacity_gb:
+        title = f"{title} (capacity {capacity_gb:.1f} GB)"
     if measured_gb is not None and chosen in names:
         ax.plot([names.index(chosen)], [measured_gb], marker="D", color="black", label="measured")
     if chosen in names:
         ax.get_xticklabels()[names.index(chosen)].set_fontweight("bold")
     ax.set_ylabel("GB")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
