@@ -106,8 +106,22 @@ def _hub_error(model_cfg: DictConfig, err: Exception) -> WeightsUnavailable:
     )
 
 
+_CONFIGS: dict[str, PretrainedConfig] = {}
+
+
 def load_config(model_cfg: DictConfig) -> PretrainedConfig:
-    """The architecture config, without touching weights."""
+    """The architecture config, without touching weights. Memoised per model config: the
+    budget and the exclusion rules both ask, and reading a GGUF's metadata takes seconds. A
+    user's folder (``model.path``) is read afresh: it may change between runs of a sweep."""
+    if source_kind(model_cfg) == "path":
+        return _read_config(model_cfg)
+    key = json.dumps(_plain(model_cfg), sort_keys=True, default=str)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = _read_config(model_cfg)
+    return _CONFIGS[key]
+
+
+def _read_config(model_cfg: DictConfig) -> PretrainedConfig:
     kind = source_kind(model_cfg)
     if kind in ("path", "package"):
         return AutoConfig.from_pretrained(materialize(model_cfg))
