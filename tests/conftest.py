@@ -13,6 +13,18 @@ from omegaconf import DictConfig
 from qpipe.config import CONF_DIR, normalize_overrides
 
 
+def save_random_llama(path: Path, **config: object) -> Path:
+    """A Llama with seeded random fp32 weights, saved as a Hugging Face folder: tests pick
+    the shapes (widths that are or are not multiples of 128) through ``config``."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=torch.float32)
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def outputs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = Path(os.environ.get("QPIPE_TEST_OUTPUTS") or tmp_path_factory.mktemp("outputs"))

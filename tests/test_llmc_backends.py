@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qpipe.align import plan_alignment
 from qpipe.backends import QuantizeRequest, get_backend
@@ -23,6 +23,7 @@ from qpipe.errors import ConfigError, WeightsUnavailable
 from qpipe.kernels import QuantLinear, quantize_rtn
 from qpipe.models import materialize
 from qpipe.paths import data_file
+from tests.conftest import save_random_llama
 
 
 def quant_cfg(name: str, **over: Any) -> dict[str, Any]:
@@ -128,8 +129,8 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """hidden 320 (not a multiple of 128: regrouped to 64), MLP 768, SmolLM2's tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
+    path = save_random_llama(
+        tmp_path_factory.mktemp("tiny-llama"),
         hidden_size=320,
         intermediate_size=768,
         num_hidden_layers=2,
@@ -140,8 +141,6 @@ def tiny_llama(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
     AutoTokenizer.from_pretrained(smollm2).save_pretrained(path)
     return path
 
@@ -232,7 +231,8 @@ def test_model_without_tokenizer_calibrates_on_token_ids_and_regroups_alone(
 ) -> None:
     """A random-weight folder has no tokenizer, and a backend called without the pad_align
     stage still gets a legal checkpoint: it makes the plan mode=auto would."""
-    config = LlamaConfig(
+    save_random_llama(
+        tmp_path / "src",
         hidden_size=192,
         intermediate_size=384,
         num_hidden_layers=1,
@@ -241,7 +241,6 @@ def test_model_without_tokenizer_calibrates_on_token_ids_and_regroups_alone(
         head_dim=64,
         vocab_size=512,
     )
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
     backend = get_backend("gptq")
     request = QuantizeRequest(
         source=tmp_path / "src",

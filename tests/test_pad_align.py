@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from qpipe.align import plan_alignment
 from qpipe.backends import QuantizeRequest, get_backend
@@ -15,6 +15,7 @@ from qpipe.errors import ConfigError
 from qpipe.kernels import QuantLinear, quantize_rtn
 from qpipe.stages import pad_align
 from qpipe.stages.base import StageContext, StageResult
+from tests.conftest import save_random_llama
 
 LEGAL = [16, 32, 64, 128, 256]
 
@@ -160,7 +161,8 @@ def test_padding_is_exact_for_one_layer() -> None:
 
 def _tiny_llama_folder(path: Path) -> Path:
     """hidden 192 and MLP 320: neither is a multiple of 128."""
-    config = LlamaConfig(
+    return save_random_llama(
+        path,
         hidden_size=192,
         intermediate_size=320,
         num_hidden_layers=2,
@@ -171,9 +173,6 @@ def _tiny_llama_folder(path: Path) -> Path:
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    return path
 
 
 def test_rtn_pad_checkpoint_loads_and_matches_dequantized_reference(tmp_path: Path) -> None:
