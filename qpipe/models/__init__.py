@@ -5,7 +5,6 @@ from qpipe.models.source import (
     load_tokenizer,
     materialize,
     model_class,
-    source_summary,
 )
 
-__all__ = ["load_config", "load_tokenizer", "materialize", "model_class", "source_summary"]
+__all__ = ["load_config", "load_tokenizer", "materialize", "model_class"]

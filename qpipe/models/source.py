@@ -228,17 +228,6 @@ def load_tokenizer(model_cfg: DictConfig, folder: Path | None = None) -> PreTrai
     return AutoTokenizer.from_pretrained(folder)
 
 
-def source_summary(model_cfg: DictConfig) -> dict[str, Any]:
-    """What a run should record about where the model came from."""
-    kind = source_kind(model_cfg)
-    summary: dict[str, Any] = {"name": model_cfg.name, "source": kind}
-    if model_cfg.get("hub_id"):
-        summary["hub_id"] = model_cfg.hub_id
-    if kind == "path":
-        summary["path"] = str(model_cfg.path)
-    return summary
-
-
 def check_weights_reachable(model_cfg: DictConfig) -> None:
     """Fail fast, before any stage loads anything, when hub weights can't be had: already
     cached locally is fine; otherwise the hub must answer."""
