@@ -120,7 +120,10 @@ def to_nf4(model) -> None:
             device="meta",
         )
         q.weight = bnb.nn.Params4bit(
-            lin.weight.data.to("cpu"), requires_grad=False, quant_type="nf4", compress_statistics=True
+            lin.weight.data.to("cpu"),
+            requires_grad=False,
+            quant_type="nf4",
+            compress_statistics=True,
         ).to("cuda")
         _swap(model, name, q)
         del lin
@@ -189,9 +192,9 @@ def run_variant(variant: str, batches: list[int], modes: list[str], args) -> lis
                 **t.as_dict(),
                 **estimated_peak(variant, batch, args.prompt + new + 1),
             }
-            row["est_error_pct"] = (row["est_peak_gb"] - row["peak_allocated_gb"]) / row[
-                "peak_allocated_gb"
-            ] * 100
+            row["est_error_pct"] = (
+                (row["est_peak_gb"] - row["peak_allocated_gb"]) / row["peak_allocated_gb"] * 100
+            )
             rows.append(row)
             print(
                 f"{variant:8s} {mode:8s} b{batch:<3d} {t.decode_tok_s:8.1f} tok/s  "
@@ -235,9 +238,26 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(paths: list[str], out: Path, tag: str) -> None:
+    """One table from several calls of this script (each keeps its own command and device)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    devices = {json.dumps(p["device"], sort_keys=True) for p in parts}
+    merged = {
+        **parts[0],
+        "command": " ; ".join(p["command"] for p in parts),
+        "calls": [{k: p[k] for k in ("command", "device", "versions")} for p in parts],
+        "same_device_and_versions": len(devices) == 1
+        and len({json.dumps(p["versions"], sort_keys=True) for p in parts}) == 1,
+        "rows": [r for p in parts for r in p["rows"]],
+    }
+    (out / f"e2e_{tag}.json").write_text(json.dumps(merged, indent=1))
+    (out / f"e2e_{tag}.md").write_text(markdown(merged))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--merge", nargs="+", help="result files of earlier calls to join")
     p.add_argument("--tag", default="h100")
     p.add_argument("--variants", default="bf16,nf4,w4,w4_head")
     p.add_argument("--batches", default="1,4,16")
@@ -248,9 +268,12 @@ def main() -> None:
     p.add_argument("--eager-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    torch._dynamo.config.cache_size_limit = 64
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge(args.merge, out, args.tag)
+        return
+    torch._dynamo.config.cache_size_limit = 64
     batches = [int(b) for b in args.batches.split(",")]
     eager_batches = [int(b) for b in args.eager_batches.split(",")]
     result = {
