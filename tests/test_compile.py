@@ -158,5 +158,34 @@ def test_decode_modes_and_batch_sizes_follow_the_device() -> None:
         validate_config(compose_config("eval.decode_batch_sizes=[0]"))
 
 
+@pytest.mark.slow
+def test_untied_lm_head_is_quantized_when_not_excluded(tmp_path) -> None:
+    """exclude.lm_head=false: the untied head becomes a QuantLinear and decoding still runs."""
+    from qpipe.app import run_pipeline
+
+    cfg = compose_config(
+        "model=tiny_llama",
+        "quant=rtn",
+        "quant.format=qpipe-w4",
+        "exclude.lm_head=false",
+        "eval=quick",
+        "eval.max_new_tokens=4",
+        "workload.context_len=64",
+        "mlflow.experiment=lm_head",
+    )
+    report = run_pipeline(cfg, tmp_path / "run")
+    assert report.status == "FINISHED", report.error
+    assert isinstance(report.results["load"].objects["model"].lm_head, QuantLinear)
+    assert report.metrics["perf.decode_tok_s_eager"] > 0
+    tied = compose_config("model=tiny_llama", "model.config.tie_word_embeddings=true")
+    from qpipe.exclusion import plan_precision
+    from qpipe.memory import build_inventory
+    from qpipe.models.source import load_config
+
+    inventory = build_inventory(load_config(tied.model), "AutoModelForCausalLM")
+    plan = plan_precision(inventory, {"lm_head": False}, quantize=True)
+    assert "lm_head" not in plan.targets and "tied" in plan.skip["lm_head"]
+
+
 if __name__ == "__main__" and "--interpret" in sys.argv:
     print(json.dumps(_interpreted_child()))
