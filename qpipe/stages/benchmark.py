@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from qpipe import decode
@@ -10,6 +12,8 @@ from qpipe.config import decode_batch_sizes
 from qpipe.evaluate import eval_sentences, greedy_sample, perplexity, sentence_embeddings
 from qpipe.stages.base import StageContext, StageResult
 from qpipe.textdata import read_text, token_ids
+
+log = logging.getLogger("qpipe")
 
 
 def _encoder(ctx: StageContext, model, tokenizer, device: str, text: str) -> StageResult:
@@ -28,38 +32,55 @@ def _decode_speeds(cfg, model, tokenizer, text: str, device: str) -> tuple[dict,
     ``perf.decode_tok_s`` is the compiled number where compiled decoding ran: what users
     deploy; the eager one stays beside it as ``perf.decode_tok_s_eager``."""
     ev = cfg.eval
-    modes = decode.modes_for(str(ev.decode), device)
+    batches = decode_batch_sizes(cfg, device)
     ids = token_ids(tokenizer, text, int(ev.prefill_tokens)).to(device)
-    speeds: dict[str, dict[int, dict]] = {mode: {} for mode in modes}
+    modes = decode.modes_for(str(ev.decode), device)
+    speeds: dict[str, dict[int, dict]] = {}
     metrics: dict[str, float] = {}
     for mode in modes:
-        suffix = "" if mode == modes[0] else f"_{mode}"
-        for batch in decode_batch_sizes(cfg, device):
-            timing = decode.measure(
-                model,
-                {"input_ids": ids.unsqueeze(0).repeat(batch, 1)},
-                int(ev.max_new_tokens),
-                compiled=mode == "compiled",
-                repeats=int(ev.repeats),
-            )
-            speeds[mode][batch] = timing.as_dict()
-            metrics[f"perf.decode_tok_s{suffix}.b{batch}"] = timing.decode_tok_s
-            if batch == decode_batch_sizes(cfg, device)[0]:
-                metrics[f"perf.decode_tok_s{suffix}"] = timing.decode_tok_s
-                if mode == modes[0]:
-                    metrics["perf.ttft_ms"] = timing.ttft_ms
-                    metrics["perf.prefill_tok_s"] = timing.prefill_tok_s
-        if mode == "compiled":
-            metrics["time.compile_s"] = sum(t["compile_s"] for t in speeds[mode].values())
-    if "eager" in modes:
-        metrics.setdefault("perf.decode_tok_s_eager", metrics["perf.decode_tok_s"])
-    if len(modes) == 2:
-        first = decode_batch_sizes(cfg, device)[0]
-        a, b = (speeds[m][first]["tokens"] for m in modes)
-        metrics["perf.compiled_eager_token_agree"] = sum(
-            x == y for x, y in zip(a, b, strict=True)
-        ) / len(a)
+        try:
+            speeds[mode] = {
+                b: decode.measure(
+                    model,
+                    {"input_ids": ids.unsqueeze(0).repeat(b, 1)},
+                    int(ev.max_new_tokens),
+                    compiled=mode == "compiled",
+                    repeats=int(ev.repeats),
+                ).as_dict()
+                for b in batches
+            }
+        except Exception as err:
+            if mode != "compiled":
+                raise
+            # Compiling is an optimisation: a model Dynamo cannot trace is still measured eager,
+            # and the run says why its compiled number is missing.
+            log.warning("compiled decoding failed, measuring eager only: %s", _first_line(err))
+            metrics["perf.compile_failed"] = 1.0
+            if "eager" not in modes:
+                modes.append("eager")
+    primary = "compiled" if "compiled" in speeds else "eager"
+    for mode, by_batch in speeds.items():
+        suffix = "" if mode == primary else f"_{mode}"
+        for b, timing in by_batch.items():
+            metrics[f"perf.decode_tok_s{suffix}.b{b}"] = timing["decode_tok_s"]
+        metrics[f"perf.decode_tok_s{suffix}"] = by_batch[batches[0]]["decode_tok_s"]
+    first = speeds[primary][batches[0]]
+    metrics["perf.ttft_ms"] = first["ttft_ms"]
+    metrics["perf.prefill_tok_s"] = first["prefill_tok_s"]
+    if "eager" in speeds:
+        metrics["perf.decode_tok_s_eager"] = speeds["eager"][batches[0]]["decode_tok_s"]
+    if "compiled" in speeds:
+        metrics["time.compile_s"] = sum(t["compile_s"] for t in speeds["compiled"].values())
+    if len(speeds) == 2:
+        a, b = (speeds[m][batches[0]]["tokens"] for m in ("compiled", "eager"))
+        agree = sum(x == y for x, y in zip(a, b, strict=True))
+        metrics["perf.compiled_eager_token_agree"] = agree / len(a)
     return speeds, metrics
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
 def run(ctx: StageContext) -> StageResult:
