@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
+from qpipe import signals
 from qpipe.app import print_summary, run_pipeline
 from qpipe.config import normalize_overrides
 from qpipe.errors import QpipeError
@@ -41,7 +42,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         report = run_pipeline(cfg, run_dir, tags, log_file=run_dir / "qpipe.log")
     except QpipeError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         if multirun:
             return None
         sys.exit(2)
@@ -53,7 +54,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
-    _hydra_main()
+    signals.install()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt as interrupt:
+        # The run is already marked KILLED and its partial output removed (qpipe.app); a
+        # sweep stops here too. One line, no traceback, the shell's exit code.
+        name = getattr(interrupt, "signal_name", "SIGINT")
+        print(f"interrupted ({name}): the run is marked KILLED, partial output removed")
+        sys.exit(signals.exit_code(interrupt))
 
 
 if __name__ == "__main__":
