@@ -19,16 +19,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 
 from qpipe import signals
 from qpipe.app import print_summary, run_pipeline
-from qpipe.config import normalize_overrides
+from qpipe.config import CONF_DIR, normalize_overrides
 from qpipe.errors import QpipeError
 
 log = logging.getLogger("qpipe")
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+# An absolute path: Hydra resolves a relative one against the calling *module* when the
+# entry point is the `qpipe` console script (qpipe.__main__), and qpipe.conf is no package.
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -42,7 +45,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         report = run_pipeline(cfg, run_dir, tags, log_file=run_dir / "qpipe.log")
     except QpipeError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         if multirun:
             return None
         sys.exit(2)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qpipe.config import resolve_device
@@ -111,10 +112,10 @@ def print_summary(cfg: DictConfig, report: RunReport, console: Console | None = 
         console.print(summary_table(cfg, report))
     if report.error:
         console.print(
-            f"[red]✘ {report.failed_stage}: {report.error}[/red]", highlight=False, soft_wrap=True
+            f"[red]✘ {report.failed_stage}: {escape(report.error)}[/red]", highlight=False, soft_wrap=True
         )
     if report.tracking_offline:
         console.print(
-            f"[yellow]! {report.tracking_offline}[/yellow]", highlight=False, soft_wrap=True
+            f"[yellow]! {escape(report.tracking_offline)}[/yellow]", highlight=False, soft_wrap=True
         )
     console.print(f"MLflow run {report.run_id} — to compare runs: {report.ui_hint}")
