@@ -59,6 +59,9 @@ def _arm(spec: dict) -> None:
 
 
 def main() -> None:
+    # As in a terminal's foreground job: a background launcher (`cmd &`, CI runners) may have
+    # left SIGINT ignored, and Python keeps an ignored SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     spec = json.loads(sys.argv[1])
     if spec:
         _arm(spec)

@@ -609,7 +609,7 @@ _EVIL = """
 from pathlib import Path
 from transformers import LlamaConfig, LlamaForCausalLM
 
-Path(__file__).with_name("CODE_RAN").write_text("the checkpoint's code ran")
+Path(MARKER).write_text("the checkpoint's code ran")
 
 
 class EvilConfig(LlamaConfig):
@@ -623,7 +623,8 @@ class EvilForCausalLM(LlamaForCausalLM):
 
 def test_checkpoint_code_and_pickles_do_not_run_unless_allowed(tiny_ready, tmp_path) -> None:
     folder = _small_llama(tmp_path / "custom_code")
-    (folder / "configuration_evil.py").write_text(_EVIL)
+    marker = folder / "CODE_RAN"
+    (folder / "configuration_evil.py").write_text(f"MARKER = {str(marker)!r}\n" + _EVIL)
     _edit_config(
         folder,
         auto_map={
@@ -634,7 +635,7 @@ def test_checkpoint_code_and_pickles_do_not_run_unless_allowed(tiny_ready, tmp_p
     cfg = compose_config(*ESTIMATE, f"+model.path={folder}")
     report = run_pipeline(cfg, tmp_path / "run_code")
     assert report.status == "FAILED" and "model.trust_remote_code=true" in report.error
-    assert not (folder / "CODE_RAN").exists()
+    assert not marker.exists()
     code_line = report.error
 
     pickled = tmp_path / "pickled"
@@ -655,7 +656,7 @@ def test_checkpoint_code_and_pickles_do_not_run_unless_allowed(tiny_ready, tmp_p
         inspect_checkpoint(folder)
     finally:
         set_policy(LoadPolicy())
-    assert (folder / "CODE_RAN").exists()  # allowed, the folder's code did run
+    assert marker.exists()  # allowed, the folder's code did run
     with pytest.raises(UnsafeCheckpoint):
         inspect_checkpoint(folder)
     for fault, line in (
