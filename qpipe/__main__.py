@@ -14,17 +14,21 @@ import logging
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
-from rich.console import Console
-from rich.markup import escape
+from qpipe.paths import contain_library_caches
 
-from qpipe import signals
-from qpipe.app import print_summary, run_pipeline
-from qpipe.config import CONF_DIR, normalize_overrides
-from qpipe.errors import QpipeError
+contain_library_caches()  # before transformers, triton and matplotlib read their settings
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from qpipe import signals  # noqa: E402
+from qpipe.app import print_summary, run_pipeline  # noqa: E402
+from qpipe.config import CONF_DIR, normalize_overrides  # noqa: E402
+from qpipe.errors import QpipeError  # noqa: E402
 
 log = logging.getLogger("qpipe")
 

@@ -112,7 +112,9 @@ def print_summary(cfg: DictConfig, report: RunReport, console: Console | None = 
         console.print(summary_table(cfg, report))
     if report.error:
         console.print(
-            f"[red]✘ {report.failed_stage}: {escape(report.error)}[/red]", highlight=False, soft_wrap=True
+            f"[red]✘ {report.failed_stage}: {escape(report.error)}[/red]",
+            highlight=False,
+            soft_wrap=True,
         )
     if report.tracking_offline:
         console.print(

@@ -17,8 +17,8 @@ from qpipe.errors import DiskFull
 # ENOSPC: device full; EFBIG: file size limit (RLIMIT_FSIZE) or filesystem maximum;
 # EDQUOT: quota.
 DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-# safetensors (Rust) reports write errors as text: "IoError(Os { code: 28, kind: StorageFull ..."
-_RUST_OS_CODE = re.compile(r"Os \{ code: (\d+)")
+# safetensors (Rust) reports write errors as text: "... File too large (os error 27)"
+_RUST_OS_CODE = re.compile(r"(?:Os \{ code: |os error )(\d+)")
 
 
 def gb(n: float) -> str:

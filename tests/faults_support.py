@@ -91,7 +91,12 @@ def start_qpipe(
 
 
 def finish(proc: subprocess.Popen, started: float, timeout: float = 600) -> Proc:
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # never leave a run going on behind a failed test
+        proc.communicate()
+        raise
     return Proc(proc.returncode, out, err, time.perf_counter() - started)
 
 

@@ -80,6 +80,12 @@ def quantize_load_dag(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+def _fresh_quantize_cache(outputs: Path) -> None:
+    """The fault must hit a quantize that really runs, not a result cached by an earlier run
+    of the suite on the same outputs folder."""
+    shutil.rmtree(outputs / "cache" / "stages" / "quantize", ignore_errors=True)
+
+
 def _partials(outputs: Path) -> list[Path]:
     return sorted((outputs / "cache").rglob("*.partial"))
 
@@ -112,6 +118,7 @@ def _one_line(text: str) -> str:
 def test_sigkill_then_rerun_recomputes_and_marks_the_dead_run_killed(
     fault, spec, key, tiny_ready, quantize_load_dag, tmp_path
 ) -> None:
+    _fresh_quantize_cache(tiny_ready)
     action = "sigkill" if "quantize" in fault else "truncate_then_sigkill"
     overrides = [*TINY, key, f"pipeline.dag={quantize_load_dag}"]
     run_dir = tmp_path / "killed"
@@ -164,6 +171,7 @@ def test_sigkill_then_rerun_recomputes_and_marks_the_dead_run_killed(
 def test_ctrl_c_marks_the_run_killed_removes_partial_output_exits_130(
     tiny_ready, quantize_load_dag, tmp_path
 ) -> None:
+    _fresh_quantize_cache(tiny_ready)
     marker = tmp_path / "in_quantize"
     run_dir = tmp_path / "interrupted"
     overrides = [*TINY, "quant.group_size=128", f"pipeline.dag={quantize_load_dag}"]
@@ -205,6 +213,7 @@ def test_ctrl_c_marks_the_run_killed_removes_partial_output_exits_130(
 
 
 def test_disk_full_while_writing_the_checkpoint(tiny_ready, quantize_load_dag, tmp_path) -> None:
+    _fresh_quantize_cache(tiny_ready)
     db = tiny_ready / "mlflow.db"
     limit = (db.stat().st_size if db.exists() else 0) + 30 * 2**20
     run_dir = tmp_path / "diskfull"
@@ -289,6 +298,7 @@ def _start_server(folder: Path, port: int) -> subprocess.Popen:
 
 
 def test_tracking_server_dies_mid_run_results_stay_and_sync_later(tiny_ready, tmp_path) -> None:
+    _fresh_quantize_cache(tiny_ready)
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_server(tmp_path / "server", port)
@@ -502,6 +512,7 @@ def test_damaged_user_checkpoint_stops_the_pipeline_before_weights_load(
 def test_cached_checkpoint_changed_or_deleted_is_recomputed(
     tiny_ready, quantize_load_dag, tmp_path
 ) -> None:
+    _fresh_quantize_cache(tiny_ready)
     overrides = [*TINY, "seed=5", f"pipeline.dag={quantize_load_dag}"]
     first = run_pipeline(compose_config(*overrides), tmp_path / "first")
     assert first.status == "FINISHED" and first.params["cache.quantize"] == "miss"
