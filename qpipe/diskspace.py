@@ -61,11 +61,6 @@ def ensure_space(folder: Path, needed: int, what: str) -> None:
         )
 
 
-def _newest_file(folder: Path) -> Path | None:
-    files = [p for p in Path(folder).rglob("*") if p.is_file()] if Path(folder).is_dir() else []
-    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
-
-
 @contextlib.contextmanager
 def guarded_write(folder: Path, needed: int, what: str) -> Iterator[None]:
     """Check the room for ``needed`` bytes, run the write, and when the disk fills anyway
@@ -78,7 +73,8 @@ def guarded_write(folder: Path, needed: int, what: str) -> Iterator[None]:
         code = disk_errno(err)
         if code is None:
             raise
-        failed = getattr(err, "filename", None) or _newest_file(folder) or folder
+        # OSError names its file; a library's error (safetensors) does not: then the folder.
+        failed = getattr(err, "filename", None) or folder
         written = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
         shutil.rmtree(folder, ignore_errors=True)
         limit = file_size_limit()
@@ -86,8 +82,8 @@ def guarded_write(folder: Path, needed: int, what: str) -> Iterator[None]:
             code, "no space left on device"
         )
         extra = f", file size limit {gb(limit)}" if limit is not None else ""
+        done = f", {gb(written)} were written before it failed" if written else ""
         raise DiskFull(
-            f"disk full writing {failed} ({why}): {what} needs {gb(needed)}, "
-            f"{gb(written)} were written before it failed, {gb(free_bytes(folder))} free{extra}; "
-            "the partial output was removed"
+            f"disk full writing {failed} ({why}): {what} needs {gb(needed)}{done}, "
+            f"{gb(free_bytes(folder))} free{extra}; the partial output was removed"
         ) from None

@@ -229,7 +229,7 @@ def test_disk_full_while_writing_the_checkpoint(tiny_ready, quantize_load_dag, t
     result = finish(proc, started)
     assert result.returncode == 1, result.output[-3000:]
     line = _one_line(result.output)
-    assert "disk full writing" in line and "model.safetensors" in line
+    assert "disk full writing" in line and "checkpoint (file too large)" in line
     assert "checkpoint needs 0.10" in line  # the budget's estimate of the checkpoint
     assert not _partials(tiny_ready)
     run = mlflow_run(default_tracking_uri(), run_dir)
@@ -297,7 +297,9 @@ def _start_server(folder: Path, port: int) -> subprocess.Popen:
     raise AssertionError("mlflow server did not start")
 
 
-def test_tracking_server_dies_mid_run_results_stay_and_sync_later(tiny_ready, tmp_path) -> None:
+def test_tracking_server_dies_mid_run_results_stay_and_sync_later(
+    tiny_ready, quantize_load_dag, tmp_path
+) -> None:
     _fresh_quantize_cache(tiny_ready)
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -315,7 +317,13 @@ def test_tracking_server_dies_mid_run_results_stay_and_sync_later(tiny_ready, tm
         "marker": str(marker),
         "sleep": 3,
     }
-    overrides = [*TINY, "seed=7", f"mlflow.tracking_uri={uri}", f"hydra.run.dir={run_dir}"]
+    overrides = [
+        *TINY,
+        "seed=7",
+        f"pipeline.dag={quantize_load_dag}",
+        f"mlflow.tracking_uri={uri}",
+        f"hydra.run.dir={run_dir}",
+    ]
     env = env_for(tiny_ready, HOME=str(home), TMPDIR=str(tmp))
     started = time.perf_counter()
     try:
@@ -333,8 +341,8 @@ def test_tracking_server_dies_mid_run_results_stay_and_sync_later(tiny_ready, tm
     journal = json.loads((run_dir / "run.json").read_text())
     assert journal["status"] == "FINISHED"
     assert journal["tracking_offline"]["stage"] == "quantize"
-    assert "quality.ppl" in journal["metrics"]
-    assert (run_dir / "logged" / "stages" / "benchmark.json").is_file()
+    assert "mem.loaded_weights_gb" in journal["metrics"]  # load ran after the server died
+    assert (run_dir / "logged" / "stages" / "load.json").is_file()
     written = [str(p.relative_to(tmp_path)) for f in (cwd, home, tmp) for p in f.rglob("*")]
     assert not written, f"qpipe wrote outside its outputs folder: {written}"
 
@@ -351,10 +359,11 @@ def test_tracking_server_dies_mid_run_results_stay_and_sync_later(tiny_ready, tm
         assert sync.returncode == 0, sync.stdout + sync.stderr
         run = MlflowClient(uri).get_run(journal["run_id"])
         assert run.info.status == "FINISHED"
-        assert run.data.metrics["quality.ppl"] == pytest.approx(journal["metrics"]["quality.ppl"])
+        loaded = journal["metrics"]["mem.loaded_weights_gb"]
+        assert run.data.metrics["mem.loaded_weights_gb"] == pytest.approx(loaded)
         assert run.data.params["cache.quantize"] == "miss"
         files = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "stages")}
-        assert "stages/benchmark.json" in files
+        assert "stages/load.json" in files
     finally:
         os.killpg(server.pid, signal.SIGKILL)
     LOG.add(
