@@ -82,7 +82,7 @@ def guarded_write(folder: Path, needed: int, what: str) -> Iterator[None]:
             code, "no space left on device"
         )
         extra = f", file size limit {gb(limit)}" if limit is not None else ""
-        done = f", {gb(written)} were written before it failed" if written else ""
+        done = f", {gb(written)} were written before it failed" if written >= 1e6 else ""
         raise DiskFull(
             f"disk full writing {failed} ({why}): {what} needs {gb(needed)}{done}, "
             f"{gb(free_bytes(folder))} free{extra}; the partial output was removed"

@@ -28,6 +28,15 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _short_reason(err: Exception) -> str:
+    """The gist of a tracking failure: the transport's own words are a paragraph long."""
+    text = " ".join(str(err).split())
+    for gist in ("Connection refused", "Max retries exceeded", "timed out", "No space left"):
+        if gist in text:
+            return f"{type(err).__name__}: {gist}"
+    return f"{type(err).__name__}: {text[:120]}"
+
+
 class RunJournal:
     """``<run_dir>/run.json``, rewritten atomically after every change."""
 
@@ -97,8 +106,8 @@ class JournaledTracker:
         try:
             call(*args)
         except Exception as err:  # the server died, a disk filled: keep going, keep the record
-            reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-            self.offline = f"{what} failed ({reason})"
+            reason = _short_reason(err)
+            self.offline = f"{what} failed: {reason}"
             self.journal.data["tracking_offline"] = {
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "stage": self.journal.data["tags"].get("qpipe.stage"),

@@ -371,7 +371,7 @@ def test_tracking_server_dies_mid_run_results_stay_and_sync_later(
         injected="SIGKILL to `mlflow server` while quantize runs",
         outcome=line,
         final_state="the pipeline FINISHED; run.json kept it all; `python -m qpipe.sync` "
-        f"pushed it ({sync.stdout.strip().split(': ', 1)[-1]})",
+        f"pushed it ({sync.stdout.strip().splitlines()[-1].split(': ', 1)[-1]})",
         time_to_error_s=result.seconds - (died - started),
         lost="nothing (metrics, params, stage JSON and artifacts pushed by qpipe.sync)",
         kept=True,
