@@ -207,6 +207,10 @@ def markdown(data: dict[str, Any]) -> str:
         f"`{data['command']}` — {data['date']}, {data['device']}; "
         + ", ".join(f"{k} {v}" for k, v in data["versions"].items()),
         "",
+        "Time to error: from the fault to the line the user sees (for the disk-full run and "
+        "the tracking server, from the start of the run, resp. the server's death, to the end "
+        "of the run). The CPU was shared with other jobs: times are upper bounds.",
+        "",
         "| fault | injected by | what the user sees | final state | time to error | lost | kept |",
         "|---|---|---|---|---|---|---|",
     ]
