@@ -9,8 +9,9 @@ then a two-job sweep of the Qwen3-8B architecture (random bf16 weights, 16.4 GB)
 - load: 12 GB free: the weights cannot load; the second job (tiny_llama) must finish.
 - validate_vram: 24 GB free: batch 64 × 4096 tokens needs ~39 GB of KV cache; the second job
   (batch 1) needs 16.9 GB, which fits only if the first job's 16.4 GB of weights were freed.
-- benchmark: 24 GB free: decoding at batch 128 needs ~10 GB of KV on top of the weights; the
-  second job (batch 1) finishes only if the first job's memory was freed.
+- benchmark: 24 GB free: decoding 2048-token prompts at batch 128 needs ~39 GB of KV cache on
+  top of the weights (the budget prices the workload, batch 1); the second job (decode batch 1)
+  finishes only if the first job's memory was freed.
 
 Promise checked: the first job ends FAILED at that stage with the requested and free memory and
 the budget's estimate in its reason, and the next job of the sweep FINISHES.
@@ -48,7 +49,8 @@ CASES = {
     ),
     "benchmark": (
         24,
-        ["--multirun", "model=qwen3_8b", *BASE, "eval.decode_batch_sizes=[1,128],[1]"],
+        ["--multirun", "model=qwen3_8b", *BASE, "eval.prefill_tokens=2048",
+         "eval.decode_batch_sizes=[1,128],[1]"],
     ),
 }  # fmt: skip
 
