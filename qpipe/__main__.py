@@ -14,20 +14,28 @@ import logging
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
-from rich.console import Console
+from qpipe.paths import contain_library_caches
 
-from qpipe.app import print_summary, run_pipeline
-from qpipe.config import normalize_overrides
-from qpipe.errors import QpipeError
+contain_library_caches()  # before transformers, triton and matplotlib read their settings
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from qpipe import signals  # noqa: E402
+from qpipe.app import print_summary, run_pipeline  # noqa: E402
+from qpipe.config import CONF_DIR, normalize_overrides  # noqa: E402
+from qpipe.errors import QpipeError  # noqa: E402
 
 log = logging.getLogger("qpipe")
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+# An absolute path: Hydra resolves a relative one against the calling *module* when the
+# entry point is the `qpipe` console script (qpipe.__main__), and qpipe.conf is no package.
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -41,7 +49,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         report = run_pipeline(cfg, run_dir, tags, log_file=run_dir / "qpipe.log")
     except QpipeError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         if multirun:
             return None
         sys.exit(2)
@@ -53,7 +61,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
-    _hydra_main()
+    signals.install()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt as interrupt:
+        # The run is already marked KILLED and its partial output removed (qpipe.app); a
+        # sweep stops here too. One line, no traceback, the shell's exit code.
+        name = getattr(interrupt, "signal_name", "SIGINT")
+        print(f"interrupted ({name}): the run is marked KILLED, partial output removed")
+        sys.exit(signals.exit_code(interrupt))
 
 
 if __name__ == "__main__":

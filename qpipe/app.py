@@ -7,11 +7,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qpipe.config import resolve_device
 from qpipe.dag import load_dag
+from qpipe.journal import JournaledTracker, RunJournal
 from qpipe.runner import Runner, RunReport
+from qpipe.safety import policy_from, set_policy
+from qpipe.stale_runs import close_dead_runs, owner_tags
 from qpipe.tracking import Tracker
 from qpipe.validate import validate_config
 
@@ -54,26 +58,41 @@ def run_pipeline(
     """Run the configured pipeline once, tracked in MLflow. Config errors raise before any
     MLflow run is opened or any weight is touched."""
     validate_config(cfg)
+    set_policy(policy_from(cfg.model))
     dag = load_dag(cfg.pipeline.dag)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
-    all_tags = {"qpipe.pipeline": dag.name, "qpipe.run_dir": str(run_dir)}
+    mlflow_tracker = Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    close_dead_runs(mlflow_tracker.tracking_uri)
+    tracker = JournaledTracker(mlflow_tracker, RunJournal(run_dir))
+    all_tags = {"qpipe.pipeline": dag.name, "qpipe.run_dir": str(run_dir), **owner_tags()}
     all_tags.update(tags or {})
     run_id = tracker.start(f"{cfg.model.name}/{cfg.quant.name}", all_tags)
     tracker.log_params({**stable_params(cfg), "device": resolve_device(cfg)})
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    runner = Runner(cfg, dag, run_dir, tracker)
     report = RunReport(status="FAILED")
     try:
-        report = Runner(cfg, dag, run_dir, tracker).run()
-    except KeyboardInterrupt:
-        report.error = "interrupted"
+        report = runner.run()
+    except KeyboardInterrupt as interrupt:
+        # Ctrl-C (or SIGTERM, see qpipe.signals): the run is KILLED in the stage it was in;
+        # the runner has already removed that stage's partial output.
+        report = getattr(runner, "report", report)
+        report.status, report.failed_stage = "KILLED", report.stage
+        report.error = f"interrupted by {getattr(interrupt, 'signal_name', 'SIGINT')}"
+        tracker.set_tags({"qpipe.failed_stage": str(report.stage), "qpipe.failure": report.error})
         raise
     finally:
         if log_file is not None and log_file.is_file():
             tracker.log_artifact(log_file)
-        tracker.end("FINISHED" if report.status == "FINISHED" else "FAILED")
+        tracker.end(report.status if report.status in ("FINISHED", "KILLED") else "FAILED")
     report.run_id = run_id
     report.ui_hint = tracker.ui_hint()
+    if tracker.offline is not None:
+        report.tracking_offline = (
+            f"MLflow at {mlflow_tracker.tracking_uri} stopped answering ({tracker.offline}); "
+            f"the results are in {tracker.journal.path}; push them later with: "
+            f"python -m qpipe.sync {run_dir}"
+        )
     return report
 
 
@@ -92,5 +111,13 @@ def print_summary(cfg: DictConfig, report: RunReport, console: Console | None = 
     if report.metrics:
         console.print(summary_table(cfg, report))
     if report.error:
-        console.print(f"[red]✘ {report.failed_stage}: {report.error}[/red]")
+        console.print(
+            f"[red]✘ {report.failed_stage}: {escape(report.error)}[/red]",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if report.tracking_offline:
+        console.print(
+            f"[yellow]! {escape(report.tracking_offline)}[/yellow]", highlight=False, soft_wrap=True
+        )
     console.print(f"MLflow run {report.run_id} — to compare runs: {report.ui_hint}")

@@ -23,3 +23,22 @@ class DoesNotFit(QpipeError):
 
 class WeightsUnavailable(QpipeError):
     """Model weights cannot be fetched (no hub access) and no local alternative was given."""
+
+
+class DiskFull(QpipeError):
+    """A write did not fit on the disk; the message names the path and the bytes needed."""
+
+
+class CheckpointError(QpipeError):
+    """A checkpoint folder is corrupt, incomplete or does not match its config; the message
+    names the file and what is wrong. Found when the folder is opened, before weights load."""
+
+
+class UnsafeCheckpoint(QpipeError):
+    """A checkpoint would run code (custom modelling code, pickled weights) that the user has
+    not allowed with model.trust_remote_code / model.allow_pickle."""
+
+
+class OutOfMemory(QpipeError):
+    """The device ran out of memory; the message has the requested and free memory and the
+    estimate."""

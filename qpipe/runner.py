@@ -16,26 +16,32 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qpipe.dag import Dag, StageSpec, stage_function
+from qpipe.diskspace import disk_errno, free_bytes, gb, guarded_write
 from qpipe.errors import QpipeError
+from qpipe.integrity import build_manifest, manifest_problem
+from qpipe.oom import describe as describe_oom
+from qpipe.oom import is_out_of_memory, release_memory
 from qpipe.paths import cache_dir
 from qpipe.stages.base import StageContext, StageResult
 from qpipe.tracking import Tracker
 
 log = logging.getLogger("qpipe")
 
-CACHE_VERSION = "1"  # bump when a cached stage's result format changes
+CACHE_VERSION = "2"  # bump when a cached stage's result format changes (2: manifest)
 
 
 @dataclass
 class RunReport:
-    status: str  # FINISHED | FAILED
+    status: str  # RUNNING | FINISHED | FAILED | KILLED
     results: dict[str, StageResult] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     failed_stage: str | None = None
+    stage: str | None = None  # the stage running now (where an interrupt stopped the run)
     error: str | None = None
     run_id: str | None = None
     ui_hint: str | None = None
+    tracking_offline: str | None = None  # set when MLflow stopped answering mid-run
 
 
 def _jsonable(data: Any) -> Any:
@@ -62,10 +68,20 @@ class Runner:
 
     @staticmethod
     def _load_cached(folder: Path) -> StageResult | None:
+        """The cached result, or None when there is none or it is damaged: a result is reused
+        only if every file it wrote is still there with the bytes it wrote."""
         record = folder / "result.json"
         if not record.is_file():
             return None
-        data = json.loads(record.read_text())
+        try:
+            data = json.loads(record.read_text())
+            problem = manifest_problem(folder, data["files"])
+        except (ValueError, KeyError, TypeError) as err:
+            problem = f"result.json is unreadable ({type(err).__name__})"
+        if problem:
+            log.warning("cached result %s is damaged: %s; recomputing it", folder, problem)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
         return StageResult(
             outputs=data["outputs"],
             metrics=data["metrics"],
@@ -83,8 +99,11 @@ class Runner:
             "metrics": result.metrics,
             "params": _jsonable(result.params),
             "artifacts": [str(Path(a).relative_to(final)) for a in result.artifacts],
+            "files": build_manifest(partial, skip=("result.json",)),
         }
-        (partial / "result.json").write_text(json.dumps(record, indent=2))
+        text = json.dumps(record, indent=2)
+        with guarded_write(partial, len(text.encode()), "the cache record"):
+            (partial / "result.json").write_text(text)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         return result
@@ -145,16 +164,36 @@ class Runner:
 
     # -- the whole DAG -----------------------------------------------------------------------
     def run(self) -> RunReport:
-        report = RunReport(status="RUNNING")
+        """Run every stage; the report is also ``self.report`` while it runs, so that a caller
+        interrupted mid-run (Ctrl-C) knows the stage it stopped in."""
+        self.report = report = RunReport(status="RUNNING")
+        try:
+            return self._run_stages(report)
+        finally:
+            # Live objects (models) are for the stages after their maker only: dropping them
+            # here frees the memory for whatever runs next (the next job of a sweep).
+            for result in report.results.values():
+                result.objects.clear()
+
+    def _run_stages(self, report: RunReport) -> RunReport:
         for name in self.dag.order:
             spec = self.dag.stages[name]
             log.info("▶ %s", name)
+            report.stage = name
+            if self.tracker is not None:
+                self.tracker.set_tags({"qpipe.stage": name})
             start = time.perf_counter()
             try:
                 result = self._run_stage(spec, report.results)
             except QpipeError as err:
                 return self._fail(report, name, str(err), None)
             except Exception as err:  # anything else is a bug or an environment problem
+                if is_out_of_memory(err):
+                    return self._fail(report, name, self._out_of_memory(err, name, report), None)
+                if disk_errno(err) is not None:
+                    where = self.run_dir if not spec.cache else cache_dir("stages")
+                    message = f"disk full in {name}: {err} ({gb(free_bytes(where))} free)"
+                    return self._fail(report, name, message, traceback.format_exc())
                 return self._fail(
                     report, name, f"{type(err).__name__}: {err}", traceback.format_exc()
                 )
@@ -173,7 +212,17 @@ class Runner:
                 return self._fail(report, name, result.stop, None)
             log.info("✔ %s (%.1f s)", name, seconds)
         report.status = "FINISHED"
+        report.stage = None
         return report
+
+    @staticmethod
+    def _out_of_memory(err: BaseException, stage: str, report: RunReport) -> str:
+        budget = report.results.get("memory_budget")
+        message = describe_oom(err, stage, budget.outputs.get("estimate") if budget else None)
+        left = release_memory(err, [r.objects for r in report.results.values()])
+        if left is not None:
+            message += f"; memory released (the allocator now holds {left:.2f} GB)"
+        return message
 
     def _fail(self, report: RunReport, stage: str, message: str, trace: str | None) -> RunReport:
         report.status = "FAILED"

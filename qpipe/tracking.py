@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from qpipe.paths import outputs_root
+
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 def default_tracking_uri() -> str:
@@ -33,6 +40,12 @@ class Tracker:
 
         self._mlflow = mlflow
         self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.experiment = experiment
+        if self.tracking_uri.startswith(("http://", "https://")):
+            # MLflow's defaults retry a dead server for minutes; a run has better things to do
+            # (its record stays in the run folder, see qpipe.journal). The user's settings win.
+            for name, value in HTTP_LIMITS.items():
+                os.environ.setdefault(name, value)
         mlflow.set_tracking_uri(self.tracking_uri)
         if mlflow.get_experiment_by_name(experiment) is None:
             # Artifacts go beside the store, not into ./mlruns of the current directory.

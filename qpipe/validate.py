@@ -10,11 +10,13 @@ from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
 from qpipe.dag import load_dag
 from qpipe.errors import ConfigError
 from qpipe.models.source import model_class, source_kind
+from qpipe.schema import check_schema
 from qpipe.textdata import read_text
 
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first invalid value and what would be valid."""
+    check_schema(cfg)  # types and known keys first: the checks below trust them
     device = resolve_device(cfg)
     resolve_dtype(cfg, device)
     kernel = resolve_kernel(cfg, device)

@@ -26,6 +26,7 @@ from qpipe.backends.base import QuantizeRequest, QuantizeResult
 from qpipe.calib import BUILTIN, load_calib_texts, synthetic_windows, token_windows
 from qpipe.errors import BackendUnavailable, ConfigError
 from qpipe.paths import data_file
+from qpipe.safety import trust_remote_code
 
 CT_FORMAT = "compressed-tensors"
 # Group sizes our formats accept: compressed-tensors takes any divisor of K, but qpipe's
@@ -285,7 +286,7 @@ def _tokenizer(source: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code())
     except (OSError, ValueError, TypeError):
         # No tokenizer files: a random-weight model folder. Calibration falls back to
         # random token ids, which carry no meaning for such a model anyway.
@@ -383,7 +384,9 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
     method = request.quant["method"]
     out = Path(request.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = auto_class(request.model_class).from_pretrained(request.source, dtype=request.dtype)
+    model = auto_class(request.model_class).from_pretrained(
+        request.source, dtype=request.dtype, trust_remote_code=trust_remote_code()
+    )
     model.to(request.device)
     linears = _linear_names(model)
     targets = list(request.targets) or [n for n in linears if n not in set(request.skip_modules)]

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from qpipe.backends.base import QuantizeRequest, QuantizeResult
+from qpipe.safety import trust_remote_code
 
 
 def load_hf(
@@ -16,6 +17,7 @@ def load_hf(
 ) -> torch.nn.Module:
     """Plain transformers loading onto one device, in eval mode."""
     cls = getattr(transformers, model_class)
+    kwargs.setdefault("trust_remote_code", trust_remote_code())
     model = cls.from_pretrained(checkpoint, dtype=dtype, device_map=device, **kwargs)
     return model.eval()
 

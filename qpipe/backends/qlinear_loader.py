@@ -25,6 +25,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from qpipe.errors import BackendUnavailable, ConfigError
 from qpipe.kernels import IntWeights, QuantLinear, from_compressed_tensors, kernel_available
+from qpipe.safety import trust_remote_code
 
 QPIPE_W4 = "qpipe-w4"
 
@@ -64,7 +65,9 @@ def load_checkpoint(
                 f"kernel=hf cannot load a {method} checkpoint (transformers needs the "
                 f"original library for it); use kernel=torch or kernel=triton"
             )
-        model = auto_class(model_class).from_pretrained(checkpoint, dtype=dtype)
+        model = auto_class(model_class).from_pretrained(
+            checkpoint, dtype=dtype, trust_remote_code=trust_remote_code()
+        )
         return model.to(device).eval()
     reason = kernel_available(kernel)
     if reason:
@@ -93,12 +96,14 @@ def empty_model(checkpoint: Path, model_class: str, dtype: torch.dtype) -> torch
     rotary frequencies stay real: they are computed, not loaded)."""
     from accelerate import init_empty_weights
 
-    config = AutoConfig.from_pretrained(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code())
     # The quantization is ours to apply: transformers must build plain Linear layers.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with init_empty_weights(include_buffers=False):
-        model = auto_class(model_class).from_config(config, dtype=dtype)
+        model = auto_class(model_class).from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code()
+        )
     gen = Path(checkpoint) / "generation_config.json"
     if gen.is_file() and getattr(model, "generation_config", None) is not None:
         model.generation_config = GenerationConfig.from_pretrained(checkpoint)

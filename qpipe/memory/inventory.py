@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
+from qpipe.safety import trust_remote_code
+
 # Module-name prefixes that mark the vision tower and the multimodal projector across the VLMs
 # transformers ships (InternVL, LLaVA, Qwen-VL, Gemma 3...).
 VISION_PREFIXES = ("vision_tower", "vision_model", "visual", "vision_encoder")
@@ -131,6 +133,6 @@ def build_inventory(config: PretrainedConfig, model_class_name: str) -> Inventor
     if key not in _CACHE:
         cls = getattr(transformers, model_class_name)
         with torch.device("meta"):
-            model = cls.from_config(config)
+            model = cls.from_config(config, trust_remote_code=trust_remote_code())
         _CACHE[key] = inventory_of(model)
     return _CACHE[key]

@@ -20,8 +20,11 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from qpipe.checkpoints import inspect_checkpoint
+from qpipe.diskspace import guarded_write
 from qpipe.errors import ConfigError, WeightsUnavailable
 from qpipe.paths import cache_dir
+from qpipe.safety import trust_remote_code
 
 
 def _plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +127,9 @@ def load_config(model_cfg: DictConfig) -> PretrainedConfig:
 def _read_config(model_cfg: DictConfig) -> PretrainedConfig:
     kind = source_kind(model_cfg)
     if kind in ("path", "package"):
-        return AutoConfig.from_pretrained(materialize(model_cfg))
+        return AutoConfig.from_pretrained(
+            materialize(model_cfg), trust_remote_code=trust_remote_code()
+        )
     if model_cfg.get("config"):
         return _inline_config(model_cfg)
     if kind == "gguf":
@@ -149,34 +154,58 @@ def _cache_key(model_cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _save_atomically(target: Path, write: Any) -> Path:
+def _save_atomically(target: Path, write: Any, needed: int) -> Path:
     """Write a folder under a temporary name and rename it: a half-written folder is never
-    mistaken for a finished one."""
+    mistaken for a finished one, and one stopped by an error, Ctrl-C or a full disk is
+    removed."""
     if (target / "config.json").is_file():
         return target
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        with guarded_write(tmp, needed, f"the weights of {target.name}"):
+            write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
 
 
+def _weights_bytes(model_cfg: DictConfig, dtype_bytes: int) -> int:
+    """What the materialised folder will hold: every parameter at ``dtype_bytes``."""
+    from qpipe.memory.inventory import build_inventory
+
+    config = load_config(model_cfg)
+    inventory = build_inventory(config, model_cfg.get("model_class", "AutoModelForCausalLM"))
+    return inventory.total_params * dtype_bytes
+
+
 def materialize(model_cfg: DictConfig) -> Path:
     """A local Hugging Face folder holding this model's weights (and a tokenizer if any)."""
     kind = source_kind(model_cfg)
-    if kind == "path":
-        return _checked_folder(model_cfg.path)
-    if kind == "package":
-        spec = model_cfg.package_folder
-        return _checked_folder(str(_package_dir(model_cfg, spec.package) / spec.subdir))
+    if kind in ("path", "package"):
+        if kind == "path":
+            folder = _checked_folder(model_cfg.path)
+        else:
+            spec = model_cfg.package_folder
+            folder = _checked_folder(str(_package_dir(model_cfg, spec.package) / spec.subdir))
+        # A folder qpipe did not write is checked before anything reads it.
+        inspect_checkpoint(folder, model_cfg.get("model_class", "AutoModelForCausalLM"))
+        return folder
     if kind == "hub":
         return _download(model_cfg)
     target = cache_dir("models") / f"{model_cfg.name}-{kind}-{_cache_key(model_cfg)}"
+    if (target / "config.json").is_file():
+        return target
     if kind == "gguf":
-        return _save_atomically(target, lambda tmp: _dequantize_gguf(model_cfg, tmp))
-    return _save_atomically(target, lambda tmp: _random_weights(model_cfg, tmp))
+        needed = _weights_bytes(model_cfg, 4)  # dequantised to fp32
+        return _save_atomically(target, lambda tmp: _dequantize_gguf(model_cfg, tmp), needed)
+    dtype_bytes = getattr(torch, model_cfg.get("random_dtype", "bfloat16")).itemsize
+    needed = _weights_bytes(model_cfg, dtype_bytes)
+    return _save_atomically(target, lambda tmp: _random_weights(model_cfg, tmp), needed)
 
 
 def _download(model_cfg: DictConfig) -> Path:
@@ -225,7 +254,7 @@ def load_tokenizer(model_cfg: DictConfig, folder: Path | None = None) -> PreTrai
 
         return load_tokenizer(load_model_group(borrowed))
     folder = folder or materialize(model_cfg)
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code())
 
 
 def check_weights_reachable(model_cfg: DictConfig) -> None:

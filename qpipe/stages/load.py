@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from qpipe.backends import get_backend
+from qpipe.checkpoints import inspect_checkpoint
 from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
 from qpipe.measure import MemoryWindow, tensor_bytes
 from qpipe.models import load_tokenizer
@@ -24,6 +25,8 @@ def run(ctx: StageContext) -> StageResult:
     kernel = resolve_kernel(cfg, device)
     checkpoint = Path(ctx.output("quantize", "checkpoint"))
     backend = get_backend(cfg.quant.method)
+    # A damaged or mismatched folder is named here, before any weight is read.
+    inspect_checkpoint(checkpoint, cfg.model.get("model_class", "AutoModelForCausalLM"))
     tokenizer = load_tokenizer(cfg.model)  # before the window: it is not the model's memory
 
     window = MemoryWindow(device).start()

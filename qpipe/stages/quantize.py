@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from qpipe.backends import QuantizeRequest, get_backend
 from qpipe.config import resolve_device, resolve_dtype
+from qpipe.diskspace import guarded_write
 from qpipe.measure import MemoryWindow
 from qpipe.models import materialize
 from qpipe.stages.base import StageContext, StageResult
@@ -21,6 +22,15 @@ def _calibration(cfg) -> tuple[list[str], int, int]:
     from qpipe.backends.llmc import calibration_texts
 
     return calibration_texts(cfg.calib), int(cfg.calib.seq_len), int(cfg.calib.num_samples)
+
+
+def _checkpoint_bytes(ctx: StageContext) -> int:
+    """What the checkpoint will take on disk: the budget's estimate of the quantized weights
+    (0 for quant=none, whose checkpoint is the source folder)."""
+    if ctx.cfg.quant.method == "none":
+        return 0
+    estimate = ctx.output("memory_budget", "estimate") or {}
+    return int(float(estimate.get("weights_gb", 0)) * 1e9)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -49,7 +59,8 @@ def run(ctx: StageContext) -> StageResult:
     )
     window = MemoryWindow(device).start()
     start = time.perf_counter()
-    result = backend.quantize(request)
+    with guarded_write(output_dir, _checkpoint_bytes(ctx), f"the {quant['name']} checkpoint"):
+        result = backend.quantize(request)
     seconds = time.perf_counter() - start
     window.stop()
 

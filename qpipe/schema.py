@@ -1,0 +1,195 @@
+"""The typed schema of qpipe's config: every key a stage reads, with its type.
+
+The composed config is merged into this schema (OmegaConf structured configs) before the run
+opens, so that a value of the wrong type (``quant.bits=abc``, even where ``quant=none`` never
+reads it) or a key nothing reads (``+eval.max_token=100``, a typo of ``max_tokens``) is refused
+with one line, instead of being ignored. A new config key is added here and in its YAML.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional, get_type_hints  # noqa: UP035 (OmegaConf reads these annotations at runtime)
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from qpipe.errors import ConfigError
+
+# Optional[...] and List/Dict rather than ``X | None``: OmegaConf evaluates the annotations.
+# ruff: noqa: UP006, UP045
+
+
+@dataclass
+class GgufSpec:
+    package: str
+    file: str
+
+
+@dataclass
+class PackageFolder:
+    package: str
+    subdir: str
+
+
+@dataclass
+class ModelSchema:
+    name: str
+    hub_id: Optional[str] = None
+    path: Optional[str] = None
+    weights: str = "real"  # real | hub | random
+    seed: int = 0
+    random_dtype: str = "bfloat16"
+    tokenizer: Optional[str] = None
+    model_class: str = "AutoModelForCausalLM"
+    task: str = "causal-lm"
+    config: Optional[dict[str, Any]] = None  # an inline transformers architecture config
+    gguf: Optional[GgufSpec] = None
+    package_folder: Optional[PackageFolder] = None
+    trust_remote_code: bool = False  # run a checkpoint's own modelling code (auto_map)
+    allow_pickle: bool = False  # load pickled weights (*.bin, *.pt)
+
+
+@dataclass
+class QuantSchema:
+    """Every method's options together; each backend refuses the options of other methods."""
+
+    name: str
+    method: str
+    bits: int
+    group_size: int = 0
+    symmetric: bool = True
+    quant_type: Optional[str] = None  # bnb 4-bit: nf4 | fp4
+    double_quant: bool = False
+    compute_dtype: str = "auto"
+    threshold: float = 6.0  # bnb int8 outlier threshold
+    act_order: Optional[str] = "static"  # gptq
+    dampening: float = 0.01
+    block_size: int = 128
+    duo_scaling: Any = True  # awq: true | false | "both"
+    n_grid: int = 20
+    format: str = "compressed-tensors"  # rtn: compressed-tensors | qpipe-w4
+
+
+@dataclass
+class HardwareSchema:
+    name: str
+    memory_gb: Optional[float] = None
+    runtime_overhead_gb: Optional[float] = None
+    headroom_pct: float = 5.0
+
+
+@dataclass
+class PipelineSchema:
+    dag: str
+
+
+@dataclass
+class EvalSchema:
+    text: str
+    max_tokens: int
+    window: int
+    baseline: bool
+    prompt: str
+    max_new_tokens: int
+    prefill_tokens: int
+    decode_batch_sizes: list[int]
+    repeats: int
+
+
+@dataclass
+class CalibSchema:
+    name: str
+    dataset: Optional[str]
+    dataset_config: Optional[str]
+    split: str
+    text_column: str
+    text_file: str
+    num_samples: int
+    seq_len: int
+
+
+@dataclass
+class WorkloadSchema:
+    mode: str
+    batch_size: int
+    context_len: int
+
+
+@dataclass
+class ExcludeSchema:
+    lm_head: bool
+    embeddings: bool
+    vision_tower: bool
+    projector: bool
+    patterns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PadAlignSchema:
+    mode: str
+
+
+@dataclass
+class MlflowSchema:
+    tracking_uri: Optional[str]
+    experiment: str
+    sweep_tag: Optional[str] = None
+
+
+@dataclass
+class QpipeSchema:
+    model: ModelSchema
+    quant: QuantSchema
+    hardware: HardwareSchema
+    pipeline: PipelineSchema
+    workload: WorkloadSchema
+    exclude: ExcludeSchema
+    pad_align: PadAlignSchema
+    mlflow: MlflowSchema
+    eval: Optional[EvalSchema] = None
+    calib: Optional[CalibSchema] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    kernel: str = "auto"
+    seed: int = 0
+
+
+def _known_keys(schema: type, path: list[str]) -> list[str]:
+    """The field names at ``path`` of the schema (for "did you mean")."""
+    for part in path:
+        hint = get_type_hints(schema).get(part)
+        if hint is None:
+            return []
+        inner = [a for a in getattr(hint, "__args__", ()) if is_dataclass(a)]
+        schema = inner[0] if inner else hint
+        if not is_dataclass(schema):
+            return []
+    return [f.name for f in fields(schema)]
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) when ``cfg`` has a key the schema lacks or a value of the
+    wrong type."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(QpipeSchema), cfg)
+    except OmegaConfBaseException as err:
+        key = err.full_key or str(getattr(err, "key", "?"))
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, ConfigKeyError) or "not in" in first:
+            path, _, leaf = key.rpartition(".")
+            known = _known_keys(QpipeSchema, path.split(".") if path else [])
+            close = difflib.get_close_matches(leaf, known, n=1)
+            hint = f"; did you mean {path + '.' if path else ''}{close[0]}?" if close else ""
+            where = f"{path}: " if path else ""
+            raise ConfigError(
+                f"{key} is not a qpipe setting, nothing would read it ({where}known keys: "
+                f"{', '.join(known)}){hint}"
+            ) from None
+        value = OmegaConf.select(cfg, key, default="?") if key != "?" else "?"
+        if "ListConfig" in first:
+            first = "expected a list, e.g. [a, b]"
+        elif "DictConfig" in first or "is not a subclass" in first:
+            first = "expected a group of keys, not a single value"
+        raise ConfigError(f"{key}={value!r} is not valid: {first}") from None

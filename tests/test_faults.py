@@ -1,0 +1,695 @@
+"""The fault-injection suite: each fault is made to happen inside a real qpipe run (a real
+SIGKILL, Ctrl-C, file size limit, dying MLflow server, damaged checkpoint and cache, bad
+config), and what qpipe promises is checked: a known final state with the failed stage and a
+one-line reason, nothing half-written reused, the next run going on.
+
+``QPIPE_FAULTS_RESULTS=bench/results python -m pytest -q tests/test_faults.py`` also writes
+bench/results/faults.{json,md}.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from qpipe.app import run_pipeline
+from qpipe.checkpoints import inspect_checkpoint
+from qpipe.diskspace import ensure_space, free_bytes
+from qpipe.errors import CheckpointError, DiskFull, UnsafeCheckpoint
+from qpipe.models import load_tokenizer, materialize
+from qpipe.safety import LoadPolicy, set_policy
+from qpipe.stale_runs import close_dead_runs
+from qpipe.tracking import default_tracking_uri
+from tests.conftest import compose_config, save_random_llama
+from tests.faults_support import (
+    QUANTIZE_LOAD_DAG,
+    RESULTS_ENV,
+    TINY,
+    FaultLog,
+    env_for,
+    error_lines,
+    finish,
+    mlflow_run,
+    run_qpipe,
+    start_qpipe,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+LOG = FaultLog()
+# Does-it-fit only: for faults found before any weight is loaded.
+ESTIMATE = ("model=tiny_llama", "quant=none", "pipeline=estimate", "mlflow.experiment=faults")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fault_log():
+    yield LOG
+    folder = os.environ.get(RESULTS_ENV)
+    if folder:
+        LOG.write(Path(folder))
+
+
+@pytest.fixture(scope="module")
+def tiny_ready(outputs_dir: Path) -> Path:
+    """tiny_llama's weights and borrowed tokenizer made once, before any fault is armed."""
+    cfg = compose_config(*TINY)
+    materialize(cfg.model)
+    load_tokenizer(cfg.model)
+    return outputs_dir
+
+
+@pytest.fixture(scope="module")
+def quantize_load_dag(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("dag") / "quantize_load.yaml"
+    path.write_text(QUANTIZE_LOAD_DAG)
+    return str(path)
+
+
+def _fresh_quantize_cache(outputs: Path) -> None:
+    """The fault must hit a quantize that really runs, not a result cached by an earlier run
+    of the suite on the same outputs folder."""
+    shutil.rmtree(outputs / "cache" / "stages" / "quantize", ignore_errors=True)
+
+
+def _partials(outputs: Path) -> list[Path]:
+    return sorted((outputs / "cache").rglob("*.partial"))
+
+
+def _one_line(text: str) -> str:
+    lines = error_lines(text)
+    assert len(lines) == 1, f"expected one error line, got {lines}\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-3000:]
+    return lines[0].strip()
+
+
+# -- SIGKILL -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "spec", "key"),
+    [
+        (
+            "SIGKILL during quantize",
+            {"at": "qpipe.kernels.quant_linear:QuantLinear.from_linear", "call": 5},
+            "quant.group_size=32",
+        ),
+        (
+            "SIGKILL while writing the checkpoint",
+            {"at": "transformers.modeling_utils:safe_save_file", "call": 1},
+            "quant.group_size=16",
+        ),
+    ],
+)
+def test_sigkill_then_rerun_recomputes_and_marks_the_dead_run_killed(
+    fault, spec, key, tiny_ready, quantize_load_dag, tmp_path
+) -> None:
+    _fresh_quantize_cache(tiny_ready)
+    action = "sigkill" if "quantize" in fault else "truncate_then_sigkill"
+    overrides = [*TINY, key, f"pipeline.dag={quantize_load_dag}"]
+    run_dir = tmp_path / "killed"
+    proc = run_qpipe(
+        {**spec, "action": action},
+        [*overrides, f"hydra.run.dir={run_dir}"],
+        env_for(tiny_ready),
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.output[-3000:]
+    uri = default_tracking_uri()
+    dead = mlflow_run(uri, run_dir)
+    assert dead.info.status == "RUNNING"  # nobody closed it: the process is gone
+    assert dead.data.tags["qpipe.stage"] == "quantize"
+    partials = _partials(tiny_ready)
+    assert partials, "the kill should have left the stage's partial folder behind"
+    assert not (partials[0] / "result.json").exists()
+
+    # The next start: the dead run is marked, the partial folder is never used.
+    start = time.perf_counter()
+    closed = close_dead_runs(uri)
+    marked_s = time.perf_counter() - start
+    assert dead.info.run_id in closed
+    after = MlflowClient(uri).get_run(dead.info.run_id)
+    assert after.info.status == "KILLED"
+    assert after.data.tags["qpipe.failed_stage"] == "quantize"
+    journal = json.loads((run_dir / "run.json").read_text())
+    assert journal["status"] == "KILLED"
+
+    rerun = run_pipeline(compose_config(*overrides), tmp_path / "rerun")
+    assert rerun.status == "FINISHED", rerun.error
+    assert rerun.params["cache.quantize"] == "miss"
+    checkpoint = rerun.results["quantize"].outputs["checkpoint"]
+    assert ".partial" not in checkpoint and not _partials(tiny_ready)
+    LOG.add(
+        fault=fault,
+        injected=f"SIGKILL from inside {spec['at'].split(':')[1]} (call {spec['call']})"
+        + (", file cut to half first" if "write" in fault else ""),
+        outcome=after.data.tags["qpipe.failure"],
+        final_state=f"KILLED at quantize (marked by the next start in {marked_s:.2f} s); "
+        "rerun FINISHED, quantize recomputed",
+        time_to_error_s=None,
+        lost="the killed stage's work (recomputed; the partial folder was never read)",
+        kept=True,
+    )
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------
+
+
+def test_ctrl_c_marks_the_run_killed_removes_partial_output_exits_130(
+    tiny_ready, quantize_load_dag, tmp_path
+) -> None:
+    _fresh_quantize_cache(tiny_ready)
+    marker = tmp_path / "in_quantize"
+    run_dir = tmp_path / "interrupted"
+    overrides = [*TINY, "quant.group_size=128", f"pipeline.dag={quantize_load_dag}"]
+    spec = {
+        "at": "qpipe.kernels.quant_linear:QuantLinear.from_linear",
+        "call": 3,
+        "action": "signal_ready",
+        "marker": str(marker),
+        "sleep": 120,
+    }
+    started = time.perf_counter()
+    proc = start_qpipe(spec, [*overrides, f"hydra.run.dir={run_dir}"], env_for(tiny_ready))
+    wait_for(marker, proc)
+    assert _partials(tiny_ready), "quantize should be writing into its partial folder"
+    sent = time.perf_counter()
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    result = finish(proc, started, timeout=120)
+    stopped_s = time.perf_counter() - sent
+    assert result.returncode == 130, result.output[-3000:]
+    line = _one_line(result.output)
+    assert "interrupted (SIGINT)" in line
+    assert not _partials(tiny_ready)
+    run = mlflow_run(default_tracking_uri(), run_dir)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["qpipe.failed_stage"] == "quantize"
+    assert "SIGINT" in run.data.tags["qpipe.failure"]
+    LOG.add(
+        fault="Ctrl-C (SIGINT to the process group)",
+        injected="SIGINT while quantize runs",
+        outcome=line,
+        final_state="KILLED at quantize, exit code 130",
+        time_to_error_s=stopped_s,
+        lost="the interrupted stage's work; its partial folder removed",
+        kept=True,
+    )
+
+
+# -- disk full ---------------------------------------------------------------------------
+
+
+def test_disk_full_while_writing_the_checkpoint(tiny_ready, quantize_load_dag, tmp_path) -> None:
+    _fresh_quantize_cache(tiny_ready)
+    db = tiny_ready / "mlflow.db"
+    limit = (db.stat().st_size if db.exists() else 0) + 30 * 2**20
+    run_dir = tmp_path / "diskfull"
+    overrides = [*TINY, "quant.group_size=64", "seed=11", f"pipeline.dag={quantize_load_dag}"]
+
+    def limited() -> None:  # the checkpoint (~100 MB) cannot be written; the store can grow
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    started = time.perf_counter()
+    proc = start_qpipe(
+        None, [*overrides, f"hydra.run.dir={run_dir}"], env_for(tiny_ready), preexec_fn=limited
+    )
+    result = finish(proc, started)
+    assert result.returncode == 1, result.output[-3000:]
+    line = _one_line(result.output)
+    assert "disk full writing" in line and "checkpoint (file too large)" in line
+    assert "checkpoint needs 0.10" in line  # the budget's estimate of the checkpoint
+    assert not _partials(tiny_ready)
+    run = mlflow_run(default_tracking_uri(), run_dir)
+    assert run.info.status == "FAILED" and run.data.tags["qpipe.failed_stage"] == "quantize"
+    LOG.add(
+        fault="disk full while writing the checkpoint",
+        injected=f"RLIMIT_FSIZE {limit / 2**20:.0f} MiB (the checkpoint is ~100 MB)",
+        outcome=line,
+        final_state="FAILED at quantize",
+        time_to_error_s=result.seconds,
+        lost="nothing reusable was half-written: the partial checkpoint was removed",
+        kept=True,
+    )
+
+
+def test_not_enough_space_is_found_before_writing(tmp_path) -> None:
+    needed = free_bytes(tmp_path) + 2**30
+    start = time.perf_counter()
+    with pytest.raises(DiskFull) as err:
+        ensure_space(tmp_path, needed, "the rtn checkpoint")
+    assert str(tmp_path) in str(err.value) and "needs" in str(err.value)
+    LOG.add(
+        fault="not enough free space for a checkpoint",
+        injected="a checkpoint 1 GiB larger than the free space of the real filesystem",
+        outcome=str(err.value),
+        final_state="refused before writing",
+        time_to_error_s=time.perf_counter() - start,
+        lost="nothing",
+        kept=True,
+    )
+
+
+# -- the tracking server dies mid-run ----------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(folder: Path, port: int) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+            "--default-artifact-root", str(folder / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    import urllib.request
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("mlflow server did not start")
+
+
+def test_tracking_server_dies_mid_run_results_stay_and_sync_later(
+    tiny_ready, quantize_load_dag, tmp_path
+) -> None:
+    _fresh_quantize_cache(tiny_ready)
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_server(tmp_path / "server", port)
+    marker = tmp_path / "in_quantize"
+    run_dir = tmp_path / "offline"
+    # A fresh working directory, home and temp folder: qpipe must write under outputs only.
+    cwd, home, tmp = tmp_path / "cwd", tmp_path / "home", tmp_path / "tmp"
+    for folder in (cwd, home, tmp):
+        folder.mkdir()
+    spec = {
+        "at": "qpipe.kernels.quant_linear:QuantLinear.from_linear",
+        "call": 1,
+        "action": "signal_ready",
+        "marker": str(marker),
+        "sleep": 3,
+    }
+    overrides = [
+        *TINY,
+        "seed=7",
+        f"pipeline.dag={quantize_load_dag}",
+        f"mlflow.tracking_uri={uri}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = env_for(tiny_ready, HOME=str(home), TMPDIR=str(tmp))
+    started = time.perf_counter()
+    try:
+        proc = start_qpipe(spec, overrides, env, cwd=cwd)
+        wait_for(marker, proc)
+        os.killpg(server.pid, signal.SIGKILL)
+        died = time.perf_counter()
+        result = finish(proc, started)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert result.returncode == 0, result.output[-3000:]
+    line = _one_line(result.output)
+    assert f"python -m qpipe.sync {run_dir}" in line
+    journal = json.loads((run_dir / "run.json").read_text())
+    assert journal["status"] == "FINISHED"
+    assert journal["tracking_offline"]["stage"] == "quantize"
+    assert "mem.loaded_weights_gb" in journal["metrics"]  # load ran after the server died
+    assert (run_dir / "logged" / "stages" / "load.json").is_file()
+    written = [str(p.relative_to(tmp_path)) for f in (cwd, home, tmp) for p in f.rglob("*")]
+    assert not written, f"qpipe wrote outside its outputs folder: {written}"
+
+    # The server comes back; the folder is pushed.
+    server = _start_server(tmp_path / "server", port)
+    try:
+        sync = subprocess.run(
+            [sys.executable, "-m", "qpipe.sync", str(run_dir)],
+            capture_output=True,
+            text=True,
+            env=env_for(tiny_ready),
+            timeout=300,
+        )
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        run = MlflowClient(uri).get_run(journal["run_id"])
+        assert run.info.status == "FINISHED"
+        loaded = journal["metrics"]["mem.loaded_weights_gb"]
+        assert run.data.metrics["mem.loaded_weights_gb"] == pytest.approx(loaded)
+        assert run.data.params["cache.quantize"] == "miss"
+        files = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "stages")}
+        assert "stages/load.json" in files
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+    LOG.add(
+        fault="the tracking server dies mid-run",
+        injected="SIGKILL to `mlflow server` while quantize runs",
+        outcome=line,
+        final_state="the pipeline FINISHED; run.json kept it all; `python -m qpipe.sync` "
+        f"pushed it ({sync.stdout.strip().splitlines()[-1].split(': ', 1)[-1]})",
+        time_to_error_s=result.seconds - (died - started),
+        lost="nothing (metrics, params, stage JSON and artifacts pushed by qpipe.sync)",
+        kept=True,
+    )
+
+
+# -- corrupt and mismatched checkpoints --------------------------------------------------
+
+_SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
+
+
+def _small_llama(path: Path, **save: object) -> Path:
+    if save:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**_SMALL), dtype=torch.float32)
+        model.save_pretrained(path, **save)
+        return path
+    return save_random_llama(path, **_SMALL)
+
+
+def _edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _truncated(folder: Path) -> str:
+    path = folder / "model.safetensors"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1000)
+    return "model.safetensors"
+
+
+def _hidden_mismatch(folder: Path) -> str:
+    _edit_config(folder, hidden_size=128, head_dim=32)
+    return "config.json"
+
+
+def _more_layers(folder: Path) -> str:
+    _edit_config(folder, num_hidden_layers=3)
+    return "config.json"
+
+
+def _fewer_layers(folder: Path) -> str:
+    _edit_config(folder, num_hidden_layers=1)
+    return "config.json"
+
+
+def _missing_shard(folder: Path) -> str:
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].unlink()
+    return shards[1].name
+
+
+def _qpipe_w4_version(folder: Path) -> str:
+    from transformers import AutoModelForCausalLM
+
+    from qpipe.backends.qlinear_loader import save_qpipe_w4
+    from qpipe.kernels import QuantLinear
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            model.set_submodule(name, QuantLinear.from_linear(module, group_size=32))
+    for p in folder.iterdir():
+        p.unlink()
+    save_qpipe_w4(model, folder, {"bits": 4, "group_size": 32, "method": "rtn"})
+    inspect_checkpoint(folder)  # as written, it is good
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["layout_version"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    return "config.json"
+
+
+@pytest.mark.parametrize(
+    ("fault", "damage", "save", "expect"),
+    [
+        ("truncated safetensors", _truncated, {}, "is truncated"),
+        ("config hidden size ≠ tensors", _hidden_mismatch, {}, "does not match the tensors"),
+        ("config has more layers than the tensors", _more_layers, {}, "has no tensor for it"),
+        ("config has fewer layers than the tensors", _fewer_layers, {}, "does not have"),
+        ("missing shard", _missing_shard, {"max_shard_size": "300KB"}, "is missing"),
+        ("qpipe-w4 of another layout version", _qpipe_w4_version, {}, "layout version 2"),
+    ],
+)
+def test_corrupt_or_mismatched_checkpoint_is_named_when_opened(
+    fault, damage, save, expect, tmp_path
+) -> None:
+    folder = _small_llama(tmp_path / "ckpt", **save)
+    inspect_checkpoint(folder)  # the undamaged folder passes
+    bad_file = damage(folder)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError) as err:
+        inspect_checkpoint(folder)
+    seconds = time.perf_counter() - start
+    message = str(err.value)
+    assert "\n" not in message and expect in message and bad_file in message, message
+    LOG.add(
+        fault=f"checkpoint: {fault}",
+        injected=f"a real checkpoint folder, {bad_file} damaged",
+        outcome=message.replace(str(tmp_path), "…"),
+        final_state="refused when opened (headers only, no weight read)",
+        time_to_error_s=seconds,
+        lost="nothing",
+        kept=True,
+    )
+
+
+def test_damaged_user_checkpoint_stops_the_pipeline_before_weights_load(
+    tiny_ready, tmp_path
+) -> None:
+    folder = _small_llama(tmp_path / "user_model")
+    _truncated(folder)
+    cfg = compose_config(*ESTIMATE, f"+model.path={folder}")
+    start = time.perf_counter()
+    report = run_pipeline(cfg, tmp_path / "run")
+    assert report.status == "FAILED" and report.failed_stage == "memory_budget"
+    assert "model.safetensors is truncated" in report.error and "\n" not in report.error
+    run = MlflowClient(default_tracking_uri()).get_run(report.run_id)
+    assert run.info.status == "FAILED"
+    LOG.add(
+        fault="checkpoint: truncated user folder (model.path) in a run",
+        injected="model.path= a folder whose model.safetensors lost its last 1000 bytes",
+        outcome=report.error.replace(str(tmp_path), "…"),
+        final_state="FAILED at memory_budget (the first stage that opens the folder)",
+        time_to_error_s=time.perf_counter() - start,
+        lost="nothing",
+        kept=True,
+    )
+
+
+# -- a cached stage result whose files changed -------------------------------------------
+
+
+def test_cached_checkpoint_changed_or_deleted_is_recomputed(
+    tiny_ready, quantize_load_dag, tmp_path
+) -> None:
+    _fresh_quantize_cache(tiny_ready)
+    overrides = [*TINY, "seed=5", f"pipeline.dag={quantize_load_dag}"]
+    first = run_pipeline(compose_config(*overrides), tmp_path / "first")
+    assert first.status == "FINISHED" and first.params["cache.quantize"] == "miss"
+    checkpoint = Path(first.results["quantize"].outputs["checkpoint"])
+    weights = checkpoint / "model.safetensors"
+    with open(weights, "r+b") as f:  # same size, one byte different
+        f.seek(weights.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    start = time.perf_counter()
+    changed = run_pipeline(compose_config(*overrides), tmp_path / "changed")
+    changed_s = time.perf_counter() - start
+    assert changed.status == "FINISHED" and changed.params["cache.quantize"] == "miss"
+    (checkpoint / "config.json").unlink()
+    deleted = run_pipeline(compose_config(*overrides), tmp_path / "deleted")
+    assert deleted.status == "FINISHED" and deleted.params["cache.quantize"] == "miss"
+    again = run_pipeline(compose_config(*overrides), tmp_path / "again")
+    assert again.params["cache.quantize"] == "hit"
+    LOG.add(
+        fault="cached checkpoint changed (one byte) or a file deleted",
+        injected="a byte of model.safetensors flipped; then config.json deleted",
+        outcome="cached result … is damaged: checkpoint/model.safetensors changed since it "
+        "was written (sha256 differs); recomputing it",
+        final_state="FINISHED both times, quantize recomputed (cache miss), then a hit",
+        time_to_error_s=None,
+        lost=f"nothing (recompute + run: {changed_s:.1f} s)",
+        kept=True,
+    )
+
+
+# -- config values the checks used to miss -----------------------------------------------
+
+BAD_CONFIGS = [
+    ["quant=none", "quant.bits=abc"],
+    ["+eval.max_token=100"],
+    ["eval.max_token=100"],
+    ["+foo=1"],
+    ["+quant.bitz=4"],
+    ["workload.batch_size=x"],
+    ["workload.batch_size=0"],
+    ["hardware.memory_gb=big"],
+    ["exclude.patterns=3"],
+    ["eval.decode_batch_sizes=[1,a]"],
+    ["quant=rtn", "quant.group_size=100"],
+    ["quant=rtn", "quant.format=gguf"],
+    ["quant=nope"],
+    ["device=tpu"],
+    ["dtype=fp8"],
+    ["kernel=cuda"],
+    ["pad_align.mode=stretch"],
+    ["model.weights=maybe"],
+    ["+model.trust_remote_code=perhaps"],
+    ["pipeline.dag=nowhere"],
+]
+
+
+def _cli_in_process(overrides: list[str]) -> tuple[int, str]:
+    """``python -m qpipe overrides`` through its real entry point, in this process."""
+    from qpipe.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["qpipe", *overrides]
+    code = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except Exception:  # a crash through the entry point counts as a traceback
+        import traceback
+
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        sys.argv = argv
+    return code, out.getvalue() + err.getvalue()
+
+
+@pytest.mark.parametrize("overrides", BAD_CONFIGS, ids=" ".join)
+def test_bad_config_is_refused_before_the_run_opens(overrides, tmp_path) -> None:
+    base = ["model=tiny_llama", "pipeline=estimate", "mlflow.experiment=bad_config"]
+    code, text = _cli_in_process([*base, *overrides, f"hydra.run.dir={tmp_path}"])
+    lines = [line for line in text.splitlines() if line.strip()]
+    if "Traceback" in text:
+        verdict = "traceback"
+    elif code == 0:
+        verdict = "not refused"
+    elif len(error_lines(text)) == 1 and len(lines) == 1:
+        verdict = "one-line error"
+    else:
+        verdict = "multi-line, no traceback"
+    message = (error_lines(text) or lines or [""])[0].strip()
+    LOG.bad_configs.append(
+        {"overrides": overrides, "exit": code, "verdict": verdict, "message": message[:300]}
+    )
+    assert verdict in ("one-line error", "multi-line, no traceback"), text[-3000:]
+    assert not (tmp_path / "run.json").exists(), "the run was opened"
+
+
+# -- safe by default ---------------------------------------------------------------------
+
+_EVIL = """
+from pathlib import Path
+from transformers import LlamaConfig, LlamaForCausalLM
+
+Path(MARKER).write_text("the checkpoint's code ran")
+
+
+class EvilConfig(LlamaConfig):
+    model_type = "llama"
+
+
+class EvilForCausalLM(LlamaForCausalLM):
+    config_class = EvilConfig
+"""
+
+
+def test_checkpoint_code_and_pickles_do_not_run_unless_allowed(tiny_ready, tmp_path) -> None:
+    folder = _small_llama(tmp_path / "custom_code")
+    marker = folder / "CODE_RAN"
+    (folder / "configuration_evil.py").write_text(f"MARKER = {str(marker)!r}\n" + _EVIL)
+    _edit_config(
+        folder,
+        auto_map={
+            "AutoConfig": "configuration_evil.EvilConfig",
+            "AutoModelForCausalLM": "configuration_evil.EvilForCausalLM",
+        },
+    )
+    cfg = compose_config(*ESTIMATE, f"+model.path={folder}")
+    report = run_pipeline(cfg, tmp_path / "run_code")
+    assert report.status == "FAILED" and "model.trust_remote_code=true" in report.error
+    assert not marker.exists()
+    code_line = report.error
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    source = _small_llama(tmp_path / "source")
+    shutil.copy(source / "config.json", pickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(source / "model.safetensors"), pickled / "pytorch_model.bin")
+    base = [*ESTIMATE, f"+model.path={pickled}"]
+    refused = run_pipeline(compose_config(*base), tmp_path / "run_pickle")
+    assert refused.status == "FAILED" and "model.allow_pickle=true" in refused.error
+    allowed = run_pipeline(compose_config(*base, "+model.allow_pickle=true"), tmp_path / "ok")
+    assert allowed.status == "FINISHED", allowed.error
+
+    set_policy(LoadPolicy(trust_remote_code=True))  # what model.trust_remote_code=true sets
+    try:
+        inspect_checkpoint(folder)
+    finally:
+        set_policy(LoadPolicy())
+    assert marker.exists()  # allowed, the folder's code did run
+    with pytest.raises(UnsafeCheckpoint):
+        inspect_checkpoint(folder)
+    for fault, line in (
+        ("a checkpoint with its own code (auto_map)", code_line),
+        ("pickle-only weights (pytorch_model.bin)", refused.error),
+    ):
+        LOG.add(
+            fault=f"safe by default: {fault}",
+            injected="model.path= a real folder of that kind",
+            outcome=line.replace(str(tmp_path), "…"),
+            final_state="FAILED at memory_budget, nothing executed; allowed only with "
+            + ("model.trust_remote_code=true" if "code" in fault else "model.allow_pickle=true"),
+            time_to_error_s=None,
+            lost="nothing",
+            kept=True,
+        )
