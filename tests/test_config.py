@@ -95,7 +95,8 @@ def test_cli_internvl_without_hub_names_the_offline_alternatives(outputs_dir) ->
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (("quant=gptq", "quant.bits=8", "kernel=torch"), "qpipe's kernels run 4-bit weights only"),
+        (("quant=gptq", "quant.bits=5"), "quant.bits=5 is not valid for gptq; use 2, 3, 4 or 8"),
+        (("quant=rtn", "quant.bits=3", "quant.format=qpipe-w4"), "holds 4-bit weights"),
         (("quant=rtn", "quant.format=qpipe-w4", "kernel=hf"), "kernel=hf cannot load"),
         (("quant=gptq", "calib.num_samples=0"), "calib.num_samples=0 is not valid"),
         (("quant=awq", "quant.group_size=100"), "group_size"),
