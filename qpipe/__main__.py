@@ -5,6 +5,7 @@ Examples::
     python -m qpipe                                   # SmolLM2, unquantized, full pipeline
     python -m qpipe +model=internvl +quant=awq        # the users' form
     python -m qpipe --multirun quant=none,bnb_nf4,bnb_int8
+    python -m qpipe +sweep=bits                      # a preset: GPTQ/RTN at 2/3/4/8 bits
     python -m qpipe model=internvl model.weights=random pipeline=estimate hardware=rtx4090_24gb
 """
 
@@ -20,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
+from qpipe import sweep
 from qpipe.app import print_summary, run_pipeline
 from qpipe.config import normalize_overrides
 from qpipe.errors import QpipeError
@@ -37,6 +39,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         # One tag per sweep so the MLflow UI can select exactly its jobs.
         tags["qpipe.sweep"] = Path(hc.sweep.dir).name
         tags["qpipe.sweep_job"] = str(hc.job.num)
+    if multirun and sweep.current() is not None:
+        return sweep.run_sweep_job(cfg, list(hc.overrides.task), hc.job.num, run_dir, tags)
     console = Console(stderr=False)
     try:
         report = run_pipeline(cfg, run_dir, tags, log_file=run_dir / "qpipe.log")
@@ -54,6 +58,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
     _hydra_main()
+    # A sweep runs all its jobs; any that failed make the whole command fail (listed above).
+    if sweep.exit_code():
+        sys.exit(sweep.exit_code())
 
 
 if __name__ == "__main__":

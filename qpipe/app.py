@@ -11,8 +11,10 @@ from rich.table import Table
 
 from qpipe.config import resolve_device
 from qpipe.dag import load_dag
+from qpipe.logrepeats import once_per_run
 from qpipe.runner import Runner, RunReport
 from qpipe.tracking import Tracker
+from qpipe.tracking_uri import resolve_tracking_uri
 from qpipe.validate import validate_config
 
 log = logging.getLogger("qpipe")
@@ -48,6 +50,14 @@ def stable_params(cfg: DictConfig) -> dict[str, str]:
     }
 
 
+def run_name(cfg: DictConfig) -> str:
+    """``model/quant``, with the width where a method has several (``smollm2-135m/gptq-w3``)."""
+    name = f"{cfg.model.name}/{cfg.quant.name}"
+    if cfg.quant.method in ("gptq", "awq", "rtn"):
+        name += f"-w{cfg.quant.bits}"
+    return name
+
+
 def run_pipeline(
     cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None, log_file: Path | None = None
 ) -> RunReport:
@@ -56,15 +66,17 @@ def run_pipeline(
     validate_config(cfg)
     dag = load_dag(cfg.pipeline.dag)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    # Before the run opens: a tracking server that is down is one line in seconds.
+    tracker = Tracker(resolve_tracking_uri(cfg.mlflow), cfg.mlflow.experiment)
     all_tags = {"qpipe.pipeline": dag.name, "qpipe.run_dir": str(run_dir)}
     all_tags.update(tags or {})
-    run_id = tracker.start(f"{cfg.model.name}/{cfg.quant.name}", all_tags)
+    run_id = tracker.start(run_name(cfg), all_tags)
     tracker.log_params({**stable_params(cfg), "device": resolve_device(cfg)})
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     report = RunReport(status="FAILED")
     try:
-        report = Runner(cfg, dag, run_dir, tracker).run()
+        with once_per_run():
+            report = Runner(cfg, dag, run_dir, tracker).run()
     except KeyboardInterrupt:
         report.error = "interrupted"
         raise
