@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
-from qpipe import sweep
+from qpipe import searchpath, sweep
 from qpipe.app import print_summary, run_pipeline
 from qpipe.config import normalize_overrides
 from qpipe.errors import QpipeError
@@ -57,6 +57,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
+    searchpath.register()  # ./conf before the built-ins
     _hydra_main()
     # A sweep runs all its jobs; any that failed make the whole command fail (listed above).
     if sweep.exit_code():

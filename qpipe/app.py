@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qpipe.config import resolve_device
-from qpipe.dag import load_dag
+from qpipe.dag import load_dag, pipeline_ref
 from qpipe.logrepeats import once_per_run
 from qpipe.runner import Runner, RunReport
 from qpipe.tracking import Tracker
@@ -44,7 +44,7 @@ def stable_params(cfg: DictConfig) -> dict[str, str]:
         "quant.bits": cfg.quant.get("bits"),
         "quant.group_size": cfg.quant.get("group_size"),
         "hardware": cfg.hardware.name,
-        "pipeline": cfg.pipeline.dag,
+        "pipeline": pipeline_ref(cfg),
         "workload.batch_size": cfg.workload.batch_size,
         "workload.context_len": cfg.workload.context_len,
     }
@@ -64,7 +64,7 @@ def run_pipeline(
     """Run the configured pipeline once, tracked in MLflow. Config errors raise before any
     MLflow run is opened or any weight is touched."""
     validate_config(cfg)
-    dag = load_dag(cfg.pipeline.dag)
+    dag = load_dag(pipeline_ref(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     # Before the run opens: a tracking server that is down is one line in seconds.
     tracker = Tracker(resolve_tracking_uri(cfg.mlflow), cfg.mlflow.experiment)

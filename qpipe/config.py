@@ -35,7 +35,8 @@ def normalize_overrides(args: list[str]) -> list[str]:
     are wanted, so the append form is rewritten to an override for exactly those groups;
     ``+`` on anything else (new keys) keeps Hydra's meaning.
     """
-    groups = defaulted_groups()
+    # ``pipeline`` is a plain key naming one YAML file; its ``+`` form is accepted the same way.
+    groups = defaulted_groups() | {"pipeline"}
     out = []
     for arg in args:
         match = _APPEND.match(arg)
