@@ -30,7 +30,9 @@ class TrackingUnavailable(QpipeError):
 
 def unreachable_reason(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """Why the server at ``uri`` cannot be reached (None when it answers, or when the URI is a
-    local store that needs no server). Any HTTP answer counts as reachable: the server is up."""
+    local store that needs no server). An MLflow server answers ``/health`` with 200 (401/403
+    behind authentication: up, the credentials are another matter); anything else that answers
+    HTTP there — a proxy, another web server — is not the tracking server."""
     if not uri.startswith(("http://", "https://")):
         return None
     start = time.perf_counter()
@@ -39,8 +41,10 @@ def unreachable_reason(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None
     try:
         with opener.open(uri.rstrip("/") + "/health", timeout=timeout):
             return None
-    except urllib.error.HTTPError:
-        return None
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return None
+        return f"HTTP {err.code} from {uri}/health: not an MLflow tracking server"
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         return f"{reason} after {time.perf_counter() - start:.1f} s"

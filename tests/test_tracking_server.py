@@ -139,7 +139,8 @@ def test_unreachable_server_is_found_in_seconds(tmp_path: Path) -> None:
     assert time.perf_counter() - start < 5
     assert f"mlflow.tracking_uri={uri} is unreachable" in str(err.value)
     assert "mlflow.fallback=local" in str(err.value) and "\n" not in str(err.value)
-    # A server that does not answer at all (a blackholed address) costs the probe's timeout.
+    # An address where nothing answers costs at most the probe's timeout (where a network
+    # proxy answers for it instead, its answer is not a tracking server's either).
     start = time.perf_counter()
     assert unreachable_reason("http://10.255.255.1:5000", timeout=2.0) is not None
     assert time.perf_counter() - start < 4
@@ -160,7 +161,8 @@ def test_cli_unreachable_server_is_one_line_or_falls_back(tmp_path: Path) -> Non
     proc = qpipe(tmp_path, *args, "mlflow.fallback=local", "mlflow.experiment=fallback")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "unreachable" in out and "instead (mlflow.fallback=local)" in out
+    flat = " ".join(out.split())  # the console wraps long lines
+    assert "is unreachable" in flat and "(mlflow.fallback=local)" in flat
     local = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = local.get_experiment_by_name("fallback")
     assert [r.info.status for r in local.search_runs([exp.experiment_id])] == ["FINISHED"]
