@@ -266,7 +266,9 @@ def run_sweep_job(
     key, text = job_key(job_overrides), " ".join(job_overrides)
     done = sweep.finished_child(key)
     if done:
-        console.print(f"job {num} ({text}) finished in run {done} of this sweep: not rerun")
+        console.print(
+            f"job {num} ({text}) finished in run {done} of this sweep: not rerun", soft_wrap=True
+        )
         sweep.record(JobOutcome(num, text, "SKIPPED", run_id=done))
         return None
     sweep.drop_unfinished(key)
@@ -276,7 +278,7 @@ def run_sweep_job(
     try:
         report = run_pipeline(cfg, run_dir, tags, log_file=run_dir / "qpipe.log")
     except QpipeError as err:  # before the run opened: a bad value for this job
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         sweep.record_failure_without_run(key, num, text, str(err))
         return None
     except Exception as err:  # noqa: BLE001 (a bug or the tracking store: the sweep goes on)
