@@ -64,7 +64,7 @@ def test_bitsandbytes_int8_cast_message_is_shown_once(tmp_path: Path, caplog) ->
     assert held == [
         "py.warnings.UserWarning: a per-call library warning (shown once; 2 more copies held back)"
     ]
-    # Outside a run nothing is filtered.
+    # Outside a run nothing is filtered: one copy per int8 layer again.
     with torch.no_grad():
         model(ids)
-    assert sum(CAST in r.getMessage() for r in caplog.records) == 3
+    assert sum(CAST in r.getMessage() for r in caplog.records) == 2 + 7
