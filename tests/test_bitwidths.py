@@ -14,6 +14,7 @@ from qpipe.backends import QuantizeRequest, get_backend
 from qpipe.config import load_group, resolve_kernel
 from qpipe.kernels.formats import _unpack_dense
 from qpipe.kernels.int_linear import IntLinear, pack_dense
+from qpipe.kernels.intweights import IntWeights
 from tests.conftest import save_random_llama
 
 
@@ -25,6 +26,8 @@ def test_pack_dense_is_compressed_tensors_packing(bits: int) -> None:
     theirs = pack_to_int32((q - 2 ** (bits - 1)).to(torch.int8), bits)
     assert torch.equal(ours, theirs)
     assert torch.equal(_unpack_dense(ours, bits, 100), q)
+    iw = IntWeights(q.to(torch.uint8), torch.ones(6, 1), None, group_size=100, bits=bits)
+    assert torch.equal(IntLinear.from_int(iw, None)._unpack().to(torch.int64), q)
 
 
 @pytest.fixture(scope="module")

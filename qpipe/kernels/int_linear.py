@@ -118,9 +118,18 @@ class IntLinear(torch.nn.Module):
             mod.bias.data.copy_(bias.to(dtype))
         return mod
 
+    def _unpack(self) -> torch.Tensor:
+        """[N, K] integers. Widths that divide 32 (2, 4, 8) never straddle a word: one shift
+        per field; others (3) take the general bit-stream path."""
+        if 32 % self.bits:
+            return _unpack_dense(self.qweight, self.bits, self.in_features)
+        shifts = torch.arange(0, 32, self.bits, device=self.qweight.device, dtype=torch.int32)
+        fields = (self.qweight.unsqueeze(-1) >> shifts) & ((1 << self.bits) - 1)
+        return fields.reshape(self.out_features, -1)[:, : self.in_features]
+
     def int_weights(self) -> IntWeights:
         return IntWeights(
-            q=_unpack_dense(self.qweight, self.bits, self.in_features),
+            q=self._unpack(),
             scales=self.scales,
             zeros=self.zeros,
             group_size=self.group_size,
