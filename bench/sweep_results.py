@@ -1,8 +1,9 @@
-"""Write a sweep's results as committed files: <out>.json (command, machine, library versions,
+"""Write sweeps' results as committed files: <out>.json (commands, machine, library versions,
 every run's params and metrics), <out>.md (the table the README quotes) and <out>_pareto.png.
+Each ``--sweep`` names a store, an experiment (its latest sweep is taken) and the command.
 
-    python bench/sweep_results.py --experiment bits_smollm2 --out bench/results/bits_smollm2 \
-        --command "python -m qpipe +sweep=bits quant=rtn,gptq calib=tiny eval.repeats=1"
+    python bench/sweep_results.py --out bench/results/bits_smollm2 \
+        --sweep sqlite:///outputs/mlflow.db bits_smollm2 "python -m qpipe +sweep=bits ..."
 """
 
 from __future__ import annotations
@@ -50,15 +51,32 @@ def cell(value: object, fmt: str | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--experiment", required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--command", required=True, help="the qpipe command that ran the sweep")
-    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument(
+        "--sweep",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("TRACKING_URI", "EXPERIMENT", "COMMAND"),
+    )
     args = parser.parse_args()
-    parent = latest_sweep(args.experiment, args.tracking_uri)
-    if parent is None:
-        raise SystemExit(f"no sweep in experiment {args.experiment!r}")
-    runs = load_runs(args.experiment, args.tracking_uri, parent=parent["run_id"])
+    sweeps, runs = [], []
+    for uri, experiment, command in args.sweep:
+        parent = latest_sweep(experiment, uri)
+        if parent is None:
+            raise SystemExit(f"no sweep in experiment {experiment!r} of {uri}")
+        found = load_runs(experiment, uri, parent=parent["run_id"])
+        sweeps.append(
+            {
+                "command": command,
+                "experiment": experiment,
+                "sweep": parent.get("tags.qpipe.sweep"),
+                "parent_run": parent["run_id"],
+                "parent_status": parent.get("status"),
+                "jobs": len(found),
+            }
+        )
+        runs += found
     runs.sort(key=lambda r: (str(r.get("params.quant")), int(r.get("params.quant.bits") or 0)))
     machine = {
         "device": "cpu",
@@ -67,10 +85,7 @@ def main() -> None:
         "note": "2 CPU cores shared with other jobs: times are indicative only",
     }
     record = {
-        "command": args.command,
-        "experiment": args.experiment,
-        "sweep": parent.get("tags.qpipe.sweep"),
-        "parent_run": parent["run_id"],
+        "sweeps": sweeps,
         "machine": machine,
         "versions": library_versions(),
         "runs": [
@@ -84,13 +99,16 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [
-        f"# {args.experiment}: sweep {record['sweep']}",
-        "",
-        f"`{args.command}`",
+    lines = [f"# {args.out.name}", ""]
+    for sw in sweeps:
+        lines.append(f"- `{sw['command']}` (sweep {sw['sweep']}, {sw['jobs']} jobs)")
+    lines += [
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['note']}). "
         + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
+        "",
+        "Unquantized (fp32) perplexity on the same tokens: "
+        + ", ".join(sorted({cell(r.get("metrics.quality.baseline_ppl"), "{:.2f}") for r in runs})),
         "",
         "| " + " | ".join(label for _, label, _ in TABLE) + " |",
         "|" + "---|" * len(TABLE),
@@ -106,7 +124,8 @@ def main() -> None:
         )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_comparison(runs, Path(tmp), f"{args.experiment} · sweep {record['sweep']}")
+        title = " + ".join(f"sweep {sw['sweep']}" for sw in sweeps)
+        files = write_comparison(runs, Path(tmp), f"{args.out.name}: {title}")
         png = next(f for f in files if f.suffix == ".png")
         shutil.copy(png, args.out.parent / f"{args.out.name}_pareto.png")
     print(f"wrote {args.out}.json, .md, _pareto.png")
