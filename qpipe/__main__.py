@@ -5,6 +5,7 @@ Examples::
     python -m qpipe                                   # SmolLM2, unquantized, full pipeline
     python -m qpipe +model=internvl +quant=awq        # the users' form
     python -m qpipe --multirun quant=none,bnb_nf4,bnb_int8
+    python -m qpipe +sweep=bits                      # a preset: GPTQ/RTN at 2/3/4/8 bits
     python -m qpipe model=internvl model.weights=random pipeline=estimate hardware=rtx4090_24gb
 """
 
@@ -25,7 +26,7 @@ from omegaconf import DictConfig  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
-from qpipe import signals  # noqa: E402
+from qpipe import searchpath, signals, sweep  # noqa: E402
 from qpipe.app import print_summary, run_pipeline  # noqa: E402
 from qpipe.config import CONF_DIR, normalize_overrides  # noqa: E402
 from qpipe.errors import QpipeError  # noqa: E402
@@ -45,6 +46,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         # One tag per sweep so the MLflow UI can select exactly its jobs.
         tags["qpipe.sweep"] = Path(hc.sweep.dir).name
         tags["qpipe.sweep_job"] = str(hc.job.num)
+    if multirun and sweep.current() is not None:
+        return sweep.run_sweep_job(cfg, list(hc.overrides.task), hc.job.num, run_dir, tags)
     console = Console(stderr=False)
     try:
         report = run_pipeline(cfg, run_dir, tags, log_file=run_dir / "qpipe.log")
@@ -62,6 +65,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
     signals.install()
+    searchpath.register()  # ./conf before the built-ins
     try:
         _hydra_main()
     except KeyboardInterrupt as interrupt:
@@ -70,6 +74,9 @@ def main() -> None:
         name = getattr(interrupt, "signal_name", "SIGINT")
         print(f"interrupted ({name}): the run is marked KILLED, partial output removed")
         sys.exit(signals.exit_code(interrupt))
+    # A sweep runs all its jobs; any that failed make the whole command fail (listed above).
+    if sweep.exit_code():
+        sys.exit(sweep.exit_code())
 
 
 if __name__ == "__main__":

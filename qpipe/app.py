@@ -11,12 +11,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from qpipe.config import resolve_device
-from qpipe.dag import load_dag
+from qpipe.dag import load_dag, pipeline_ref
 from qpipe.journal import JournaledTracker, RunJournal
+from qpipe.logrepeats import once_per_run
 from qpipe.runner import Runner, RunReport
 from qpipe.safety import policy_from, set_policy
 from qpipe.stale_runs import close_dead_runs, owner_tags
 from qpipe.tracking import Tracker
+from qpipe.tracking_uri import resolve_tracking_uri
 from qpipe.validate import validate_config
 
 log = logging.getLogger("qpipe")
@@ -46,10 +48,18 @@ def stable_params(cfg: DictConfig) -> dict[str, str]:
         "quant.bits": cfg.quant.get("bits"),
         "quant.group_size": cfg.quant.get("group_size"),
         "hardware": cfg.hardware.name,
-        "pipeline": cfg.pipeline.dag,
+        "pipeline": pipeline_ref(cfg),
         "workload.batch_size": cfg.workload.batch_size,
         "workload.context_len": cfg.workload.context_len,
     }
+
+
+def run_name(cfg: DictConfig) -> str:
+    """``model/quant``, with the width where a method has several (``smollm2-135m/gptq-w3``)."""
+    name = f"{cfg.model.name}/{cfg.quant.name}"
+    if cfg.quant.method in ("gptq", "awq", "rtn"):
+        name += f"-w{cfg.quant.bits}"
+    return name
 
 
 def run_pipeline(
@@ -59,20 +69,22 @@ def run_pipeline(
     MLflow run is opened or any weight is touched."""
     validate_config(cfg)
     set_policy(policy_from(cfg.model))
-    dag = load_dag(cfg.pipeline.dag)
+    dag = load_dag(pipeline_ref(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
-    mlflow_tracker = Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    # Before the run opens: a tracking server that is down is one line in seconds.
+    mlflow_tracker = Tracker(resolve_tracking_uri(cfg.mlflow), cfg.mlflow.experiment)
     close_dead_runs(mlflow_tracker.tracking_uri)
     tracker = JournaledTracker(mlflow_tracker, RunJournal(run_dir))
     all_tags = {"qpipe.pipeline": dag.name, "qpipe.run_dir": str(run_dir), **owner_tags()}
     all_tags.update(tags or {})
-    run_id = tracker.start(f"{cfg.model.name}/{cfg.quant.name}", all_tags)
+    run_id = tracker.start(run_name(cfg), all_tags)
     tracker.log_params({**stable_params(cfg), "device": resolve_device(cfg)})
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     runner = Runner(cfg, dag, run_dir, tracker)
     report = RunReport(status="FAILED")
     try:
-        report = runner.run()
+        with once_per_run():
+            report = runner.run()
     except KeyboardInterrupt as interrupt:
         # Ctrl-C (or SIGTERM, see qpipe.signals): the run is KILLED in the stage it was in;
         # the runner has already removed that stage's partial output.

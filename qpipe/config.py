@@ -35,7 +35,8 @@ def normalize_overrides(args: list[str]) -> list[str]:
     are wanted, so the append form is rewritten to an override for exactly those groups;
     ``+`` on anything else (new keys) keeps Hydra's meaning.
     """
-    groups = defaulted_groups()
+    # ``pipeline`` is a plain key naming one YAML file; its ``+`` form is accepted the same way.
+    groups = defaulted_groups() | {"pipeline"}
     out = []
     for arg in args:
         match = _APPEND.match(arg)
@@ -91,13 +92,15 @@ def dtype_from_name(name: str, default: torch.dtype) -> torch.dtype:
 
 
 def resolve_kernel(cfg: DictConfig, device: str) -> str:
-    """``kernel: auto`` is our Triton kernel on GPU and the torch reference on CPU."""
+    """``kernel: auto`` is our Triton kernel on GPU and the torch reference on CPU; on GPU,
+    weights of another width than 4 bits take the torch reference (Triton is 4-bit only)."""
     kernel = str(cfg.get("kernel", "auto"))
     valid = ("auto", "triton", "torch", "hf")
     if kernel not in valid:
         raise ConfigError(f"kernel={kernel!r} is not valid; use one of: {', '.join(valid)}")
     if kernel == "auto":
-        return "triton" if device.startswith("cuda") else "torch"
+        four_bit = int(cfg.get("quant", {}).get("bits", 4) or 4) == 4
+        return "triton" if device.startswith("cuda") and four_bit else "torch"
     return kernel
 
 

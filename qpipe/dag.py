@@ -7,14 +7,22 @@ stages:
   memory_budget: {needs: [env_check]}
   quantize: {needs: [pad_align], cache: [model, quant, calib]}
 ```
-A stage's code is ``qpipe.stages.<name>`` (or ``uses: <module>``). ``cache`` names the config
-sections that decide the stage's result (the stage must be a function of them alone): the
-runner reuses a finished result when they are unchanged.
+A stage's code is ``qpipe.stages.<name>``, or ``uses:`` another built-in stage's name or the
+dotted path of a user module (``uses: mypkg.stages.my_stage``, importable from the working
+directory) with the same contract: ``run(ctx: StageContext) -> StageResult``. ``cache`` names
+the config sections that decide the stage's result (the stage must be a function of them
+alone): the runner reuses a finished result when they are unchanged.
+
+A pipeline is this one file. ``pipeline=<name>`` finds ``./pipelines/<name>.yaml`` in the working
+directory first, then the built-in ``qpipe/pipelines/<name>.yaml``; ``pipeline=path/to/x.yaml``
+names a file.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,16 +80,40 @@ def _spec(name: str, raw: Any) -> StageSpec:
             f"stage {name!r}: unknown keys {sorted(unknown_keys)}; valid: needs, uses, cache"
         )
     module = raw.get("uses", name)
-    if module not in known_stages():
+    if not isinstance(module, str):
+        raise PipelineError(f"stage {name!r}: uses must be a stage name or module path")
+    if "." in module:
+        _check_user_stage(name, module)
+    elif module not in known_stages():
         raise PipelineError(
-            f"stage {name!r} uses unknown stage code {module!r}; known: {', '.join(known_stages())}"
+            f"stage {name!r} uses unknown stage code {module!r}; known: "
+            f"{', '.join(known_stages())} (or a module path such as mypkg.stages.my_stage)"
         )
     return StageSpec(
         name=name,
-        module=f"qpipe.stages.{module}",
+        module=module if "." in module else f"qpipe.stages.{module}",
         needs=tuple(raw.get("needs") or ()),
         cache=tuple(raw.get("cache") or ()),
     )
+
+
+def _check_user_stage(name: str, module: str) -> None:
+    """A user stage must import (from the working directory too) and define ``run``."""
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:  # the ``qpipe`` script, unlike ``python -m``, does not add it
+        sys.path.append(cwd)
+    try:
+        code = importlib.import_module(module)
+    except ImportError as err:
+        raise PipelineError(
+            f"stage {name!r} uses {module!r}, which cannot be imported ({err}); a user stage "
+            "is a module importable from the working directory with run(ctx) -> StageResult"
+        ) from None
+    if not callable(getattr(code, "run", None)):
+        raise PipelineError(
+            f"stage {name!r} uses {module!r}, which has no run(ctx) function; a stage module "
+            "defines run(ctx: StageContext) -> StageResult"
+        )
 
 
 def _topological(stages: dict[str, StageSpec]) -> list[str]:
@@ -116,17 +148,45 @@ def parse_dag(data: dict[str, Any], source: str = "<dict>") -> Dag:
     return Dag(name=data.get("name", source), stages=stages, order=_topological(stages))
 
 
+def pipeline_dirs() -> list[Path]:
+    """Where ``pipeline=<name>`` is looked up, first match wins: the working directory's
+    ``pipelines/``, then the built-ins."""
+    return [Path.cwd() / "pipelines", PIPELINES_DIR]
+
+
+def pipeline_ref(cfg: Any) -> str:
+    """The pipeline a config names (``pipeline: default``; the older ``pipeline.dag`` form too)."""
+    ref = cfg.get("pipeline", "default")
+    return str(ref.get("dag") if hasattr(ref, "get") else ref)
+
+
+def find_pipeline(name_or_path: str) -> Path:
+    """The YAML file of a pipeline name or path; a clear error listing the names otherwise."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        if path.is_file():
+            return path
+        raise PipelineError(f"pipeline={name_or_path!r}: no such file")
+    for folder in pipeline_dirs():
+        candidate = folder / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    names = sorted({p.stem for d in pipeline_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+    raise PipelineError(
+        f"pipeline={name_or_path!r} not found in ./pipelines or the built-ins; known: "
+        f"{', '.join(names)} (or a path to a .yaml file)"
+    )
+
+
 def load_dag(name_or_path: str) -> Dag:
-    """A DAG by name (``qpipe/pipelines/<name>.yaml``) or by path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PIPELINES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        valid = sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))
-        raise PipelineError(
-            f"pipeline.dag={name_or_path!r} not found; built-in: {', '.join(valid)} (or a path)"
-        )
-    return parse_dag(yaml.safe_load(path.read_text()), source=path.name)
+    """A DAG by name (``./pipelines/<name>.yaml``, then ``qpipe/pipelines/<name>.yaml``) or by
+    path."""
+    path = find_pipeline(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_dag(data, source=path.name)
 
 
 def stage_function(spec: StageSpec) -> Any:

@@ -1,13 +1,18 @@
-"""``python -m qpipe.report``: compare finished runs from the MLflow store in one table, and
-write them as JSON / markdown (how the README's result tables are made).
+"""``python -m qpipe.report``: the comparison of runs — an experiment, a sweep (its MLflow parent
+run) — as a table, and as CSV / Markdown / HTML / a Pareto plot. A multirun's parent run holds
+the same files, made by the same functions, refreshed as its jobs finish.
 
-    python -m qpipe.report --experiment qpipe
-    python -m qpipe.report --experiment gpu --json bench/results/x.json --markdown bench/results/x.md
+    python -m qpipe.report                              # the latest sweep of experiment qpipe
+    python -m qpipe.report --experiment qpipe --all     # every run of the experiment
+    python -m qpipe.report --sweep 16-02-11 --out bench/results/x   # x.csv/.md/.html/.png
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import html
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -15,14 +20,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from qpipe.pareto import Point, pareto_plot
 from qpipe.tracking import default_tracking_uri
 
+PARENT_ROLE = "parent"  # tags.qpipe.role of a sweep's parent run
+
 COLUMNS = (
+    ("tags.mlflow.runName", "run"),
     ("params.model", "model"),
     ("params.quant", "quant"),
+    ("params.quant.bits", "bits"),
     ("params.kernel", "kernel"),
     ("params.device", "device"),
     ("metrics.mem.est_weights_gb", "est weights GB"),
+    ("metrics.mem.loaded_weights_gb", "loaded weights GB"),
     ("metrics.mem.est_peak_gb", "est peak GB"),
     ("metrics.mem.measured_peak_gb", "measured peak GB"),
     ("metrics.mem.est_error_pct", "est error %"),
@@ -31,21 +42,62 @@ COLUMNS = (
     ("metrics.perf.ttft_ms", "TTFT ms"),
     ("metrics.perf.decode_tok_s", "decode tok/s"),
     ("metrics.time.quantize_s", "quantize s"),
+    ("tags.qpipe.failure", "failure"),
 )
 
 
-def load_runs(
-    experiment: str, tracking_uri: str | None = None, sweep: str | None = None
-) -> list[dict[str, Any]]:
-    """Every run of an experiment as a flat dict (params.*, metrics.*, tags.*), oldest first."""
+def _client_uri(tracking_uri: str | None) -> str:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
-    query = f"tags.`qpipe.sweep` = '{sweep}'" if sweep else ""
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def load_runs(
+    experiment: str,
+    tracking_uri: str | None = None,
+    sweep: str | None = None,
+    parent: str | None = None,
+) -> list[dict[str, Any]]:
+    """Runs as flat dicts (params.*, metrics.*, tags.*), oldest first, parents left out: every
+    run of ``experiment``, or the children of one sweep (by ``qpipe.sweep`` tag or parent id)."""
+    import mlflow
+
+    _client_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        return []
+    query = ""
+    if parent:
+        query = f"tags.`mlflow.parentRunId` = '{_quote(parent)}'"
+    elif sweep:
+        query = f"tags.`qpipe.sweep` = '{_quote(sweep)}'"
     frame = mlflow.search_runs(
         experiment_names=[experiment], filter_string=query, order_by=["start_time ASC"]
     )
-    return json.loads(frame.to_json(orient="records", date_format="iso"))
+    runs = json.loads(frame.to_json(orient="records", date_format="iso"))
+    return [r for r in runs if r.get("tags.qpipe.role") != PARENT_ROLE]
+
+
+def latest_sweep(experiment: str, tracking_uri: str | None = None) -> dict[str, Any] | None:
+    """The most recent sweep parent run of ``experiment`` (None when there is none)."""
+    import mlflow
+
+    _client_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        return None
+    frame = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string=f"tags.`qpipe.role` = '{PARENT_ROLE}'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )
+    runs = json.loads(frame.to_json(orient="records", date_format="iso"))
+    return runs[0] if runs else None
 
 
 def _cell(value: Any) -> str:
@@ -53,25 +105,93 @@ def _cell(value: Any) -> str:
         return "—"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return str(value).replace("\n", " ")
+
+
+def rows(runs: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per run: status, then the COLUMNS."""
+    return [[str(r.get("status"))] + [_cell(r.get(key)) for key, _ in COLUMNS] for r in runs]
+
+
+def header() -> list[str]:
+    return ["status"] + [label for _, label in COLUMNS]
 
 
 def markdown(runs: list[dict[str, Any]]) -> str:
-    lines = ["| status | " + " | ".join(label for _, label in COLUMNS) + " |"]
-    lines.append("|" + "---|" * (len(COLUMNS) + 1))
-    for run in runs:
-        cells = [_cell(run.get(key)) for key, _ in COLUMNS]
-        lines.append(f"| {run.get('status')} | " + " | ".join(cells) + " |")
+    lines = ["| " + " | ".join(header()) + " |", "|" + "---|" * len(header())]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows(runs)]
     return "\n".join(lines) + "\n"
+
+
+def csv_text(runs: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["run_id", *header()])
+    for run, row in zip(runs, rows(runs), strict=True):
+        writer.writerow([run.get("run_id"), *row])
+    return out.getvalue()
+
+
+def html_table(runs: list[dict[str, Any]], title: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header())
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows(runs)
+    )
+    return (
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>table{border-collapse:collapse;font:13px sans-serif}"
+        "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}</style>"
+        f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>\n"
+    )
+
+
+def label(run: dict[str, Any], with_model: bool = False) -> str:
+    """``gptq w3``, ``bnb_nf4``, ``none``: what a point on the Pareto plot is."""
+    name = str(run.get("params.quant") or run.get("tags.mlflow.runName") or run.get("run_id"))
+    if run.get("params.quant.method") in ("gptq", "awq", "rtn"):
+        name += f" w{run.get('params.quant.bits')}"
+    return f"{run.get('params.model')}/{name}" if with_model else name
+
+
+def points(runs: list[dict[str, Any]]) -> list[Point]:
+    """Finished runs with a measured peak and a perplexity Δ, as Pareto points."""
+    done = [r for r in runs if r.get("status") == "FINISHED"]
+    several_models = len({r.get("params.model") for r in done}) > 1
+    return [
+        Point(
+            label(r, several_models),
+            r["metrics.mem.measured_peak_gb"],
+            r["metrics.quality.ppl_delta_pct"],
+            r.get("metrics.perf.decode_tok_s"),
+        )
+        for r in done
+        if r.get("metrics.mem.measured_peak_gb") is not None
+        and r.get("metrics.quality.ppl_delta_pct") is not None
+    ]
+
+
+def write_comparison(runs: list[dict[str, Any]], folder: Path, title: str) -> list[Path]:
+    """comparison.{csv,md,html} and pareto.png in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "comparison.csv": csv_text(runs),
+        "comparison.md": f"# {title}\n\n" + markdown(runs),
+        "comparison.html": html_table(runs, title),
+    }
+    out = []
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+        out.append(folder / name)
+    out.append(pareto_plot(points(runs), folder / "pareto.png", title))
+    return out
 
 
 def table(runs: list[dict[str, Any]], title: str) -> Table:
     out = Table(title=title)
-    out.add_column("status")
-    for _, label in COLUMNS:
-        out.add_column(label, justify="right")
-    for run in runs:
-        out.add_row(run.get("status", ""), *(_cell(run.get(key)) for key, _ in COLUMNS))
+    for name in header():
+        out.add_column(name, justify="right")
+    for row in rows(runs):
+        out.add_row(*row)
     return out
 
 
@@ -81,12 +201,34 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--experiment", default="qpipe")
     parser.add_argument("--tracking-uri", default=None)
-    parser.add_argument("--sweep", default=None, help="only the runs of this qpipe.sweep tag")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--sweep", default=None, help="the runs of this qpipe.sweep tag")
+    which.add_argument("--parent", default=None, help="the children of this parent run id")
+    which.add_argument("--all", action="store_true", help="every run of the experiment")
+    parser.add_argument("--out", type=Path, default=None, help="write <out>.csv/.md/.html/.png")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
-    runs = load_runs(args.experiment, args.tracking_uri, args.sweep)
-    Console().print(table(runs, f"qpipe runs · experiment {args.experiment}"))
+    title = f"experiment {args.experiment}"
+    parent = args.parent
+    if not (args.sweep or parent or args.all):
+        latest = latest_sweep(args.experiment, args.tracking_uri)
+        parent = latest["run_id"] if latest else None
+        if latest:
+            title = f"sweep {latest.get('tags.qpipe.sweep')} · {title}"
+    runs = load_runs(args.experiment, args.tracking_uri, args.sweep, parent)
+    if args.sweep:
+        title = f"sweep {args.sweep} · {title}"
+    Console(width=250).print(table(runs, f"qpipe · {title}"))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_comparison(runs, Path(tmp), title):
+                target = args.out.with_suffix(path.suffix)
+                target.write_bytes(path.read_bytes())
+                print(f"wrote {target}")
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2))
     if args.markdown:

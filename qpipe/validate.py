@@ -7,7 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 from qpipe.align import MODES as PAD_MODES
 from qpipe.backends import get_backend
 from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
-from qpipe.dag import load_dag
+from qpipe.dag import load_dag, pipeline_ref
 from qpipe.errors import ConfigError
 from qpipe.models.source import model_class, source_kind
 from qpipe.schema import check_schema
@@ -22,7 +22,7 @@ def validate_config(cfg: DictConfig) -> None:
     kernel = resolve_kernel(cfg, device)
     if kernel == "triton" and not device.startswith("cuda"):
         raise ConfigError("kernel=triton needs a CUDA device; use kernel=torch (or auto) on CPU")
-    load_dag(cfg.pipeline.dag)
+    load_dag(pipeline_ref(cfg))
     source_kind(cfg.model)
     model_class(cfg.model)
     task = cfg.model.get("task", "causal-lm")

@@ -19,7 +19,7 @@ def test_defaults_compose() -> None:
     assert cfg.model.name == "smollm2-135m"
     assert cfg.quant.method == "none"
     assert cfg.hardware.name == "auto"
-    assert cfg.pipeline.dag == "default"
+    assert cfg.pipeline == "default"
 
 
 def test_plus_form_and_plain_form_give_the_same_config() -> None:
@@ -35,7 +35,7 @@ def test_plus_keeps_its_meaning_for_new_keys() -> None:
         "+foo.bar=1",
         "quant.bits=8",
     ]
-    assert {"model", "quant", "hardware", "pipeline", "eval"} <= defaulted_groups()
+    assert {"model", "quant", "hardware", "eval"} <= defaulted_groups()
 
 
 @pytest.mark.parametrize(
@@ -48,7 +48,7 @@ def test_plus_keeps_its_meaning_for_new_keys() -> None:
         ("pad_align.mode=stretch", "pad_align.mode='stretch' is not valid"),
         ("quant.bits=3", "quant.bits=3 is not valid for bitsandbytes"),
         ("model.weights=fake", "model.weights='fake' is not valid"),
-        ("pipeline.dag=nope", "pipeline.dag='nope' not found"),
+        ("pipeline=nope", "pipeline='nope' not found in ./pipelines or the built-ins"),
         ("eval.text=/no/such/file.txt", "eval.text='/no/such/file.txt'"),
     ],
 )
@@ -95,7 +95,8 @@ def test_cli_internvl_without_hub_names_the_offline_alternatives(outputs_dir) ->
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (("quant=gptq", "quant.bits=8", "kernel=torch"), "qpipe's kernels run 4-bit weights only"),
+        (("quant=gptq", "quant.bits=5"), "quant.bits=5 is not valid for gptq; use 2, 3, 4 or 8"),
+        (("quant=rtn", "quant.bits=3", "quant.format=qpipe-w4"), "holds 4-bit weights"),
         (("quant=rtn", "quant.format=qpipe-w4", "kernel=hf"), "kernel=hf cannot load"),
         (("quant=gptq", "calib.num_samples=0"), "calib.num_samples=0 is not valid"),
         (("quant=awq", "quant.group_size=100"), "group_size"),

@@ -59,5 +59,7 @@ def test_builtin_pipelines() -> None:
     ):
         assert stage in default.order
     assert load_dag("estimate").order == ["env_check", "memory_budget"]
-    with pytest.raises(PipelineError, match="built-in: default, estimate"):
+    with pytest.raises(
+        PipelineError, match="not found in ./pipelines or the built-ins; known: default"
+    ):
         load_dag("nope")

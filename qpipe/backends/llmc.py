@@ -41,10 +41,17 @@ _KEYS = {
     "awq": _COMMON_KEYS | {"duo_scaling", "n_grid"},
     "rtn": _COMMON_KEYS | {"format"},
 }
-_BITS = {"gptq": (4, 8), "awq": (4,), "rtn": (4, 8)}
+# Widths llm-compressor's scheme and compressed-tensors' packing take (any of 1..8); 4-bit runs on
+# qpipe's Triton kernel, the others on the torch reference (IntLinear) or transformers.
+_BITS = {"gptq": (2, 3, 4, 8), "awq": (4, 8), "rtn": (2, 3, 4, 8)}
 
 
 # -- validation ----------------------------------------------------------------------------
+
+
+def _or(values: Sequence[Any]) -> str:
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def _is_int(v: Any) -> bool:
@@ -66,7 +73,7 @@ def validate_quant(quant: Mapping[str, Any]) -> None:
     bits = quant.get("bits")
     if bits not in _BITS[method] or not _is_int(bits):
         raise ConfigError(
-            f"quant.bits={bits!r} is not valid for {method}; use {' or '.join(map(str, _BITS[method]))}"
+            f"quant.bits={bits!r} is not valid for {method}; use {_or(_BITS[method])}"
         )
     gs = quant.get("group_size")
     if not _is_int(gs) or (gs != 0 and gs not in LEGAL_GROUP_SIZES):
@@ -125,10 +132,11 @@ def validate_kernel(quant: Mapping[str, Any], kernel: str) -> None:
     found before quantizing, not after."""
     from qpipe.backends.qlinear_loader import QPIPE_W4
 
-    if kernel in ("torch", "triton", "auto") and int(quant.get("bits", 4)) != 4:
+    if kernel == "triton" and int(quant.get("bits", 4)) != 4:
         raise ConfigError(
-            f"quant.bits={quant.get('bits')} with kernel={kernel}: qpipe's kernels run 4-bit "
-            "weights only; use kernel=hf (transformers decompresses) or quant.bits=4"
+            f"quant.bits={quant.get('bits')} with kernel=triton: qpipe's Triton kernels run "
+            "4-bit weights only; use kernel=torch or auto (torch reference), kernel=hf, or "
+            "quant.bits=4"
         )
     if kernel == "hf" and quant.get("format") == QPIPE_W4:
         raise ConfigError(

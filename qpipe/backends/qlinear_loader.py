@@ -1,4 +1,5 @@
-"""Load 4-bit checkpoints into a model whose quantized Linear layers are qpipe ``QuantLinear``s.
+"""Load quantized checkpoints into a model whose quantized Linear layers are qpipe
+``QuantLinear``s (4-bit) or ``IntLinear``s (2-, 3- and 8-bit, torch reference).
 
 One path for every format: build the model empty (parameters on the meta device, from the
 checkpoint's config), turn each quantized module's tensors into exact ``IntWeights`` with a
@@ -25,6 +26,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from qpipe.errors import BackendUnavailable, ConfigError
 from qpipe.kernels import IntWeights, QuantLinear, from_compressed_tensors, kernel_available
+from qpipe.kernels.int_linear import IntLinear
 from qpipe.safety import trust_remote_code
 
 QPIPE_W4 = "qpipe-w4"
@@ -162,10 +164,29 @@ def load_with_extractor(
                 f"{checkpoint}: {name} holds a {tuple(iw.shape)} weight, the model expects "
                 f"{expected}"
             )
-        q = QuantLinear.from_int(iw, bias, kernel=kernel, dtype=dtype, in_features=expected[1])
-        model.set_submodule(name, q)
+        model.set_submodule(name, _quantized_module(iw, bias, kernel, dtype, expected[1], name))
     _assign_rest(model, tensors, dtype, checkpoint)
     return model.to(device).eval()
+
+
+def _quantized_module(
+    iw: IntWeights,
+    bias: torch.Tensor | None,
+    kernel: str,
+    dtype: torch.dtype,
+    in_features: int,
+    name: str,
+) -> torch.nn.Module:
+    """QuantLinear for 4-bit weights (torch or Triton kernel); IntLinear (torch reference,
+    weights kept packed at their width) for the other widths."""
+    if iw.bits == 4:
+        return QuantLinear.from_int(iw, bias, kernel=kernel, dtype=dtype, in_features=in_features)
+    if kernel != "torch":
+        raise ConfigError(
+            f"{name} holds {iw.bits}-bit weights: kernel={kernel} runs 4-bit weights only; "
+            "use kernel=torch (or auto) or kernel=hf"
+        )
+    return IntLinear.from_int(iw, bias, dtype=dtype, in_features=in_features)
 
 
 def _assign_rest(
@@ -215,10 +236,10 @@ def compressed_tensors_extractors(checkpoint: Path, model_class: str) -> tuple[s
         if args is None:
             raise ConfigError(f"{checkpoint}: {name} is packed but no config group targets it")
         bits = int(args.get("num_bits", 4))
-        if bits != 4 or args.get("type", "int") != "int":
+        if args.get("type", "int") != "int":
             raise ConfigError(
-                f"{name} is {bits}-bit {args.get('type')}: qpipe's QuantLinear holds 4-bit "
-                "integers only; load this checkpoint with kernel=hf"
+                f"{name} is {bits}-bit {args.get('type')}: qpipe loads integer weights only; "
+                "load this checkpoint with kernel=hf"
             )
         k = int(own["weight_shape"][1])
         strategy = args.get("strategy")

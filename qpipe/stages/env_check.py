@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from qpipe.backends import get_backend
 from qpipe.config import load_group, resolve_device, resolve_dtype, resolve_kernel
-from qpipe.dag import load_dag
+from qpipe.dag import load_dag, pipeline_ref
 from qpipe.envinfo import device_facts, library_versions, measure_cuda_context_gb
 from qpipe.errors import BackendUnavailable, QpipeError
 from qpipe.models.source import check_weights_reachable
@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> StageResult:
     if reason != "ok":
         raise BackendUnavailable(f"quant={quant['name']} cannot run on {device}: {reason}")
 
-    if _loads_weights(cfg.pipeline.dag):
+    if _loads_weights(pipeline_ref(cfg)):
         check_weights_reachable(cfg.model)
 
     facts.update(dtype=str(dtype).removeprefix("torch."), kernel=kernel, backends=runnable)

@@ -1,0 +1,2 @@
+"""Worked example: pipeline stages of your own, outside the qpipe package (see
+pipelines/estimate_then_quantize.yaml)."""

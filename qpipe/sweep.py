@@ -1,0 +1,291 @@
+"""A multirun as one MLflow parent run with a nested child run per job (MLflow's own nesting:
+the ``mlflow.parentRunId`` tag), the comparison on the parent — table (CSV/Markdown/HTML) and
+Pareto plot — refreshed as each job finishes, and resume after a kill.
+
+Resume: a sweep is known by its command (experiment + the multirun's overrides + the sweeper's
+axes). Run the same command again after the sweep was killed or had failing jobs, and the
+unfinished parent is taken up again: jobs whose child run FINISHED are skipped, a job's earlier
+unfinished child (RUNNING when SIGKILL struck, or FAILED) is deleted before it runs again, so the
+parent shows every job once. Cached stages are reused as in any run; a checkpoint being written
+when the kill came sits in a ``.partial`` folder that is never read (see the runner).
+
+Failures: every job runs; at the end the parent is FAILED if any job failed, each failure is
+printed with its reason, and ``python -m qpipe`` exits non-zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from qpipe.errors import QpipeError
+from qpipe.report import PARENT_ROLE, load_runs, write_comparison
+from qpipe.tracking import Tracker
+from qpipe.tracking_uri import resolve_tracking_uri
+
+log = logging.getLogger("qpipe")
+
+_current: Sweep | None = None
+_last_exit_code = 0
+
+
+@dataclass
+class JobOutcome:
+    num: int
+    overrides: str
+    status: str  # FINISHED | FAILED | SKIPPED (finished in an earlier attempt)
+    error: str | None = None
+    run_id: str | None = None
+
+
+def job_key(overrides: list[str]) -> str:
+    """A job's identity within its sweep: its overrides, order-free."""
+    return hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:16]
+
+
+def sweep_key(experiment: str, overrides: list[str], axes: dict[str, Any]) -> str:
+    """A sweep's identity: the same command (overrides and preset axes) gives the same key."""
+    blob = {"experiment": experiment, "overrides": sorted(overrides), "axes": axes}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _q(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+@dataclass
+class Sweep:
+    tracking_uri: str
+    experiment: str
+    key: str
+    label: str
+    parent_id: str = ""
+    resumed: bool = False
+    outcomes: list[JobOutcome] = field(default_factory=list)
+
+    # -- opening -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, cfg: DictConfig) -> Sweep:
+        """Find this command's unfinished parent run, or start a new one."""
+        uri = resolve_tracking_uri(cfg.mlflow)
+        Tracker(uri, cfg.mlflow.experiment)  # creates the experiment where it is missing
+        overrides = list(cfg.hydra.overrides.task)
+        params = cfg.hydra.sweeper.get("params")
+        axes = OmegaConf.to_container(params, resolve=False) if params else {}
+        key = sweep_key(cfg.mlflow.experiment, overrides, axes)
+        sweep = cls(uri, cfg.mlflow.experiment, key, Path(cfg.hydra.sweep.dir).name)
+        client = sweep.client()
+        experiment_id = client.get_experiment_by_name(sweep.experiment).experiment_id
+        previous = client.search_runs(
+            [experiment_id],
+            f"tags.`qpipe.sweep_key` = '{key}' and tags.`qpipe.role` = '{PARENT_ROLE}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if previous and previous[0].info.status != "FINISHED":
+            run = previous[0]
+            sweep.parent_id, sweep.resumed = run.info.run_id, True
+            sweep.label = run.data.tags.get("qpipe.sweep", sweep.label)
+            client.update_run(sweep.parent_id, status="RUNNING")
+            log.info("resuming sweep %s (parent run %s)", sweep.label, sweep.parent_id)
+        else:
+            axes_text = " ".join(f"{k}={v}" for k, v in axes.items())
+            run = client.create_run(
+                experiment_id,
+                run_name=f"sweep {sweep.label}",
+                tags={
+                    "qpipe.role": PARENT_ROLE,
+                    "qpipe.sweep": sweep.label,
+                    "qpipe.sweep_key": key,
+                    "qpipe.overrides": " ".join(overrides),
+                    "qpipe.sweep_axes": axes_text,
+                },
+            )
+            sweep.parent_id = run.info.run_id
+        return sweep
+
+    def client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    # -- jobs --------------------------------------------------------------------------------
+    def child_tags(self, key: str) -> dict[str, str]:
+        return {"mlflow.parentRunId": self.parent_id, "qpipe.job_key": key}
+
+    def _children(self, key: str) -> list[Any]:
+        client = self.client()
+        experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
+        query = (
+            f"tags.`mlflow.parentRunId` = '{_q(self.parent_id)}' and tags.`qpipe.job_key` = '{key}'"
+        )
+        return client.search_runs([experiment_id], query)
+
+    def finished_child(self, key: str) -> str | None:
+        """The run id of this job's FINISHED child from an earlier attempt, if any."""
+        return next(
+            (r.info.run_id for r in self._children(key) if r.info.status == "FINISHED"), None
+        )
+
+    def drop_unfinished(self, key: str) -> None:
+        """Delete this job's earlier unfinished children: the job runs again, once."""
+        client = self.client()
+        for run in self._children(key):
+            if run.info.status != "FINISHED":
+                client.delete_run(run.info.run_id)
+                log.info("job's earlier %s run %s replaced", run.info.status, run.info.run_id)
+
+    def record(self, outcome: JobOutcome) -> None:
+        self.outcomes.append(outcome)
+
+    def record_failure_without_run(self, key: str, num: int, overrides: str, error: str) -> None:
+        """A job that failed before its run opened (a bad config value) still gets a FAILED
+        child, so the parent lists every job."""
+        client = self.client()
+        experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
+        run = client.create_run(
+            experiment_id,
+            run_name=f"job {num}: {overrides}"[:250],
+            tags={
+                **self.child_tags(key),
+                "qpipe.sweep": self.label,
+                "qpipe.overrides": overrides,
+                "qpipe.failure": error[:5000],
+            },
+        )
+        client.set_terminated(run.info.run_id, "FAILED")
+        self.record(JobOutcome(num, overrides, "FAILED", error, run.info.run_id))
+
+    # -- the comparison on the parent ----------------------------------------------------------
+    def refresh(self) -> None:
+        """Rewrite the parent's comparison table and Pareto plot from its children now. A
+        tracking hiccup here costs the refresh, never the sweep."""
+        try:
+            runs = load_runs(self.experiment, self.tracking_uri, parent=self.parent_id)
+            client = self.client()
+            with tempfile.TemporaryDirectory() as tmp:
+                for path in write_comparison(runs, Path(tmp), f"sweep {self.label}"):
+                    client.log_artifact(self.parent_id, str(path))
+            counts = {"FINISHED": 0, "FAILED": 0}
+            for run in runs:
+                if run.get("status") in counts:
+                    counts[run["status"]] += 1
+            client.log_metric(self.parent_id, "sweep.jobs_finished", counts["FINISHED"])
+            client.log_metric(self.parent_id, "sweep.jobs_failed", counts["FAILED"])
+        except Exception as err:  # noqa: BLE001
+            log.warning("sweep comparison not updated: %s: %s", type(err).__name__, err)
+
+    def failures(self) -> list[JobOutcome]:
+        return [o for o in self.outcomes if o.status == "FAILED"]
+
+    def close(self, console: Console) -> int:
+        """End the parent (FAILED if any job failed), print the outcome; the exit code."""
+        self.refresh()
+        failed = self.failures()
+        status = "FAILED" if failed else "FINISHED"
+        try:
+            self.client().set_terminated(self.parent_id, status)
+        except Exception as err:  # noqa: BLE001
+            log.warning("sweep parent run not closed: %s: %s", type(err).__name__, err)
+        skipped = sum(o.status == "SKIPPED" for o in self.outcomes)
+        done = f"{len(self.outcomes)} jobs"
+        if skipped:
+            done += f" ({skipped} finished in an earlier attempt, not rerun)"
+        console.print(f"sweep {self.label}: {done}; parent MLflow run {self.parent_id}")
+        if not failed:
+            return 0
+        console.print(f"[red]✘ {len(failed)} of {len(self.outcomes)} jobs failed:[/red]")
+        for o in failed:
+            console.print(f"  #{o.num} {o.overrides}: {o.error}", highlight=False, soft_wrap=True)
+        return 1
+
+
+def current() -> Sweep | None:
+    """The sweep this process is running (None outside a multirun)."""
+    return _current
+
+
+def exit_code() -> int:
+    """Non-zero when the last sweep of this process had failing jobs."""
+    return _last_exit_code
+
+
+class SweepCallback(Callback):
+    """Hydra's multirun hooks: open the parent, refresh it after each job, close it."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _current, _last_exit_code
+        _last_exit_code = 0
+        try:
+            _current = Sweep.open(config)
+        except QpipeError as err:
+            Console().print(f"[red]error:[/red] {err}", highlight=False)
+            raise SystemExit(2) from None
+        except Exception:  # Hydra would only warn and run the jobs without their parent
+            log.exception("could not open the sweep's MLflow parent run")
+            raise SystemExit(1) from None
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        sweep = _current
+        if sweep is None:
+            return
+        if job_return.status == JobStatus.FAILED:  # an error the job itself did not catch
+            err = job_return._return_value
+            overrides = " ".join(job_return.overrides or [])
+            sweep.record(JobOutcome(-1, overrides, "FAILED", f"{type(err).__name__}: {err}"))
+        sweep.refresh()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _current, _last_exit_code
+        if _current is None:
+            return
+        _last_exit_code = _current.close(Console())
+        _current = None
+
+
+def run_sweep_job(
+    cfg: DictConfig, job_overrides: list[str], num: int, run_dir: Path, tags: dict[str, str]
+) -> float | None:
+    """One job of the current sweep: skipped when an earlier attempt finished it, otherwise run
+    as a child of the parent; its failure is recorded (the sweep goes on) instead of raised."""
+    from qpipe.app import print_summary, run_pipeline
+
+    sweep = _current
+    assert sweep is not None
+    console = Console()
+    key, text = job_key(job_overrides), " ".join(job_overrides)
+    done = sweep.finished_child(key)
+    if done:
+        console.print(
+            f"job {num} ({text}) finished in run {done} of this sweep: not rerun", soft_wrap=True
+        )
+        sweep.record(JobOutcome(num, text, "SKIPPED", run_id=done))
+        return None
+    sweep.drop_unfinished(key)
+    # Every job logs where the parent is, even if the server came back since the sweep began.
+    cfg.mlflow.tracking_uri, cfg.mlflow.fallback = sweep.tracking_uri, None
+    tags = {**tags, **sweep.child_tags(key), "qpipe.sweep": sweep.label}
+    try:
+        report = run_pipeline(cfg, run_dir, tags, log_file=run_dir / "qpipe.log")
+    except QpipeError as err:  # before the run opened: a bad value for this job
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sweep.record_failure_without_run(key, num, text, str(err))
+        return None
+    except Exception as err:  # noqa: BLE001 (a bug or the tracking store: the sweep goes on)
+        log.exception("job %d (%s) crashed", num, text)
+        sweep.record(JobOutcome(num, text, "FAILED", f"{type(err).__name__}: {err}"))
+        return None
+    print_summary(cfg, report, console)
+    error = f"{report.failed_stage}: {report.error}" if report.error else None
+    sweep.record(JobOutcome(num, text, report.status, error, report.run_id))
+    return report.metrics.get("quality.ppl")
