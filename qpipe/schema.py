@@ -81,11 +81,6 @@ class HardwareSchema:
 
 
 @dataclass
-class PipelineSchema:
-    dag: str
-
-
-@dataclass
 class EvalSchema:
     text: str
     max_tokens: int
@@ -94,8 +89,9 @@ class EvalSchema:
     prompt: str
     max_new_tokens: int
     prefill_tokens: int
-    decode_batch_sizes: list[int]
+    decode_batch_sizes: Any  # auto | a list of batch sizes (checked by decode_batch_sizes)
     repeats: int
+    decode: str = "both"  # compiled | eager | both
 
 
 @dataclass
@@ -136,6 +132,7 @@ class MlflowSchema:
     tracking_uri: Optional[str]
     experiment: str
     sweep_tag: Optional[str] = None
+    fallback: Optional[str] = None  # null | local
 
 
 @dataclass
@@ -143,7 +140,7 @@ class QpipeSchema:
     model: ModelSchema
     quant: QuantSchema
     hardware: HardwareSchema
-    pipeline: PipelineSchema
+    pipeline: str  # a pipeline name or a path to its YAML file
     workload: WorkloadSchema
     exclude: ExcludeSchema
     pad_align: PadAlignSchema
@@ -169,9 +166,14 @@ def _known_keys(schema: type, path: list[str]) -> list[str]:
     return [f.name for f in fields(schema)]
 
 
-def check_schema(cfg: DictConfig) -> None:
+def check_schema(cfg: DictConfig, stage_keys: set[str] = frozenset()) -> None:
     """Raise ConfigError (one line) when ``cfg`` has a key the schema lacks or a value of the
-    wrong type."""
+    wrong type. ``stage_keys``: top-level keys that belong to the pipeline's own stages (their
+    settings are theirs to check)."""
+    known = {f.name for f in fields(QpipeSchema)}
+    own = [k for k in cfg if k in stage_keys and k not in known]
+    if own:
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in own])
     try:
         OmegaConf.merge(OmegaConf.structured(QpipeSchema), cfg)
     except OmegaConfBaseException as err:

@@ -16,13 +16,15 @@ from qpipe.textdata import read_text
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first invalid value and what would be valid."""
-    check_schema(cfg)  # types and known keys first: the checks below trust them
+    dag = load_dag(pipeline_ref(cfg))
+    # Types and known keys first: the checks below trust them. A top-level key named after a
+    # stage of this pipeline holds that stage's own settings (user stages: +savings.min_pct=50).
+    check_schema(cfg, stage_keys=set(dag.stages))
     device = resolve_device(cfg)
     resolve_dtype(cfg, device)
     kernel = resolve_kernel(cfg, device)
     if kernel == "triton" and not device.startswith("cuda"):
         raise ConfigError("kernel=triton needs a CUDA device; use kernel=torch (or auto) on CPU")
-    load_dag(pipeline_ref(cfg))
     source_kind(cfg.model)
     model_class(cfg.model)
     task = cfg.model.get("task", "causal-lm")
