@@ -12,19 +12,29 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from qpipe.app import print_summary, run_pipeline
 from qpipe.config import normalize_overrides
 from qpipe.errors import QpipeError
+from qpipe.gpu_slots import parallel_jobs, pin_job, visible_gpu_count
 
 log = logging.getLogger("qpipe")
+
+# At import, not in main(): launchers that run jobs in other processes (submitit) import this
+# module there to reach the task function, and compose the launcher config there too.
+OmegaConf.register_new_resolver("qpipe.parallel_jobs", parallel_jobs, replace=True)
+OmegaConf.register_new_resolver("qpipe.visible_gpus", visible_gpu_count, replace=True)
+# qpipe's conf/hydra/launcher/*.yaml carry every key of the launcher plugins' schemas, so they
+# work with or without Hydra's (deprecated) schema matching by name.
+warnings.filterwarnings("ignore", message="(?s).*validated against ConfigStore schema")
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -37,6 +47,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         # One tag per sweep so the MLflow UI can select exactly its jobs.
         tags["qpipe.sweep"] = Path(hc.sweep.dir).name
         tags["qpipe.sweep_job"] = str(hc.job.num)
+        tags.update(pin_job(cfg))  # one job per GPU: before anything starts CUDA
     console = Console(stderr=False)
     try:
         report = run_pipeline(cfg, run_dir, tags, log_file=run_dir / "qpipe.log")

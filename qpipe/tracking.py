@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qpipe.paths import outputs_root
+from qpipe.store_lock import store_lock
 
 
 def default_tracking_uri() -> str:
@@ -34,13 +35,14 @@ class Tracker:
         self._mlflow = mlflow
         self.tracking_uri = tracking_uri or default_tracking_uri()
         mlflow.set_tracking_uri(self.tracking_uri)
-        if mlflow.get_experiment_by_name(experiment) is None:
-            # Artifacts go beside the store, not into ./mlruns of the current directory.
-            location = None
-            if self.tracking_uri.startswith("sqlite:"):
-                location = (outputs_root() / "mlartifacts").as_uri()
-            mlflow.create_experiment(experiment, artifact_location=location)
-        mlflow.set_experiment(experiment)
+        with store_lock(self.tracking_uri):  # parallel sweep jobs: one creator at a time
+            if mlflow.get_experiment_by_name(experiment) is None:
+                # Artifacts go beside the store, not into ./mlruns of the current directory.
+                location = None
+                if self.tracking_uri.startswith("sqlite:"):
+                    location = (outputs_root() / "mlartifacts").as_uri()
+                mlflow.create_experiment(experiment, artifact_location=location)
+            mlflow.set_experiment(experiment)
         self.run_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str]) -> str:

@@ -75,7 +75,15 @@ class Backend(Protocol):
         """Quantize ``request.source`` into ``request.output_dir``."""
 
     def load(
-        self, checkpoint: Path, model_class: str, device: str, dtype: torch.dtype, kernel: str
+        self,
+        checkpoint: Path,
+        model_class: str,
+        device: str,
+        dtype: torch.dtype,
+        kernel: str,
+        device_map: dict[str, Any] | None = None,
     ) -> torch.nn.Module:
         """Load a checkpoint made by ``quantize`` onto ``device``; ``kernel`` picks the
-        matmul implementation where the backend has a choice ("torch", "triton")."""
+        matmul implementation where the backend has a choice ("torch", "triton").
+        ``device_map`` (module name -> GPU index or "cpu", from the memory budget) spreads it
+        over several devices instead; backends that cannot raise ConfigError."""

@@ -461,8 +461,14 @@ class LlmcBackend:
         return quantize_with_llmc(request)
 
     def load(
-        self, checkpoint: Path, model_class: str, device: str, dtype: torch.dtype, kernel: str
+        self,
+        checkpoint: Path,
+        model_class: str,
+        device: str,
+        dtype: torch.dtype,
+        kernel: str,
+        device_map: dict[str, Any] | None = None,
     ) -> torch.nn.Module:
         from qpipe.backends.qlinear_loader import load_checkpoint
 
-        return load_checkpoint(checkpoint, model_class, device, dtype, kernel)
+        return load_checkpoint(checkpoint, model_class, device, dtype, kernel, device_map)

@@ -1,0 +1,136 @@
+"""The memory budget's per-device part: one card, or a device map over several (and host
+memory), with a verdict per card. memory_budget calls ``plan_devices``; ``load`` and
+validate_vram read what it returns from the budget's outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from qpipe.hardware import Cards
+from qpipe.memory import Estimate
+from qpipe.memory.placement import Placement, meta_model, plan_placement
+
+# Loading through transformers (from_pretrained with a device map) is what spreads a model;
+# qpipe's own QuantLinear loader places a model on one device.
+_MAPPABLE = ("none", "bnb")
+
+
+@dataclass
+class DeviceVerdict:
+    placement: Placement | None  # None: the whole model on one card, as before
+    usable_gb: float  # what the single card may hold (cap and headroom applied)
+    fits: bool
+
+    def outputs(self) -> dict[str, Any]:
+        return {"placement": self.placement.as_dict() if self.placement else None}
+
+    def metrics(self) -> dict[str, float]:
+        if self.placement is None:
+            return {}
+        out: dict[str, float] = {"mem.est_offload_gb": self.placement.offloaded_gb}
+        for dev in self.placement.gpus:
+            key = dev.device.replace(":", "")
+            out[f"mem.{key}.est_peak_gb"] = dev.peak_gb
+            out[f"mem.{key}.est_total_gb"] = dev.total_gb
+            out[f"mem.{key}.est_weights_gb"] = dev.weights_gb
+            out[f"mem.{key}.usable_gb"] = dev.usable_gb
+        out["mem.est_gpu_peak_gb"] = sum(d.peak_gb for d in self.placement.gpus)
+        return out
+
+    def problem(self, model: str) -> str | None:
+        """Why the plan does not fit, per card (None when it does)."""
+        if self.placement is None or self.fits:
+            return None
+        parts = [
+            f"{d.device} needs {d.total_gb:.2f} GB of {d.usable_gb:.2f} usable"
+            for d in self.placement.devices
+            if not d.fits
+        ]
+        if "disk" in self.placement.device_map.values():
+            parts.append(
+                f"{self.placement.offloaded_gb:.2f} GB would spill past hardware.offload_gb "
+                "to disk; raise hardware.offload_gb or add cards"
+            )
+        return f"{model} does not fit its device map: " + "; ".join(parts)
+
+
+def _wants_map(strategy: str, cards: Cards, single: Estimate, usable0: float) -> bool:
+    if strategy == "single" or cards.count == 0:
+        return False
+    if strategy != "auto":
+        return True
+    return cards.several and single.total_gb > usable0
+
+
+def plan_devices(
+    cfg: DictConfig,
+    cards: Cards,
+    single: Estimate,
+    config: Any,
+    inventory: Any,
+    plan: Any,
+    quant: dict[str, Any],
+    dims: Any,
+    workload: Any,
+    dtype_bytes: int,
+    planning_device: str,
+) -> DeviceVerdict:
+    """One card when the model fits it (or ``placement.device_map=single``); otherwise
+    accelerate's split over ``cards`` with host offload, priced per device."""
+    usable0 = cards.usable_gb[0] if cards.count else 0.0
+    strategy = str((cfg.get("placement") or {}).get("device_map", "auto"))
+    on_gpu = planning_device.startswith("cuda")
+    if not on_gpu or not _wants_map(strategy, cards, single, usable0):
+        return DeviceVerdict(None, usable0, single.total_gb <= usable0)
+    model = meta_model(config, cfg.model.get("model_class", "AutoModelForCausalLM"))
+    placement = plan_placement(
+        model,
+        inventory,
+        plan,
+        quant,
+        dims,
+        workload,
+        dtype_bytes,
+        usable_gb=cards.usable_gb,
+        capacity_gb=cards.capacity_gb,
+        runtime_gb=single.runtime_gb,
+        offload_gb=cards.offload_gb,
+        strategy="balanced" if strategy == "auto" else strategy,
+    )
+    return DeviceVerdict(placement, usable0, placement.fits)
+
+
+def mappable_reason(quant: dict[str, Any], kernel: str, offloads: bool) -> str | None:
+    """Why this quant's checkpoint can't be loaded with this device map (None when it can)."""
+    if quant.get("method") == "bnb" and offloads:
+        return (
+            f"quant={quant.get('name')}: bitsandbytes keeps offloaded layers unquantized in "
+            "fp32, which the budget does not price; add cards or use quant=none for CPU offload"
+        )
+    if quant.get("method") in _MAPPABLE or kernel == "hf":
+        return None
+    return (
+        f"quant={quant.get('name')} loads on qpipe's QuantLinear, which places a model on one "
+        "device; spreading it over cards/host memory runs through transformers: use kernel=hf "
+        "(or quant=none / bnb_*)"
+    )
+
+
+def device_table(placement: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Rows (device, weights, peak, usable, verdict) of a placement as the budget logged it."""
+    rows = []
+    for dev in placement["devices"]:
+        gpu = dev["device"].startswith("cuda")
+        rows.append(
+            (
+                dev["device"] + ("" if gpu else " (offload)"),
+                f"{dev['weights_gb']:.2f}",
+                f"{dev['total_gb']:.2f}" if gpu else "—",
+                f"{dev['usable_gb']:.2f}",
+                "fits" if dev["fits"] else "DOES NOT FIT",
+            )
+        )
+    return rows

@@ -1,0 +1,199 @@
+"""Models bigger than one card: device maps and per-device budgets priced on the meta device
+(no weights), the checks on bad hardware/placement values, and the GPU measurement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from qpipe.app import run_pipeline
+from qpipe.errors import ConfigError
+from qpipe.exclusion import plan_precision
+from qpipe.memory import Workload, arch_dims, build_inventory
+from qpipe.memory.estimator import activation_bytes, kv_cache_bytes
+from qpipe.memory.placement import device_of, meta_model, plan_placement
+from qpipe.models import load_config
+from qpipe.validate import validate_config
+from tests.conftest import compose_config
+
+INTERNVL = ("model=internvl", "model.weights=random", "pipeline=estimate")
+
+
+def _budget(*overrides: str, tmp_path) -> tuple[object, dict]:
+    report = run_pipeline(compose_config(*INTERNVL, *overrides), tmp_path / "run")
+    return report, report.results["memory_budget"].outputs
+
+
+def test_three_small_cards_share_internvl_and_every_module_is_placed(tmp_path) -> None:
+    report, out = _budget("hardware=rtx4060_8gb", "hardware.count=3", tmp_path=tmp_path)
+    assert report.status == "FINISHED", report.error
+    placement = out["placement"]
+    gpus = [d for d in placement["devices"] if d["device"].startswith("cuda")]
+    assert [d["device"] for d in gpus] == ["cuda:0", "cuda:1", "cuda:2"]
+    assert all(d["fits"] and d["total_gb"] <= d["usable_gb"] for d in gpus)
+    # Every weight lands somewhere once: the shares add up to the single-card estimate.
+    est = out["estimate"]
+    assert sum(d["weights_gb"] for d in gpus) == pytest.approx(
+        est["weights_gb"] + est["buffers_gb"], rel=1e-6
+    )
+    # The 36 decoder layers are split, none twice, and the KV cache follows its layers.
+    layers = [i for d in gpus for i in d["layers"]]
+    assert sorted(layers) == list(range(36))
+    assert sum(d["kv_cache_gb"] for d in gpus) == pytest.approx(est["kv_cache_gb"])
+    assert all(len(d["layers"]) >= 5 for d in gpus)  # balanced, not "fill the first card"
+    assert placement["device_map"]["lm_head"] == "cuda:2"
+    assert report.metrics["mem.cuda1.est_peak_gb"] == pytest.approx(gpus[1]["peak_gb"])
+
+
+def test_a_model_that_fits_one_card_stays_on_it(tmp_path) -> None:
+    report, out = _budget("hardware=rtx4090_24gb", "hardware.count=2", tmp_path=tmp_path)
+    assert report.status == "FINISHED"
+    assert out["placement"] is None and out["fits"] is True
+    forced = run_pipeline(
+        compose_config(
+            *INTERNVL, "hardware=rtx4090_24gb", "hardware.count=2", "placement.device_map=balanced"
+        ),
+        tmp_path / "forced",
+    )
+    devices = forced.results["memory_budget"].outputs["placement"]["devices"]
+    assert [d["device"] for d in devices] == ["cuda:0", "cuda:1"]
+    assert all(d["weights_gb"] > 5 for d in devices)
+
+
+def test_two_cards_too_small_stop_with_each_cards_numbers(tmp_path) -> None:
+    report, _ = _budget("hardware=rtx4060_8gb", "hardware.count=2", tmp_path=tmp_path)
+    assert report.status == "FAILED" and report.failed_stage == "memory_budget"
+    assert "does not fit its device map" in report.error
+    assert "hardware.offload_gb" in report.error
+
+
+def test_offload_caps_the_gpu_and_prices_the_streamed_weights(tmp_path) -> None:
+    report, out = _budget(
+        "hardware=h100_80gb",
+        "placement.max_memory_gb=12",
+        "hardware.offload_gb=64",
+        tmp_path=tmp_path,
+    )
+    assert report.status == "FINISHED", report.error
+    placement = out["placement"]
+    gpu, host = placement["devices"]
+    assert gpu["device"] == "cuda:0" and host["device"] == "cpu"
+    assert gpu["usable_gb"] == 12 and gpu["total_gb"] <= 12
+    est = out["estimate"]
+    assert gpu["weights_gb"] + host["weights_gb"] == pytest.approx(
+        est["weights_gb"] + est["buffers_gb"], rel=1e-6
+    )
+    assert host["weights_gb"] > 4  # ≈ 17 GB of bf16 weights, 12 GB of GPU
+    # Offloaded layers run on the main GPU: the whole KV cache is there.
+    assert gpu["kv_cache_gb"] == pytest.approx(est["kv_cache_gb"])
+    # accelerate streams one offloaded leaf at a time; the largest is lm_head (151936 × 4096).
+    assert placement["device_map"]["lm_head"] == "cpu"
+    assert gpu["offload_transient_gb"] == pytest.approx(
+        151936 * 4096 * 2 / 1e9 - gpu["activations_gb"], rel=1e-3
+    )
+    assert report.metrics["mem.est_offload_gb"] == pytest.approx(host["weights_gb"])
+
+
+def test_the_map_is_accelerates_own_for_unquantized_weights() -> None:
+    """With no quantization, qpipe's sizes equal transformers' own, so the map must be exactly
+    what ``from_pretrained(device_map="balanced", max_memory=...)`` computes."""
+    from transformers.integrations.accelerate import _get_device_map
+
+    model_cfg = compose_config("model=internvl", "model.weights=random").model
+    config = load_config(model_cfg)
+    inv = build_inventory(config, model_cfg.model_class)
+    plan = plan_precision(inv, {}, quantize=False)
+    work = Workload(context_len=2048)
+    placement = plan_placement(
+        meta_model(config, model_cfg.model_class),
+        inv,
+        plan,
+        {"method": "none", "name": "none"},
+        arch_dims(config),
+        work,
+        2,
+        usable_gb=[10.0, 10.0],
+        capacity_gb=[24.0, 24.0],
+        runtime_gb=0.5,
+        offload_gb=0,
+    )
+    with torch.device("meta"):
+        import transformers
+
+        bf16 = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    # qpipe sets the CUDA context, the KV cache and the activations aside from each card.
+    dims = arch_dims(config)
+    reserve = 0.5e9 + kv_cache_bytes(dims, work, 2) + activation_bytes(dims, work, 2)
+    budget = {i: int(10e9 - reserve) for i in (0, 1)}
+    assert placement.device_map == dict(_get_device_map(bf16, "balanced", budget, None))
+    assert device_of("model.language_model.layers.3.mlp.up_proj", placement.device_map) == 0
+
+
+def test_quantized_modules_are_priced_in_their_format(tmp_path) -> None:
+    report, out = _budget(
+        "hardware=rtx4060_8gb",
+        "hardware.count=2",
+        "quant=bnb_nf4",
+        "placement.device_map=balanced",
+        tmp_path=tmp_path,
+    )
+    assert report.status == "FINISHED", report.error
+    gpus = out["placement"]["devices"]
+    est = out["estimate"]
+    total = sum(d["weights_gb"] for d in gpus)
+    assert total == pytest.approx(est["weights_gb"] + est["buffers_gb"], rel=1e-6)
+    assert total < 8  # nf4: about 6.7 GB, not bf16's 17
+
+
+def test_qpipe_kernels_cannot_be_spread_and_say_so(tmp_path) -> None:
+    report, _ = _budget(
+        "hardware=rtx4060_8gb",
+        "hardware.count=2",
+        "quant=rtn",
+        "placement.device_map=balanced",
+        tmp_path=tmp_path,
+    )
+    assert report.status == "FAILED" and "kernel=hf" in report.error
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("hardware.count=0", "hardware.count=0"),
+        ("hardware.count=two", "hardware.count='two'"),
+        ("hardware.offload_gb=-1", "hardware.offload_gb=-1"),
+        ("placement.device_map=spread", "placement.device_map='spread'"),
+        ("placement.max_memory_gb=[12,0]", "placement.max_memory_gb"),
+        ("placement.gpus_per_job=-1", "placement.gpus_per_job=-1"),
+    ],
+)
+def test_bad_placement_values_are_one_line_errors(override: str, needle: str) -> None:
+    cfg = compose_config(*INTERNVL, override)
+    with pytest.raises(ConfigError, match="valid|must") as err:
+        validate_config(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_memory_list_must_match_the_count(tmp_path) -> None:
+    cfg = compose_config(*INTERNVL, "hardware=rtx4090_24gb", "hardware.count=3")
+    cfg.hardware.memory_gb = OmegaConf.create([24, 24])
+    with pytest.raises(ConfigError, match="lists 2 cards but hardware.count=3"):
+        validate_config(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tiny_llama_sharded_over_two_gpus_is_measured_per_gpu(tmp_path) -> None:
+    cfg = compose_config(
+        "model=tiny_llama",
+        "eval=quick",
+        "placement.device_map=balanced",
+        "hardware.count=2",
+        "dtype=bfloat16",
+    )
+    report = run_pipeline(cfg, tmp_path / "run")
+    assert report.status == "FINISHED", report.error
+    for gpu in ("cuda0", "cuda1"):
+        assert report.metrics[f"mem.{gpu}.measured_peak_gb"] > 0
+        assert f"mem.{gpu}.est_error_pct" in report.metrics
