@@ -134,3 +134,56 @@ def device_table(placement: dict[str, Any]) -> list[tuple[str, str, str, str, st
             )
         )
     return rows
+
+
+def quantize_on_gpu(
+    cfg: DictConfig,
+    quant: dict[str, Any],
+    full_precision: Estimate,
+    inventory: Any,
+    plan: Any,
+    dims: Any,
+    dtype_bytes: int,
+    usable_gb: float,
+    planning_device: str,
+) -> tuple[dict[str, Any] | None, dict[str, float], str | None]:
+    """How llm-compressor will quantize on the GPU: the whole model on the card when it fits
+    there, else layer by layer from host memory. Returns (outputs, metrics, problem)."""
+    from qpipe.memory.onload import quantize_onload
+
+    method = quant.get("method")
+    if method not in ("gptq", "awq", "rtn") or not planning_device.startswith("cuda"):
+        return None, {}, None
+    calib = cfg.get("calib") or {}
+    samples = int(calib.get("num_samples", 32)) if method != "rtn" else 1
+    seq_len = int(calib.get("seq_len", 256)) if method != "rtn" else 1
+    onload = quantize_onload(
+        inventory, plan, method, dims, samples, seq_len, dtype_bytes, full_precision.runtime_gb
+    )
+    working = onload.total_gb - onload.subgraph_weights_gb - onload.runtime_gb
+    whole = full_precision.weights_gb + working + full_precision.runtime_gb
+    layer_by_layer = whole > usable_gb
+    need = onload.total_gb if layer_by_layer else whole
+    outputs = {
+        "layer_by_layer": layer_by_layer,
+        "gpu_gb": need,
+        "whole_model_gb": whole,
+        "onload": onload.as_dict(),
+        "how": (
+            f"layer by layer (llm-compressor sequential onloading, the model in host memory): "
+            f"{need:.2f} GB on the GPU — the largest subgraph ({onload.largest_subgraph}, "
+            f"{onload.subgraph_weights_gb:.2f} GB) + Hessians {onload.hessians_gb:.2f} + "
+            f"activations {onload.activations_gb + onload.cached_outputs_gb:.2f} + runtime "
+            f"{onload.runtime_gb:.2f}"
+            if layer_by_layer
+            else f"the whole model on the GPU: {need:.2f} GB"
+        ),
+    }
+    metrics = {"mem.est_quantize_gpu_gb": need, "mem.est_quantize_onload_gb": onload.total_gb}
+    problem = None
+    if need > usable_gb:
+        problem = (
+            f"quantizing {cfg.model.name} with quant={quant.get('name')} needs {need:.2f} GB on "
+            f"the GPU even layer by layer, but {usable_gb:.2f} GB are usable"
+        )
+    return outputs, metrics, problem

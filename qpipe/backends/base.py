@@ -25,6 +25,8 @@ class QuantizeRequest:
     pad_plan: the pad_align stage's outputs (schema in ``qpipe/align.py``).
     calib_texts: calibration texts (GPTQ/AWQ); empty for methods that need none.
     calib_seq_len / calib_samples: calibration shape.
+    keep_in_host: leave the model in host memory and let the library copy one layer at a time
+      to ``device`` (a model larger than the GPU; llm-compressor's sequential onloading).
     output_dir: where the checkpoint goes (created by the caller, empty).
     device: where quantization runs ("cpu", "cuda", "cuda:0").
     dtype: dtype of the unquantized parts.
@@ -42,6 +44,7 @@ class QuantizeRequest:
     calib_texts: list[str] = field(default_factory=list)
     calib_seq_len: int = 512
     calib_samples: int = 64
+    keep_in_host: bool = False
 
 
 @dataclass

@@ -384,7 +384,10 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
     out = Path(request.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = auto_class(request.model_class).from_pretrained(request.source, dtype=request.dtype)
-    model.to(request.device)
+    if not request.keep_in_host:
+        # Otherwise oneshot's pipelines onload each module to the GPU only while it runs
+        # (compressed_tensors' set_onload_device): a model larger than the GPU quantizes.
+        model.to(request.device)
     linears = _linear_names(model)
     targets = list(request.targets) or [n for n in linears if n not in set(request.skip_modules)]
     unknown = [t for t in targets if t not in set(linears)]

@@ -179,7 +179,7 @@ def device_of(name: str, device_map: dict[str, int | str]) -> int | str:
         probe = probe.rpartition(".")[0]
 
 
-def _layer_index(module: ModuleInfo) -> int | None:
+def layer_index(module: ModuleInfo) -> int | None:
     if module.role not in ("block", "norm", "other"):
         return None
     match = _LAYER_INDEX.search(module.name)
@@ -261,7 +261,7 @@ def plan_placement(
                 largest_offloaded[phase] = max(largest_offloaded[phase], size)
         else:
             weights[where] = weights.get(where, 0) + module.buffer_numel * 4
-        index = _layer_index(module)
+        index = layer_index(module)
         if index is not None:
             layers.setdefault(execute, set()).add(index)
             runs_blocks.add(execute)

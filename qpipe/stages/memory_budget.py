@@ -6,7 +6,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from qpipe.config import CONF_DIR, load_group, resolve_device, resolve_dtype, resolve_kernel
-from qpipe.device_budget import mappable_reason, plan_devices
+from qpipe.device_budget import mappable_reason, plan_devices, quantize_on_gpu
 from qpipe.exclusion import plan_precision
 from qpipe.hardware import resolve_cards
 from qpipe.memory import Estimate, Workload, arch_dims, build_inventory, estimate
@@ -112,7 +112,20 @@ def run(ctx: StageContext) -> StageResult:
         "options": {name: round(e.total_gb, 3) for name, e in options.items()},
         **devices.outputs(),
     }
-    stop = devices.problem(cfg.model.name)
+    quantizing, quantize_metrics, quantize_problem = quantize_on_gpu(
+        cfg,
+        chosen,
+        options["none"],
+        inventory,
+        plan_precision(inventory, exclude, quantize=True),
+        dims,
+        dtype_bytes,
+        usable,
+        device,
+    )
+    outputs["quantize"] = quantizing
+    metrics |= quantize_metrics
+    stop = devices.problem(cfg.model.name) or quantize_problem
     if stop is None and devices.placement is not None:
         offloads = devices.placement.offloaded_gb > 0
         stop = mappable_reason(chosen, resolve_kernel(cfg, device), offloads)
