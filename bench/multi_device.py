@@ -90,9 +90,13 @@ def _per_gpu(metrics: dict) -> list[dict]:
     return rows
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")[:40]
+
+
 def _single(name: str, args: list[str], tag: str, logs: Path) -> dict:
-    experiment = f"multi_device_{tag}_{name}"
-    rc, wall, cmd = _qpipe([*MODEL, *QUICK, *args], experiment, logs / f"{name}.log")
+    experiment = f"multi_device_{tag}_{_slug(name)}"
+    rc, wall, cmd = _qpipe([*MODEL, *QUICK, *args], experiment, logs / f"{_slug(name)}.log")
     runs = _runs(experiment)
     run = runs[0] if runs else {"status": f"no run (exit {rc})", "metrics": {}}
     m = run["metrics"]
@@ -128,10 +132,10 @@ def _overlaps(runs: list[dict]) -> int:
 
 
 def _sweep(name: str, jobs: int, tag: str, logs: Path) -> dict:
-    experiment = f"multi_device_{tag}_{name}"
+    experiment = f"multi_device_{tag}_{_slug(name)}"
     seeds = ",".join(str(i) for i in range(jobs))
     args = ["--multirun", "hydra/launcher=joblib", *MODEL, *QUICK, f"seed={seeds}"]
-    rc, wall, cmd = _qpipe(args, experiment, logs / f"{name}.log")
+    rc, wall, cmd = _qpipe(args, experiment, logs / f"{_slug(name)}.log")
     runs = _runs(experiment)
     return {
         "row": name,

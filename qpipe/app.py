@@ -104,6 +104,8 @@ def print_summary(cfg: DictConfig, report: RunReport, console: Console | None = 
     budget = report.results.get("memory_budget")
     if budget is not None and budget.outputs.get("placement"):
         console.print(placement_table(budget.outputs["placement"]))
+    if budget is not None and budget.outputs.get("verdict"):
+        console.print(f"memory budget: {budget.outputs['verdict']}", highlight=False)
     if report.error:
         console.print(f"[red]✘ {report.failed_stage}: {report.error}[/red]")
     console.print(f"MLflow run {report.run_id} — to compare runs: {report.ui_hint}")

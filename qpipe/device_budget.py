@@ -27,6 +27,24 @@ class DeviceVerdict:
     def outputs(self) -> dict[str, Any]:
         return {"placement": self.placement.as_dict() if self.placement else None}
 
+    def verdict(self, single: Estimate, cards: Cards, hardware: str) -> str:
+        """One line: does it fit, and on what."""
+        of = f" (of {cards.count})" if cards.count > 1 else ""
+        if self.placement is None:
+            word = "fits" if self.fits else "does NOT fit"
+            return (
+                f"{word} on one {hardware} card{of}: {single.total_gb:.2f} GB of "
+                f"{self.usable_gb:.2f} usable"
+            )
+        gpus = self.placement.gpus
+        used = [d for d in gpus if d.weights_gb > 0]
+        where = f"{len(used)} × {hardware}"
+        if self.placement.offloaded_gb > 0:
+            where += f" + {self.placement.offloaded_gb:.2f} GB offloaded to host memory"
+        word = "fits" if self.fits else "does NOT fit"
+        per = ", ".join(f"{d.device} {d.total_gb:.2f}/{d.usable_gb:.2f} GB" for d in gpus)
+        return f"{word} on {where} ({self.placement.strategy}: {per})"
+
     def metrics(self) -> dict[str, float]:
         if self.placement is None:
             return {}

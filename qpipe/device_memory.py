@@ -128,7 +128,10 @@ def loaded_weights_metrics(model: torch.nn.Module) -> dict[str, float]:
     memory behind accelerate's offload hooks, ``mem.host_offloaded_gb``."""
     from qpipe.measure import tensor_bytes
 
-    offloaded = offloaded_bytes(model)
+    try:
+        offloaded = offloaded_bytes(model)
+    except Exception:  # accelerate internals: a metric must never fail a load
+        offloaded = 0
     metrics = {"mem.loaded_weights_gb": (tensor_bytes(model) + offloaded) / 1e9}
     if offloaded:
         metrics["mem.host_offloaded_gb"] = offloaded / 1e9
