@@ -67,6 +67,8 @@ class DeviceVerdict:
             for d in self.placement.devices
             if not d.fits
         ]
+        if not any(isinstance(d, int) for d in self.placement.device_map.values()):
+            parts.append("no GPU has room for the first module once its share is set aside")
         if "disk" in self.placement.device_map.values():
             parts.append(
                 f"{self.placement.offloaded_gb:.2f} GB would spill past hardware.offload_gb "

@@ -94,7 +94,9 @@ class Placement:
 
     @property
     def fits(self) -> bool:
-        return all(d.fits for d in self.devices) and "disk" not in self.device_map.values()
+        on_gpu = any(isinstance(d, int) for d in self.device_map.values())
+        spilled = "disk" in self.device_map.values()
+        return on_gpu and not spilled and all(d.fits for d in self.devices)
 
     def as_dict(self) -> dict[str, Any]:
         return {
