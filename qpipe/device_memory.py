@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from qpipe.envinfo import nvml_process_used_gb
+from qpipe.errors import ConfigError
 
 
 @dataclass
@@ -118,6 +119,13 @@ def device_map_for(
     for name, where in placement["device_map"].items():
         mapped[name] = base + int(where.split(":")[1]) if where.startswith("cuda") else where
     indices = sorted({base + i for i in gpu_indices(placement)})
+    available = torch.cuda.device_count()
+    if indices and indices[-1] >= available:
+        raise ConfigError(
+            f"the memory budget spreads the model over cuda:{indices[0]}..cuda:{indices[-1]} "
+            f"but this process sees {available} GPU(s); set hardware.count={max(available, 1)} "
+            "or run where the GPUs are (pipeline=estimate plans any hardware offline)"
+        )
     main = placement["main_device"]
     main = f"cuda:{base + int(main.split(':')[1])}" if main.startswith("cuda") else main
     return mapped, main, GpuWindows(indices)

@@ -279,3 +279,18 @@ def test_a_capped_gpu_offloads_to_host_memory_and_finishes(tmp_path) -> None:
     assert "cpu" in placement["device_map"].values()
     assert report.metrics["mem.host_offloaded_gb"] > 0
     assert report.metrics["mem.cuda0.measured_peak_gb"] > 0
+
+
+def test_a_map_over_gpus_this_machine_lacks_is_refused_before_loading() -> None:
+    from qpipe.device_memory import device_map_for
+
+    placement = {
+        "device_map": {"model": "cuda:0", "lm_head": "cuda:1"},
+        "devices": [{"device": "cuda:0"}, {"device": "cuda:1"}],
+        "main_device": "cuda:0",
+    }
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    with pytest.raises(ConfigError, match="sees .* GPU.*hardware.count"):
+        device_map_for(placement, "cpu")
+    assert device_map_for(None, "cpu") == (None, "cpu", None)
