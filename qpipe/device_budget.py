@@ -27,15 +27,13 @@ class DeviceVerdict:
     def outputs(self) -> dict[str, Any]:
         return {"placement": self.placement.as_dict() if self.placement else None}
 
-    def verdict(self, single: Estimate, cards: Cards, hardware: str) -> str:
+    def verdict(self, single: Estimate, cards: Cards, hardware: str, device: str) -> str:
         """One line: does it fit, and on what."""
         of = f" (of {cards.count})" if cards.count > 1 else ""
         if self.placement is None:
             word = "fits" if self.fits else "does NOT fit"
-            return (
-                f"{word} on one {hardware} card{of}: {single.total_gb:.2f} GB of "
-                f"{self.usable_gb:.2f} usable"
-            )
+            where = "in host memory" if device == "cpu" else f"on one {hardware} card{of}"
+            return f"{word} {where}: {single.total_gb:.2f} GB of {self.usable_gb:.2f} usable"
         gpus = self.placement.gpus
         used = [d for d in gpus if d.weights_gb > 0]
         where = f"{len(used)} × {hardware}"

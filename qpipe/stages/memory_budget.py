@@ -111,7 +111,7 @@ def run(ctx: StageContext) -> StageResult:
         "estimate": est.as_dict(),
         "options": {name: round(e.total_gb, 3) for name, e in options.items()},
         **devices.outputs(),
-        "verdict": devices.verdict(est, cards, cfg.hardware.name),
+        "verdict": devices.verdict(est, cards, cfg.hardware.name, device),
     }
     quantizing, quantize_metrics, quantize_problem = quantize_on_gpu(
         cfg,
