@@ -178,3 +178,27 @@ def test_joblib_runs_jobs_in_parallel_on_one_fresh_sqlite_store(tmp_path) -> Non
     assert sorted(runs["params.quant"]) == ["bnb_nf4", "none"]
     assert set(runs["status"]) == {"FINISHED"}
     assert _integrity(tmp_path) == "ok"
+
+
+def test_a_job_is_pinned_through_cuda_visible_devices(tmp_path) -> None:
+    """Before CUDA starts, the pin narrows CUDA_VISIBLE_DEVICES to the job's GPU and points
+    ``device`` at it; a ``device=cpu`` job is left alone."""
+    code = textwrap.dedent(
+        """
+        import json, os
+        from omegaconf import OmegaConf
+        from qpipe.gpu_slots import pin_job
+        cpu = OmegaConf.create({"device": "cpu", "placement": {"gpus_per_job": 1}})
+        cfg = OmegaConf.create({"device": "auto", "placement": {"gpus_per_job": 1}})
+        print(json.dumps({"cpu": pin_job(cpu), "tags": pin_job(cfg), "device": cfg.device,
+                          "visible": os.environ["CUDA_VISIBLE_DEVICES"]}))
+        """
+    )
+    env = _env(tmp_path, "3,5")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    result = json.loads(out.stdout)
+    assert result["cpu"] == {}
+    assert result["tags"] == {"qpipe.gpus": "3"} and result["visible"] == "3"
+    assert result["device"] == "cuda"
