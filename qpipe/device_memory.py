@@ -86,22 +86,18 @@ def per_device_metrics(window: GpuWindows, placement: dict[str, Any]) -> dict[st
 
 
 def offloaded_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights accelerate keeps in host memory for offloaded modules (their
-    parameters sit on the meta device; the hook's weights map holds the real tensors)."""
+    """Bytes of the weights accelerate streams in for offloaded modules: their parameters sit
+    on the meta device (shape and dtype kept) while the hook's weights map holds the data."""
+    offloaded = {
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(module, "_hf_hook", None), "offload", False)
+    }
     total = 0
-    seen: set[int] = set()
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        if hook is None or not getattr(hook, "offload", False) or hook.weights_map is None:
-            continue
-        for name, _ in module.named_parameters(recurse=False):
-            try:
-                tensor = hook.weights_map[name]
-            except KeyError:
-                continue
-            if isinstance(tensor, torch.Tensor) and tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                total += tensor.numel() * tensor.element_size()
+    for name, param in model.named_parameters():  # shared parameters once
+        owner = name.rpartition(".")[0]
+        if param.device.type == "meta" and owner in offloaded:
+            total += param.numel() * param.element_size()
     return total
 
 

@@ -294,3 +294,33 @@ def test_a_map_over_gpus_this_machine_lacks_is_refused_before_loading() -> None:
     with pytest.raises(ConfigError, match="sees .* GPU.*hardware.count"):
         device_map_for(placement, "cpu")
     assert device_map_for(None, "cpu") == (None, "cpu", None)
+
+
+def test_offloaded_modules_decode_the_same_tokens_and_are_counted(tmp_path) -> None:
+    """accelerate's offload hooks for real (on CPU the overflow goes to disk, where a GPU run
+    sends it to host memory): qpipe's decode loop gives the same greedy tokens as the whole
+    model, and the load metrics count the weights the hooks stream in."""
+    from accelerate import dispatch_model
+
+    from qpipe import decode
+    from qpipe.backends.none import load_hf
+    from qpipe.device_memory import loaded_weights_metrics
+    from qpipe.measure import tensor_bytes
+    from qpipe.models import materialize
+
+    folder = materialize(compose_config("model=tiny_llama").model)
+    whole = load_hf(folder, "AutoModelForCausalLM", "cpu", torch.float32)
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    expected = decode.measure(whole, {"input_ids": ids}, 6, compiled=False, repeats=1).tokens
+    total = tensor_bytes(whole)
+    streamed = ["model.layers.2", "model.layers.3", "lm_head"]
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu"}
+    device_map |= {"model.norm": "cpu", "model.rotary_emb": "cpu"} | dict.fromkeys(streamed, "disk")
+    model = load_hf(folder, "AutoModelForCausalLM", "cpu", torch.float32)
+    model = dispatch_model(model, device_map, main_device="cpu", offload_dir=str(tmp_path))
+    got = decode.measure(model, {"input_ids": ids}, 6, compiled=False, repeats=1).tokens
+    assert got == expected
+    metrics = loaded_weights_metrics(model)
+    assert metrics["mem.loaded_weights_gb"] == pytest.approx(total / 1e9, rel=1e-6)
+    hooked = sum(tensor_bytes(whole.get_submodule(n)) for n in streamed)
+    assert metrics["mem.host_offloaded_gb"] == pytest.approx(hooked / 1e9, rel=1e-6)
