@@ -41,7 +41,9 @@ class DeviceVerdict:
             where += f" + {self.placement.offloaded_gb:.2f} GB offloaded to host memory"
         word = "fits" if self.fits else "does NOT fit"
         per = ", ".join(f"{d.device} {d.total_gb:.2f}/{d.usable_gb:.2f} GB" for d in gpus)
-        return f"{word} on {where} ({self.placement.strategy}: {per})"
+        spill = self.placement.spilled_gb
+        rest = f"; {spill:.2f} GB of weights have no room" if spill > 0 else ""
+        return f"{word} on {where} ({self.placement.strategy}: {per}){rest}"
 
     def metrics(self) -> dict[str, float]:
         if self.placement is None:
@@ -69,10 +71,15 @@ class DeviceVerdict:
             parts.append("no GPU has room for the first module once its share is set aside")
         if "disk" in self.placement.device_map.values():
             parts.append(
-                f"{self.placement.offloaded_gb:.2f} GB would spill past hardware.offload_gb "
-                "to disk; raise hardware.offload_gb or add cards"
+                f"{self.placement.spilled_gb:.2f} GB of weights have no room on the GPUs "
+                f"(or in hardware.offload_gb={cards_offload(self.placement):g}); add cards, "
+                "raise hardware.offload_gb or quantize"
             )
         return f"{model} does not fit its device map: " + "; ".join(parts)
+
+
+def cards_offload(placement: Placement) -> float:
+    return next((d.capacity_gb for d in placement.devices if d.device == "cpu"), 0.0)
 
 
 def _wants_map(strategy: str, cards: Cards, single: Estimate, usable0: float) -> bool:

@@ -83,6 +83,7 @@ class Placement:
     device_map: dict[str, int | str]
     devices: list[DeviceEstimate]
     main_device: str
+    spilled_gb: float = 0.0  # what accelerate would have put on disk: no room anywhere
 
     @property
     def gpus(self) -> list[DeviceEstimate]:
@@ -105,6 +106,7 @@ class Placement:
             "device_map": {k: _device_name(v) for k, v in self.device_map.items()},
             "devices": [d.as_dict() for d in self.devices],
             "offloaded_gb": self.offloaded_gb,
+            "spilled_gb": self.spilled_gb,
             "fits": self.fits,
         }
 
@@ -303,4 +305,5 @@ def plan_placement(
         device_map=device_map,
         devices=list(devices.values()),
         main_device=_device_name(main),
+        spilled_gb=weights.get("disk", 0) / GB,
     )
