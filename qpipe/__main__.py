@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from qpipe.paths import contain_library_caches
@@ -22,7 +23,7 @@ contain_library_caches()  # before transformers, triton and matplotlib read thei
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
@@ -30,8 +31,17 @@ from qpipe import searchpath, signals, sweep  # noqa: E402
 from qpipe.app import print_summary, run_pipeline  # noqa: E402
 from qpipe.config import CONF_DIR, normalize_overrides  # noqa: E402
 from qpipe.errors import QpipeError  # noqa: E402
+from qpipe.gpu_slots import parallel_jobs, pin_job, visible_gpu_count  # noqa: E402
 
 log = logging.getLogger("qpipe")
+
+# At import, not in main(): launchers that run jobs in other processes (submitit) import this
+# module there to reach the task function, and compose the launcher config there too.
+OmegaConf.register_new_resolver("qpipe.parallel_jobs", parallel_jobs, replace=True)
+OmegaConf.register_new_resolver("qpipe.visible_gpus", visible_gpu_count, replace=True)
+# qpipe's conf/hydra/launcher/*.yaml carry every key of the launcher plugins' schemas, so they
+# work with or without Hydra's (deprecated) schema matching by name.
+warnings.filterwarnings("ignore", message="(?s).*validated against ConfigStore schema")
 
 
 # An absolute path: Hydra resolves a relative one against the calling *module* when the
@@ -46,6 +56,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         # One tag per sweep so the MLflow UI can select exactly its jobs.
         tags["qpipe.sweep"] = Path(hc.sweep.dir).name
         tags["qpipe.sweep_job"] = str(hc.job.num)
+        tags.update(pin_job(cfg))  # one job per GPU: before anything starts CUDA
     if multirun and sweep.current() is not None:
         return sweep.run_sweep_job(cfg, list(hc.overrides.task), hc.job.num, run_dir, tags)
     console = Console(stderr=False)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from qpipe.config import resolve_device
 from qpipe.dag import load_dag, pipeline_ref
+from qpipe.device_budget import device_table
 from qpipe.journal import JournaledTracker, RunJournal
 from qpipe.logrepeats import once_per_run
 from qpipe.runner import Runner, RunReport
@@ -118,10 +119,24 @@ def summary_table(cfg: DictConfig, report: RunReport) -> Table:
     return table
 
 
+def placement_table(placement: dict) -> Table:
+    table = Table(title=f"device map ({placement['strategy']}): GB per device")
+    for column in ("device", "weights", "est. total", "usable", "verdict"):
+        table.add_column(column, justify="left" if column == "device" else "right")
+    for row in device_table(placement):
+        table.add_row(*row)
+    return table
+
+
 def print_summary(cfg: DictConfig, report: RunReport, console: Console | None = None) -> None:
     console = console or Console()
     if report.metrics:
         console.print(summary_table(cfg, report))
+    budget = report.results.get("memory_budget")
+    if budget is not None and budget.outputs.get("placement"):
+        console.print(placement_table(budget.outputs["placement"]))
+    if budget is not None and budget.outputs.get("verdict"):
+        console.print(f"memory budget: {budget.outputs['verdict']}", highlight=False)
     if report.error:
         console.print(
             f"[red]✘ {report.failed_stage}: {escape(report.error)}[/red]",

@@ -34,13 +34,29 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _nvml_handle(pynvml, device_index: int):
+    """NVML's handle for torch's ``cuda:<device_index>``. NVML numbers every GPU of the
+    machine and ignores CUDA_VISIBLE_DEVICES; a job pinned to physical GPU 1 sees it as
+    cuda:0, so the GPU is found by its UUID."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(device_index).uuid)
+        for name in (uuid, f"GPU-{uuid}"):
+            try:
+                return pynvml.nvmlDeviceGetHandleByUUID(name)
+            except pynvml.NVMLError:
+                continue
+    except (AssertionError, RuntimeError, AttributeError):
+        pass
+    return pynvml.nvmlDeviceGetHandleByIndex(device_index)
+
+
 def nvml_process_used_gb(device_index: int = 0) -> float | None:
     """This process's GPU memory as the driver sees it (allocator + CUDA context), in GB."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        handle = _nvml_handle(pynvml, device_index)
         pid = os.getpid()
         for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
             if proc.pid == pid and proc.usedGpuMemory is not None:

@@ -78,6 +78,15 @@ class HardwareSchema:
     memory_gb: Optional[float] = None
     runtime_overhead_gb: Optional[float] = None
     headroom_pct: float = 5.0
+    count: Any = 1  # GPUs: auto | a number
+    offload_gb: float = 0.0  # host memory that may hold what no GPU has room for
+
+
+@dataclass
+class PlacementSchema:
+    device_map: str = "auto"
+    max_memory_gb: Any = None  # a number for every card, or a list
+    gpus_per_job: int = 1
 
 
 @dataclass
@@ -145,6 +154,7 @@ class QpipeSchema:
     exclude: ExcludeSchema
     pad_align: PadAlignSchema
     mlflow: MlflowSchema
+    placement: PlacementSchema = field(default_factory=PlacementSchema)
     eval: Optional[EvalSchema] = None
     calib: Optional[CalibSchema] = None
     device: str = "auto"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qpipe.paths import outputs_root
+from qpipe.store_lock import store_lock
 
 HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -47,13 +48,14 @@ class Tracker:
             for name, value in HTTP_LIMITS.items():
                 os.environ.setdefault(name, value)
         mlflow.set_tracking_uri(self.tracking_uri)
-        if mlflow.get_experiment_by_name(experiment) is None:
-            # Artifacts go beside the store, not into ./mlruns of the current directory.
-            location = None
-            if self.tracking_uri.startswith("sqlite:"):
-                location = (outputs_root() / "mlartifacts").as_uri()
-            mlflow.create_experiment(experiment, artifact_location=location)
-        mlflow.set_experiment(experiment)
+        with store_lock(self.tracking_uri):  # parallel sweep jobs: one creator at a time
+            if mlflow.get_experiment_by_name(experiment) is None:
+                # Artifacts go beside the store, not into ./mlruns of the current directory.
+                location = None
+                if self.tracking_uri.startswith("sqlite:"):
+                    location = (outputs_root() / "mlartifacts").as_uri()
+                mlflow.create_experiment(experiment, artifact_location=location)
+            mlflow.set_experiment(experiment)
         self.run_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str]) -> str:

@@ -9,6 +9,7 @@ from qpipe.backends import get_backend
 from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
 from qpipe.dag import load_dag, pipeline_ref
 from qpipe.errors import ConfigError
+from qpipe.hardware import validate_placement
 from qpipe.models.source import model_class, source_kind
 from qpipe.schema import check_schema
 from qpipe.textdata import read_text
@@ -55,9 +56,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "context_len"):
         if int(w[key]) < 1:
             raise ConfigError(f"workload.{key}={w[key]} must be ≥ 1")
-    hw = cfg.hardware
-    if hw.memory_gb is not None and float(hw.memory_gb) <= 0:
-        raise ConfigError(f"hardware.memory_gb={hw.memory_gb} must be > 0")
+    validate_placement(cfg)
     if "eval" in cfg:
         read_text(cfg.eval.text)
         for key in ("max_tokens", "window", "max_new_tokens", "prefill_tokens", "repeats"):

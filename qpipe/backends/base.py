@@ -25,6 +25,8 @@ class QuantizeRequest:
     pad_plan: the pad_align stage's outputs (schema in ``qpipe/align.py``).
     calib_texts: calibration texts (GPTQ/AWQ); empty for methods that need none.
     calib_seq_len / calib_samples: calibration shape.
+    keep_in_host: leave the model in host memory and let the library copy one layer at a time
+      to ``device`` (a model larger than the GPU; llm-compressor's sequential onloading).
     output_dir: where the checkpoint goes (created by the caller, empty).
     device: where quantization runs ("cpu", "cuda", "cuda:0").
     dtype: dtype of the unquantized parts.
@@ -42,6 +44,7 @@ class QuantizeRequest:
     calib_texts: list[str] = field(default_factory=list)
     calib_seq_len: int = 512
     calib_samples: int = 64
+    keep_in_host: bool = False
 
 
 @dataclass
@@ -75,7 +78,15 @@ class Backend(Protocol):
         """Quantize ``request.source`` into ``request.output_dir``."""
 
     def load(
-        self, checkpoint: Path, model_class: str, device: str, dtype: torch.dtype, kernel: str
+        self,
+        checkpoint: Path,
+        model_class: str,
+        device: str,
+        dtype: torch.dtype,
+        kernel: str,
+        device_map: dict[str, Any] | None = None,
     ) -> torch.nn.Module:
         """Load a checkpoint made by ``quantize`` onto ``device``; ``kernel`` picks the
-        matmul implementation where the backend has a choice ("torch", "triton")."""
+        matmul implementation where the backend has a choice ("torch", "triton").
+        ``device_map`` (module name -> GPU index or "cpu", from the memory budget) spreads it
+        over several devices instead; backends that cannot raise ConfigError."""

@@ -86,8 +86,14 @@ class BnbBackend:
         )
 
     def load(
-        self, checkpoint: Path, model_class: str, device: str, dtype: torch.dtype, kernel: str
+        self,
+        checkpoint: Path,
+        model_class: str,
+        device: str,
+        dtype: torch.dtype,
+        kernel: str,
+        device_map: dict[str, Any] | None = None,
     ) -> torch.nn.Module:
         # The saved config.json carries the quantization config; transformers rebuilds the
         # bnb layers from it.
-        return load_hf(checkpoint, model_class, device, dtype)
+        return load_hf(checkpoint, model_class, device, dtype, device_map)

@@ -395,7 +395,10 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
     model = auto_class(request.model_class).from_pretrained(
         request.source, dtype=request.dtype, trust_remote_code=trust_remote_code()
     )
-    model.to(request.device)
+    if not request.keep_in_host:
+        # Otherwise oneshot's pipelines onload each module to the GPU only while it runs
+        # (compressed_tensors' set_onload_device): a model larger than the GPU quantizes.
+        model.to(request.device)
     linears = _linear_names(model)
     targets = list(request.targets) or [n for n in linears if n not in set(request.skip_modules)]
     unknown = [t for t in targets if t not in set(linears)]
@@ -472,8 +475,14 @@ class LlmcBackend:
         return quantize_with_llmc(request)
 
     def load(
-        self, checkpoint: Path, model_class: str, device: str, dtype: torch.dtype, kernel: str
+        self,
+        checkpoint: Path,
+        model_class: str,
+        device: str,
+        dtype: torch.dtype,
+        kernel: str,
+        device_map: dict[str, Any] | None = None,
     ) -> torch.nn.Module:
         from qpipe.backends.qlinear_loader import load_checkpoint
 
-        return load_checkpoint(checkpoint, model_class, device, dtype, kernel)
+        return load_checkpoint(checkpoint, model_class, device, dtype, kernel, device_map)

@@ -13,12 +13,18 @@ from qpipe.safety import trust_remote_code
 
 
 def load_hf(
-    checkpoint: Path, model_class: str, device: str, dtype: torch.dtype | None, **kwargs: Any
+    checkpoint: Path,
+    model_class: str,
+    device: str,
+    dtype: torch.dtype | None,
+    device_map: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> torch.nn.Module:
-    """Plain transformers loading onto one device, in eval mode."""
+    """Plain transformers loading onto one device (or over the devices of ``device_map``:
+    accelerate dispatches it, offloading the modules mapped to "cpu"), in eval mode."""
     cls = getattr(transformers, model_class)
     kwargs.setdefault("trust_remote_code", trust_remote_code())
-    model = cls.from_pretrained(checkpoint, dtype=dtype, device_map=device, **kwargs)
+    model = cls.from_pretrained(checkpoint, dtype=dtype, device_map=device_map or device, **kwargs)
     return model.eval()
 
 
@@ -38,6 +44,12 @@ class NoQuant:
         return QuantizeResult(checkpoint=request.source, format="hf")
 
     def load(
-        self, checkpoint: Path, model_class: str, device: str, dtype: torch.dtype, kernel: str
+        self,
+        checkpoint: Path,
+        model_class: str,
+        device: str,
+        dtype: torch.dtype,
+        kernel: str,
+        device_map: dict[str, Any] | None = None,
     ) -> torch.nn.Module:
-        return load_hf(checkpoint, model_class, device, dtype)
+        return load_hf(checkpoint, model_class, device, dtype, device_map)

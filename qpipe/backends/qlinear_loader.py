@@ -55,10 +55,16 @@ def auto_class(model_class: str) -> type:
 
 
 def load_checkpoint(
-    checkpoint: Path, model_class: str, device: str, dtype: torch.dtype, kernel: str
+    checkpoint: Path,
+    model_class: str,
+    device: str,
+    dtype: torch.dtype,
+    kernel: str,
+    device_map: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """Load any 4-bit checkpoint qpipe knows onto ``device``; ``kernel`` "hf" means plain
-    transformers (compressed-tensors only), "torch"/"triton" mean QuantLinear."""
+    transformers (compressed-tensors only), "torch"/"triton" mean QuantLinear. A
+    ``device_map`` (several devices) is for kernel=hf only: transformers dispatches it."""
     checkpoint = Path(checkpoint)
     method = checkpoint_method(checkpoint)
     if kernel == "hf":
@@ -67,10 +73,19 @@ def load_checkpoint(
                 f"kernel=hf cannot load a {method} checkpoint (transformers needs the "
                 f"original library for it); use kernel=torch or kernel=triton"
             )
-        model = auto_class(model_class).from_pretrained(
-            checkpoint, dtype=dtype, trust_remote_code=trust_remote_code()
-        )
+        cls = auto_class(model_class)
+        remote = trust_remote_code()
+        if device_map:
+            return cls.from_pretrained(
+                checkpoint, dtype=dtype, device_map=device_map, trust_remote_code=remote
+            ).eval()
+        model = cls.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=remote)
         return model.to(device).eval()
+    if device_map:
+        raise ConfigError(
+            f"kernel={kernel} places a model on one device; use kernel=hf to spread it over "
+            "several devices"
+        )
     reason = kernel_available(kernel)
     if reason:
         raise BackendUnavailable(reason)

@@ -13,7 +13,8 @@ from pathlib import Path
 from qpipe.backends import get_backend
 from qpipe.checkpoints import inspect_checkpoint
 from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
-from qpipe.measure import MemoryWindow, tensor_bytes
+from qpipe.device_memory import device_map_for, loaded_weights_metrics
+from qpipe.measure import MemoryWindow
 from qpipe.models import load_tokenizer
 from qpipe.stages.base import StageContext, StageResult
 
@@ -29,17 +30,25 @@ def run(ctx: StageContext) -> StageResult:
     inspect_checkpoint(checkpoint, cfg.model.get("model_class", "AutoModelForCausalLM"))
     tokenizer = load_tokenizer(cfg.model)  # before the window: it is not the model's memory
 
-    window = MemoryWindow(device).start()
+    # A device map from the budget (several GPUs, host offload) replaces the single device.
+    device_map, device, window = device_map_for(ctx.output("memory_budget", "placement"), device)
+    window = window or MemoryWindow(device)
+    window.start()
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
         model = backend.load(
-            checkpoint, cfg.model.get("model_class", "AutoModelForCausalLM"), device, dtype, kernel
+            checkpoint,
+            cfg.model.get("model_class", "AutoModelForCausalLM"),
+            device,
+            dtype,
+            kernel,
+            **({"device_map": device_map} if device_map else {}),
         )
     seconds = time.perf_counter() - start
-    weights = tensor_bytes(model) / 1e9
+    metrics = {"time.load_model_s": seconds} | loaded_weights_metrics(model)
     return StageResult(
         outputs={"checkpoint": str(checkpoint), "device": device, "kernel": kernel},
-        metrics={"time.load_model_s": seconds, "mem.loaded_weights_gb": weights},
+        metrics=metrics,
         objects={"model": model, "tokenizer": tokenizer, "memory_window": window},
     )

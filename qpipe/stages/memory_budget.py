@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from qpipe.config import CONF_DIR, load_group, resolve_device, resolve_dtype
+from qpipe.config import CONF_DIR, load_group, resolve_device, resolve_dtype, resolve_kernel
+from qpipe.device_budget import mappable_reason, plan_devices, quantize_on_gpu
 from qpipe.exclusion import plan_precision
+from qpipe.hardware import resolve_cards
 from qpipe.memory import Estimate, Workload, arch_dims, build_inventory, estimate
 from qpipe.models import load_config
 from qpipe.plots import memory_breakdown
@@ -75,8 +77,22 @@ def run(ctx: StageContext) -> StageResult:
             options[path.stem] = price(OmegaConf.to_container(load_group("quant", path.stem)))
 
     capacity = _capacity_gb(ctx)
-    usable = capacity * (1 - float(cfg.hardware.headroom_pct) / 100)
-    fits = est.total_gb <= usable
+    cards = resolve_cards(cfg, device, capacity)
+    devices = plan_devices(
+        cfg,
+        cards,
+        est,
+        config,
+        inventory,
+        plan_precision(inventory, exclude, quantize=chosen["method"] != "none"),
+        chosen,
+        dims,
+        workload,
+        dtype_bytes,
+        device,
+    )
+    usable = devices.usable_gb
+    fits = devices.fits
     title = f"{cfg.model.name}: {workload.mode}, batch {workload.batch_size} × {workload.context_len} tokens on {cfg.hardware.name}"
     plot = memory_breakdown(
         {name: e.as_dict() for name, e in options.items()},
@@ -85,10 +101,8 @@ def run(ctx: StageContext) -> StageResult:
         ctx.workdir / "memory_breakdown.png",
         chosen=chosen["name"],
     )
-    metrics = _metrics(est) | {
-        "mem.capacity_gb": capacity,
-        "mem.headroom_gb": usable - est.total_gb,
-    }
+    metrics = _metrics(est) | devices.metrics()
+    metrics |= {"mem.capacity_gb": capacity, "mem.headroom_gb": usable - est.total_gb}
     outputs = {
         "fits": fits,
         "capacity_gb": capacity,
@@ -96,9 +110,27 @@ def run(ctx: StageContext) -> StageResult:
         "workload": vars(workload),
         "estimate": est.as_dict(),
         "options": {name: round(e.total_gb, 3) for name, e in options.items()},
+        **devices.outputs(),
+        "verdict": devices.verdict(est, cards, cfg.hardware.name, device),
     }
-    stop = None
-    if not fits:
+    quantizing, quantize_metrics, quantize_problem = quantize_on_gpu(
+        cfg,
+        chosen,
+        options["none"],
+        inventory,
+        plan_precision(inventory, exclude, quantize=True),
+        dims,
+        dtype_bytes,
+        usable,
+        device,
+    )
+    outputs["quantize"] = quantizing
+    metrics |= quantize_metrics
+    stop = devices.problem(cfg.model.name) or quantize_problem
+    if stop is None and devices.placement is not None:
+        offloads = devices.placement.offloaded_gb > 0
+        stop = mappable_reason(chosen, resolve_kernel(cfg, device), offloads)
+    if stop is None and not fits:
         fitting = sorted((e.total_gb, n) for n, e in options.items() if e.total_gb <= usable)
         hint = f"; quant={fitting[-1][1]} would fit ({fitting[-1][0]:.2f} GB)" if fitting else ""
         stop = (

@@ -56,6 +56,7 @@ def run(ctx: StageContext) -> StageResult:
         calib_texts=texts,
         calib_seq_len=seq_len or 512,
         calib_samples=samples or 64,
+        keep_in_host=bool((ctx.output("memory_budget", "quantize") or {}).get("layer_by_layer")),
     )
     window = MemoryWindow(device).start()
     start = time.perf_counter()

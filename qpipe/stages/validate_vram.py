@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from qpipe.device_memory import per_device_metrics
 from qpipe.measure import MemoryWindow
 from qpipe.plots import memory_breakdown
 from qpipe.stages.base import StageContext, StageResult
@@ -50,11 +51,17 @@ def run(ctx: StageContext) -> StageResult:
     shape = _run_workload(model, tokenizer, cfg, device)
     window.stop()
 
-    est = ctx.output("memory_budget", "estimate")
+    est = dict(ctx.output("memory_budget", "estimate"))
     measured = window.used_gb
+    placement = ctx.output("memory_budget", "placement")
+    per_device = per_device_metrics(window, placement) if placement else {}
+    if placement:  # spread over devices: the GPUs' share of the estimate is what was measured
+        est["peak_gb"] = per_device["mem.est_gpu_peak_gb"]
+        est["total_gb"] = sum(d["total_gb"] for d in placement["devices"] if d["device"] != "cpu")
     metrics = {
         "mem.measured_peak_gb": measured,
         "mem.est_error_pct": (est["peak_gb"] - measured) / measured * 100,
+        **per_device,
     }
     loaded = ctx.inputs["load"].metrics["mem.loaded_weights_gb"]
     metrics["mem.weights_error_pct"] = (est["weights_gb"] - loaded) / loaded * 100

@@ -1,0 +1,204 @@
+"""Sweeps in parallel: GPU slots held by real processes (flock), the joblib and submitit_local
+launchers running real jobs, and parallel writers on one sqlite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from hydra import compose, initialize_config_dir
+
+from qpipe.config import CONF_DIR
+from qpipe.gpu_slots import claim, parallel_jobs, visible_gpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_JOB = textwrap.dedent(
+    """
+    import json, sys, time
+    from qpipe.gpu_slots import claim
+    slot = claim(int(sys.argv[1]), poll_s=0.05)
+    start = time.time()
+    time.sleep(float(sys.argv[2]))
+    print(json.dumps({"gpus": slot.gpus, "start": start, "end": time.time()}))
+    """
+)
+
+
+def _env(tmp_path: Path, gpus: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": gpus,
+        "QPIPE_GPU_LOCKS": str(tmp_path / "locks"),
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+def _jobs(tmp_path: Path, n: int, gpus: str, per_job: int, seconds: float) -> list[dict]:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _JOB, str(per_job), str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_env(tmp_path, gpus),
+        )
+        for _ in range(n)
+    ]
+    return [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return a["start"] < b["end"] and b["start"] < a["end"]
+
+
+def test_four_jobs_on_two_gpus_queue_and_never_share_a_gpu(tmp_path) -> None:
+    runs = _jobs(tmp_path, 4, "0,1", 1, 1.0)
+    by_gpu: dict[tuple, list[dict]] = {}
+    for run in runs:
+        by_gpu.setdefault(tuple(run["gpus"]), []).append(run)
+    assert sorted(by_gpu) == [("0",), ("1",)]
+    for held in by_gpu.values():
+        assert len(held) == 2
+        assert not _overlap(*held)  # the second job on a GPU waited for the first
+    # ...while the two GPUs worked at the same time.
+    assert any(_overlap(a, b) for a in by_gpu[("0",)] for b in by_gpu[("1",)])
+
+
+def test_jobs_of_two_gpus_take_aligned_pairs(tmp_path) -> None:
+    runs = _jobs(tmp_path, 3, "4,5,6,7", 2, 0.5)
+    assert {tuple(r["gpus"]) for r in runs} == {("4", "5"), ("6", "7")}
+
+
+def test_a_killed_job_frees_its_gpu(tmp_path) -> None:
+    env = _env(tmp_path, "0,1")
+    holders = [
+        subprocess.Popen([sys.executable, "-c", _JOB, "1", "60"], env=env, stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    locks = tmp_path / "locks"
+    deadline = time.time() + 30
+    while time.time() < deadline:  # both GPUs held: each lock file names its holder
+        held = [p.read_text().strip() for p in locks.glob("gpu-*.lock")] if locks.exists() else []
+        if len([h for h in held if h]) == 2:
+            break
+        time.sleep(0.05)
+    os.kill(holders[0].pid, signal.SIGKILL)
+    runs = _jobs(tmp_path, 1, "0,1", 1, 0.1)
+    holders[1].kill()
+    for p in holders:
+        p.wait()
+    assert runs[0]["gpus"] in (["0"], ["1"])
+
+
+def test_no_gpus_no_pinning(monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == [] and claim(1) is None and parallel_jobs(1) == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert parallel_jobs(1) == 4 and parallel_jobs(2) == 2
+
+
+def test_launcher_configs_carry_qpipes_defaults() -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
+    assert launcher.timeout_min == 240
+
+
+def _sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QPIPE_OUTPUTS": str(tmp_path / "out"), "COLUMNS": "200"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "qpipe", "--multirun", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+    )
+
+
+def _runs(tmp_path: Path, experiment: str):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+def _integrity(tmp_path: Path) -> str:
+    with sqlite3.connect(tmp_path / "out" / "mlflow.db") as db:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_the_sweep_in_its_own_processes(tmp_path) -> None:
+    proc = _sweep(
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "model=tiny_llama",
+        "pipeline=estimate",
+        "quant=none,bnb_nf4",
+        "mlflow.experiment=submitit",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = _runs(tmp_path, "submitit")
+    assert sorted(runs["params.quant"]) == ["bnb_nf4", "none"]
+    assert set(runs["status"]) == {"FINISHED"}
+    # submitit ran each job as its own process and kept its logs.
+    logs = list((tmp_path / "out" / "multirun").rglob(".submitit/*/*_0_log.out"))
+    assert len(logs) == 2
+    assert _integrity(tmp_path) == "ok"
+
+
+@pytest.mark.slow
+def test_joblib_runs_jobs_in_parallel_on_one_fresh_sqlite_store(tmp_path) -> None:
+    # A fresh outputs folder: the parallel workers race to create the store and experiment.
+    proc = _sweep(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "model=tiny_llama",
+        "pipeline=estimate",
+        "quant=none,bnb_nf4",
+        "mlflow.experiment=joblib",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "n_jobs=2" in proc.stdout + proc.stderr
+    runs = _runs(tmp_path, "joblib")
+    assert sorted(runs["params.quant"]) == ["bnb_nf4", "none"]
+    assert set(runs["status"]) == {"FINISHED"}
+    assert _integrity(tmp_path) == "ok"
+
+
+def test_a_job_is_pinned_through_cuda_visible_devices(tmp_path) -> None:
+    """Before CUDA starts, the pin narrows CUDA_VISIBLE_DEVICES to the job's GPU and points
+    ``device`` at it; a ``device=cpu`` job is left alone."""
+    code = textwrap.dedent(
+        """
+        import json, os
+        from omegaconf import OmegaConf
+        from qpipe.gpu_slots import pin_job
+        cpu = OmegaConf.create({"device": "cpu", "placement": {"gpus_per_job": 1}})
+        cfg = OmegaConf.create({"device": "auto", "placement": {"gpus_per_job": 1}})
+        print(json.dumps({"cpu": pin_job(cpu), "tags": pin_job(cfg), "device": cfg.device,
+                          "visible": os.environ["CUDA_VISIBLE_DEVICES"]}))
+        """
+    )
+    env = _env(tmp_path, "3,5")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    result = json.loads(out.stdout)
+    assert result["cpu"] == {}
+    assert result["tags"] == {"qpipe.gpus": "3"} and result["visible"] == "3"
+    assert result["device"] == "cuda"
