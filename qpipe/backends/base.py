@@ -25,6 +25,7 @@ class QuantizeRequest:
     pad_plan: the pad_align stage's outputs (schema in ``qpipe/align.py``).
     calib_texts: calibration texts (GPTQ/AWQ); empty for methods that need none.
     calib_seq_len / calib_samples: calibration shape.
+    bits_by_module: a mixed plan's width per target (quant=auto); targets absent use quant.bits.
     output_dir: where the checkpoint goes (created by the caller, empty).
     device: where quantization runs ("cpu", "cuda", "cuda:0").
     dtype: dtype of the unquantized parts.
@@ -42,6 +43,7 @@ class QuantizeRequest:
     calib_texts: list[str] = field(default_factory=list)
     calib_seq_len: int = 512
     calib_samples: int = 64
+    bits_by_module: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from qpipe.errors import BackendUnavailable, ConfigError
 from qpipe.kernels import IntWeights, QuantLinear, from_compressed_tensors, kernel_available
+from qpipe.kernels.int8_linear import Int8Linear
 
 QPIPE_W4 = "qpipe-w4"
 
@@ -157,7 +158,10 @@ def load_with_extractor(
                 f"{checkpoint}: {name} holds a {tuple(iw.shape)} weight, the model expects "
                 f"{expected}"
             )
-        q = QuantLinear.from_int(iw, bias, kernel=kernel, dtype=dtype, in_features=expected[1])
+        if iw.bits == 8:  # the 8-bit layers of a mixed (quant=auto) checkpoint
+            q = Int8Linear(iw, bias, dtype)
+        else:
+            q = QuantLinear.from_int(iw, bias, kernel=kernel, dtype=dtype, in_features=expected[1])
         model.set_submodule(name, q)
     _assign_rest(model, tensors, dtype, checkpoint)
     return model.to(device).eval()
@@ -210,10 +214,10 @@ def compressed_tensors_extractors(checkpoint: Path, model_class: str) -> tuple[s
         if args is None:
             raise ConfigError(f"{checkpoint}: {name} is packed but no config group targets it")
         bits = int(args.get("num_bits", 4))
-        if bits != 4 or args.get("type", "int") != "int":
+        if bits not in (4, 8) or args.get("type", "int") != "int":
             raise ConfigError(
-                f"{name} is {bits}-bit {args.get('type')}: qpipe's QuantLinear holds 4-bit "
-                "integers only; load this checkpoint with kernel=hf"
+                f"{name} is {bits}-bit {args.get('type')}: qpipe holds 4-bit (QuantLinear) "
+                "and 8-bit (Int8Linear) integers only; load this checkpoint with kernel=hf"
             )
         k = int(own["weight_shape"][1])
         strategy = args.get("strategy")

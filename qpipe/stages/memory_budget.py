@@ -10,6 +10,7 @@ from qpipe.exclusion import plan_precision
 from qpipe.memory import Estimate, Workload, arch_dims, build_inventory, estimate
 from qpipe.models import load_config
 from qpipe.plots import memory_breakdown
+from qpipe.stages._auto_plan import auto_plan
 from qpipe.stages.base import StageContext, StageResult
 
 
@@ -62,20 +63,43 @@ def run(ctx: StageContext) -> StageResult:
     dims = arch_dims(config)
     runtime = _runtime_gb(ctx, device)
     exclude = OmegaConf.to_container(cfg.exclude, resolve=True)
+    measured = (
+        ctx.output("sensitivity", "layers") if ctx.output("sensitivity", "measured") else None
+    )
+
+    def rules(quant: dict):
+        return plan_precision(inventory, exclude, quant["method"] != "none", measured, dtype_bytes)
 
     def price(quant: dict) -> Estimate:
-        plan = plan_precision(inventory, exclude, quantize=quant["method"] != "none")
-        return estimate(inventory, plan, quant, dims, workload, dtype_bytes, runtime, device)
-
-    chosen = OmegaConf.to_container(cfg.quant, resolve=True)
-    est = price(chosen)
-    options = {chosen["name"]: est}
-    for path in sorted((CONF_DIR / "quant").glob("*.yaml")):
-        if path.stem not in options:
-            options[path.stem] = price(OmegaConf.to_container(load_group("quant", path.stem)))
+        return estimate(
+            inventory, rules(quant), quant, dims, workload, dtype_bytes, runtime, device
+        )
 
     capacity = _capacity_gb(ctx)
     usable = capacity * (1 - float(cfg.hardware.headroom_pct) / 100)
+    chosen = OmegaConf.to_container(cfg.quant, resolve=True)
+    auto = None
+    if chosen["method"] == "auto":
+        auto = auto_plan(
+            ctx,
+            inventory,
+            rules(chosen),
+            measured,
+            chosen,
+            dims,
+            workload,
+            dtype_bytes,
+            runtime,
+            device,
+            usable,
+        )
+        est = auto["estimate"]
+    else:
+        est = price(chosen)
+    options = {chosen["name"]: est}
+    for path in sorted((CONF_DIR / "quant").glob("*.yaml")):
+        if path.stem not in options and path.stem != "auto":
+            options[path.stem] = price(OmegaConf.to_container(load_group("quant", path.stem)))
     fits = est.total_gb <= usable
     title = f"{cfg.model.name}: {workload.mode}, batch {workload.batch_size} × {workload.context_len} tokens on {cfg.hardware.name}"
     plot = memory_breakdown(
@@ -97,6 +121,11 @@ def run(ctx: StageContext) -> StageResult:
         "estimate": est.as_dict(),
         "options": {name: round(e.total_gb, 3) for name, e in options.items()},
     }
+    artifacts = [plot]
+    if auto:
+        outputs.update(bit_plan=auto["bit_plan"], precision_plan=auto["precision_plan"])
+        metrics.update(auto["metrics"])
+        artifacts.extend(auto["artifacts"])
     stop = None
     if not fits:
         fitting = sorted((e.total_gb, n) for n, e in options.items() if e.total_gb <= usable)
@@ -112,6 +141,6 @@ def run(ctx: StageContext) -> StageResult:
         outputs=outputs,
         metrics=metrics,
         params={"hardware": cfg.hardware.name, "workload.mode": workload.mode},
-        artifacts=[plot],
+        artifacts=artifacts,
         stop=stop,
     )
