@@ -85,7 +85,7 @@ def solve_knapsack(
     costs: Mapping[str, Mapping[int, int]],
     losses: Mapping[str, Mapping[int, float]],
     budget: int,
-    resolution: int = 8192,
+    resolution: int = 1 << 16,
 ) -> dict[str, int] | None:
     """The choice per item minimising the summed loss with summed cost <= ``budget``; None if
     even the cheapest choices do not fit. Costs above each item's cheapest are rounded up to

@@ -32,6 +32,7 @@ from qpipe.memory.inventory import Inventory
 
 log = logging.getLogger("qpipe")
 
+_PRIOR_HEAVY = ("v_proj", "down_proj", "w2", "fc2", "wv")
 _BLOCK = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
@@ -174,8 +175,9 @@ def log_progress(every: int = 20) -> Callable[[int, int], None]:
 def prior_sensitivity(inventory: Inventory, layers: Sequence[str]) -> dict[str, dict[str, float]]:
     """What stands in for a measurement when there are no weights (``pipeline=estimate``,
     random weights): the loss of rounding a layer grows with its parameter count; the first
-    and last block of a stack count double (they are the usual outliers). Same keys as
-    ``measure_sensitivity``, the noise ratio of ideal uniform rounding."""
+    and last block of a stack, and the value and MLP-down projections (the tensors llama.cpp's
+    k-quant mixes give more bits), count double. Same keys as ``measure_sensitivity``, the
+    noise ratio of ideal uniform rounding."""
     shapes = {m.name: m.weight_shape for m in inventory.linears()}
     index: dict[str, tuple[str, int]] = {}
     for name in layers:
@@ -189,8 +191,10 @@ def prior_sensitivity(inventory: Inventory, layers: Sequence[str]) -> dict[str, 
     for name in layers:
         numel = float(shapes[name][0] * shapes[name][1])
         edge = name in index and index[name][1] in (0, last[index[name][0]])
+        leaf = name.rsplit(".", 1)[-1]
+        weight = (2.0 if edge else 1.0) * (2.0 if leaf in _PRIOR_HEAVY else 1.0)
         out[name] = {
-            "kl": numel * (2.0 if edge else 1.0) * 1e-12,
+            "kl": numel * weight * 1e-12,
             "nll_delta": 0.0,
             "noise_ratio_8": (15 / 255) ** 2,
             "numel": numel,

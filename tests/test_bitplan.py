@@ -196,3 +196,25 @@ def test_bad_exclude_values_are_one_line_errors() -> None:
         validate_exclude({"by": "rules", "keep_top_k": 3})
     with pytest.raises(ConfigError, match="exclude.keep_top_k"):
         validate_config(compose_config("exclude.by=sensitivity", "exclude.keep_top_k=-1"))
+
+
+def test_mixed_plan_recipe_has_a_config_group_per_bit_width() -> None:
+    from qpipe.backends import get_backend
+    from qpipe.backends.llmc import build_recipe
+    from qpipe.backends.mixed import inner_quant
+
+    auto = _auto(algorithm="rtn")
+    get_backend("auto").validate(auto)
+    inner = inner_quant(auto)
+    assert inner["method"] == "rtn" and not {"act_order", "choices", "weights_gb"} & set(inner)
+    bits = {
+        "model.layers.0.mlp.down_proj": 8,
+        "model.layers.1.mlp.down_proj": 4,
+        "model.layers.0.self_attn.q_proj": 4,
+    }
+    recipe = build_recipe(inner, list(bits), ["lm_head"], None, bits=bits)
+    groups = recipe["quant_stage"]["quant_modifiers"]["QuantizationModifier"]["config_groups"]
+    by_bits = {g["weights"]["num_bits"]: g["targets"] for g in groups.values()}
+    assert by_bits[8] == ["model.layers.0.mlp.down_proj"]
+    assert "model.layers.1.mlp.down_proj" in by_bits[4] and len(by_bits[4]) == 2
+    assert all(g["weights"]["group_size"] == 64 for g in groups.values())
