@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -35,6 +36,7 @@ from qpipe.textdata import read_text, token_ids
 
 HERE = Path(__file__).resolve().parent
 DAG = HERE / "auto_dag.yaml"
+CALIB = "calib.num_samples=16"  # GPTQ: 16 x 256 calibration tokens (both GPTQ options)
 RULE = r"model\.layers\.([0-4]|2[5-9])\.mlp\.down_proj"  # 10 layers: first and last 5 blocks
 
 
@@ -105,41 +107,90 @@ def run_option(label: str, *overrides: str) -> dict:
     return row
 
 
+def prior_agreement(sensitivity: dict) -> float:
+    """Spearman rank correlation of the size prior (what pipeline=estimate plans with) with
+    the measured KL per layer."""
+    import numpy as np
+
+    from qpipe.memory import build_inventory
+    from qpipe.models import load_config
+    from qpipe.sensitivity import prior_sensitivity
+
+    cfg = compose_config()
+    inventory = build_inventory(load_config(cfg.model), cfg.model.model_class)
+    names = sorted(sensitivity)
+    prior = prior_sensitivity(inventory, names)
+
+    def ranks(values: list[float]) -> np.ndarray:
+        return np.argsort(np.argsort(values)).astype(float)
+
+    a = ranks([prior[n]["kl"] for n in names])
+    b = ranks([sensitivity[n]["kl"] for n in names])
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def options(budget: float, k: int) -> dict[str, tuple[str, ...]]:
+    """key -> (label, overrides...), in report order."""
+    return {
+        "none": ("none (fp32)", "quant=none"),
+        "rtn": ("rtn", "quant=rtn"),
+        "gptq": ("gptq", "quant=gptq", CALIB),
+        "auto_gptq": ("auto (gptq)", "quant=auto", f"quant.weights_gb={budget}", CALIB),
+        "auto_rtn": (
+            "auto (rtn)",
+            "quant=auto",
+            "quant.algorithm=rtn",
+            f"quant.weights_gb={budget}",
+        ),
+        "topk": (
+            f"rtn + top-{k} sensitive in fp32",
+            "quant=rtn",
+            "exclude.by=sensitivity",
+            f"exclude.keep_top_k={k}",
+        ),
+        "rule": (f"rtn + {k} by name rule in fp32", "quant=rtn", f"exclude.patterns=['{RULE}']"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", default="", help="comma-separated option keys (default: all)")
+    parser.add_argument("--merge", action="store_true", help="only write the report from rows")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    parts = args.out / "auto_smollm2.rows"
+    parts.mkdir(exist_ok=True)
     torch.manual_seed(0)
 
     w4 = estimate_weights_gb("quant=rtn")
     w8 = estimate_weights_gb("quant=rtn", "quant.bits=8", "kernel=hf")
     budget = round((w4 + w8) / 2, 4)
     k = round(0.05 * 210)
-    rows = [
-        run_option("none (fp32)", "quant=none"),
-        run_option("rtn", "quant=rtn"),
-        run_option("gptq", "quant=gptq"),
-        run_option("auto (gptq)", "quant=auto", f"quant.weights_gb={budget}"),
-        run_option("auto (rtn)", "quant=auto", "quant.algorithm=rtn", f"quant.weights_gb={budget}"),
-        run_option(
-            f"rtn + top-{k} sensitive in fp32",
-            "quant=rtn",
-            "exclude.by=sensitivity",
-            f"exclude.keep_top_k={k}",
-        ),
-        run_option(f"rtn + {k} by name rule in fp32", "quant=rtn", f"exclude.patterns=['{RULE}']"),
-    ]
+    table = options(budget, k)
+    if not args.merge:
+        for key in args.only.split(",") if args.only else table:
+            row = run_option(*table[key])
+            (parts / f"{key}.json").write_text(json.dumps(row))
+        if args.only:
+            return
+    rows = []
+    for key in table:  # options not run (yet) are left out of the report, and listed
+        if (parts / f"{key}.json").is_file():
+            rows.append({"key": key, **json.loads((parts / f"{key}.json").read_text())})
+    missing = [key for key in table if not (parts / f"{key}.json").is_file()]
     sensitivity = next(r["_sensitivity"] for r in rows if "_sensitivity" in r)
     for r in rows:
-        for src in r.pop("_artifacts", []) + r.pop("_sensitivity_png", []):
-            name = "auto_smollm2_" + Path(src).name
-            if r["option"] == "auto (gptq)" or "sensitivity" in name:
-                shutil.copy(src, args.out / name)
+        for src in r.pop("_artifacts", []):
+            shutil.copy(src, args.out / f"auto_smollm2_{r['key']}_{Path(src).name}")
+        for src in r.pop("_sensitivity_png", []):
+            shutil.copy(src, args.out / "auto_smollm2_sensitivity.png")
         r.pop("_sensitivity", None)
     record = {
         "what": "quant=auto and sensitivity-ranked exclusion, SmolLM2-135M-Instruct, real weights",
-        "command": "nice -n 10 python bench/auto_smollm2.py --out bench/results",
+        "command": "nice -n 10 python bench/auto_smollm2.py --out bench/results (or in parts: "
+        "--only KEY,KEY... then --merge)",
+        "load_average": os.getloadavg()[0],
         "device": {
             "kind": "cpu",
             "processor": platform.processor() or platform.machine(),
@@ -155,7 +206,9 @@ def main() -> None:
         "keep_k": k,
         "name_rule": RULE,
         "rows": rows,
+        "not_run": missing,
         "sensitivity": sensitivity,
+        "prior_vs_measured_spearman": prior_agreement(sensitivity),
     }
     (args.out / "auto_smollm2.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.out / "auto_smollm2.md").write_text(markdown(record))
@@ -187,8 +240,12 @@ def markdown(rec: dict) -> str:
             f"| {r['option']} | {r['ppl']:.3f} | {r['est_weights_gb']:.4f} | "
             f"{r['loaded_weights_gb']:.4f} | {r['weights_error_pct']:+.2f} % | {counts} |"
         )
-    sens_row = next(r for r in rec["rows"] if "sensitive" in r["option"])
-    rule_row = next(r for r in rec["rows"] if "name rule" in r["option"])
+    if rec.get("not_run"):
+        lines += ["", "Not run (yet): " + ", ".join(rec["not_run"]) + "."]
+    sens_row = next((r for r in rec["rows"] if "sensitive" in r["option"]), None)
+    rule_row = next((r for r in rec["rows"] if "name rule" in r["option"]), None)
+    if sens_row is None or rule_row is None:
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"Kept by sensitivity (top {rec['keep_k']}): "
@@ -198,6 +255,12 @@ def markdown(rec: dict) -> str:
         + ", ".join(rule_row["kept_by_rule_or_sensitivity"]),
         "",
     ]
+    if "prior_vs_measured_spearman" in rec:
+        lines += [
+            "Rank correlation (Spearman) of the size prior that `pipeline=estimate` plans with "
+            f"and the measured KL: {rec['prior_vs_measured_spearman']:.2f}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
