@@ -70,3 +70,14 @@ def test_int8_linear_matches_its_dequantized_weight() -> None:
     assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (40, 192)
     with pytest.raises(ValueError, match="8-bit"):
         Int8Linear(quantize_rtn(lin.weight.data, group_size=64, bits=4), None, torch.float32)
+
+
+def test_the_stage_measures_only_when_asked_and_weights_are_real() -> None:
+    from qpipe.stages.sensitivity import skip_reason
+    from tests.conftest import compose_config
+
+    assert "exclude.by=rules" in skip_reason(compose_config("quant=rtn"))
+    assert "quant=none" in skip_reason(compose_config("exclude.by=sensitivity"))
+    assert "random weights" in skip_reason(compose_config("quant=auto", "model=tiny_llama"))
+    assert skip_reason(compose_config("quant=auto")) is None
+    assert skip_reason(compose_config("quant=gptq", "exclude.by=sensitivity")) is None
