@@ -147,6 +147,9 @@ class Runner:
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
+        if not result.cacheable:  # it had nothing to do: no result to reuse
+            shutil.rmtree(partial, ignore_errors=True)
+            return result
         result.params[f"cache.{spec.name}"] = "miss"
         return self._store_cached(partial, final, result)
 

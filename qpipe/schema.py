@@ -70,6 +70,9 @@ class QuantSchema:
     duo_scaling: Any = True  # awq: true | false | "both"
     n_grid: int = 20
     format: str = "compressed-tensors"  # rtn: compressed-tensors | qpipe-w4
+    choices: Optional[list[int]] = None  # auto: the widths a layer may get
+    algorithm: Optional[str] = None  # auto: gptq | rtn
+    weights_gb: Optional[float] = None  # auto: a cap on the weights
 
 
 @dataclass
@@ -129,6 +132,15 @@ class ExcludeSchema:
     vision_tower: bool
     projector: bool
     patterns: list[str] = field(default_factory=list)
+    by: str = "rules"  # rules | sensitivity
+    keep_top_k: int = 0
+    keep_budget_gb: float = 0.0
+
+
+@dataclass
+class SensitivitySchema:
+    samples: int = 2
+    seq_len: int = 128
 
 
 @dataclass
@@ -155,6 +167,7 @@ class QpipeSchema:
     pad_align: PadAlignSchema
     mlflow: MlflowSchema
     placement: PlacementSchema = field(default_factory=PlacementSchema)
+    sensitivity: SensitivitySchema = field(default_factory=SensitivitySchema)
     eval: Optional[EvalSchema] = None
     calib: Optional[CalibSchema] = None
     device: str = "auto"

@@ -9,6 +9,7 @@ from qpipe.backends import get_backend
 from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
 from qpipe.dag import load_dag, pipeline_ref
 from qpipe.errors import ConfigError
+from qpipe.exclusion import validate_exclude
 from qpipe.hardware import validate_placement
 from qpipe.models.source import model_class, source_kind
 from qpipe.schema import check_schema
@@ -41,7 +42,11 @@ def validate_config(cfg: DictConfig) -> None:
         from qpipe.backends.llmc import validate_kernel
 
         validate_kernel(quant, kernel)
-    if quant["method"] in ("gptq", "awq"):
+    validate_exclude(OmegaConf.to_container(cfg.exclude, resolve=True))
+    calibrates = quant["method"] in ("gptq", "awq") or (
+        quant["method"] == "auto" and quant.get("algorithm") == "gptq"
+    )
+    if calibrates or cfg.exclude.get("by") == "sensitivity" or quant["method"] == "auto":
         from qpipe.calib import validate_calib
 
         validate_calib(OmegaConf.to_container(cfg.calib, resolve=True))
@@ -59,6 +64,10 @@ def validate_config(cfg: DictConfig) -> None:
     validate_placement(cfg)
     if "eval" in cfg:
         read_text(cfg.eval.text)
+    if "sensitivity" in cfg:
+        for key in ("samples", "seq_len"):
+            if int(cfg.sensitivity[key]) < 1:
+                raise ConfigError(f"sensitivity.{key}={cfg.sensitivity[key]} must be ≥ 1")
         for key in ("max_tokens", "window", "max_new_tokens", "prefill_tokens", "repeats"):
             if int(cfg.eval[key]) < 1:
                 raise ConfigError(f"eval.{key}={cfg.eval[key]} must be ≥ 1")

@@ -17,6 +17,7 @@ _REGISTRY = {
     "gptq": "qpipe.backends.gptq:GptqBackend",
     "awq": "qpipe.backends.awq:AwqBackend",
     "rtn": "qpipe.backends.rtn:RtnBackend",
+    "auto": "qpipe.backends.mixed:MixedBackend",
 }
 
 METHODS = tuple(_REGISTRY)

@@ -27,6 +27,7 @@ class QuantizeRequest:
     calib_seq_len / calib_samples: calibration shape.
     keep_in_host: leave the model in host memory and let the library copy one layer at a time
       to ``device`` (a model larger than the GPU; llm-compressor's sequential onloading).
+    bits_by_module: a mixed plan's width per target (quant=auto); targets absent use quant.bits.
     output_dir: where the checkpoint goes (created by the caller, empty).
     device: where quantization runs ("cpu", "cuda", "cuda:0").
     dtype: dtype of the unquantized parts.
@@ -45,6 +46,7 @@ class QuantizeRequest:
     calib_seq_len: int = 512
     calib_samples: int = 64
     keep_in_host: bool = False
+    bits_by_module: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -189,24 +189,31 @@ def _compact_targets(names: Sequence[str], same_leaf_elsewhere: set[str]) -> lis
 
 
 def config_groups(
-    quant: Mapping[str, Any], targets: Sequence[str], pad_plan: Mapping[str, Any] | None
+    quant: Mapping[str, Any],
+    targets: Sequence[str],
+    pad_plan: Mapping[str, Any] | None,
+    bits: Mapping[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """compressed-tensors config groups: one per group size the pad plan uses. A single group
-    targets every ``Linear`` (the recipe's ``ignore`` keeps the rest out)."""
+    """compressed-tensors config groups: one per (bit width, group size) the targets use
+    (``bits``: a mixed plan's width per module; absent ones use ``quant.bits``). A single
+    group targets every ``Linear`` (the recipe's ``ignore`` keeps the rest out)."""
     default = int(quant.get("group_size") or 0)
-    by_size: dict[int, list[str]] = defaultdict(list)
+    width = int(quant["bits"])
+    by_scheme: dict[tuple[int, int], list[str]] = defaultdict(list)
     for name in targets:
-        by_size[module_group_size(pad_plan, name, default)].append(name)
-    if len(by_size) <= 1:
-        gs = next(iter(by_size), default)
-        return {"group_0": {"targets": ["Linear"], "weights": _weights_args(quant, gs)}}
-    leaves = {gs: {n.rsplit(".", 1)[-1] for n in names} for gs, names in by_size.items()}
+        gs = module_group_size(pad_plan, name, default)
+        by_scheme[(int((bits or {}).get(name, width)), gs)].append(name)
+    if len(by_scheme) <= 1:
+        b, gs = next(iter(by_scheme), (width, default))
+        args = _weights_args({**quant, "bits": b}, gs)
+        return {"group_0": {"targets": ["Linear"], "weights": args}}
+    leaves = {key: {n.rsplit(".", 1)[-1] for n in names} for key, names in by_scheme.items()}
     groups = {}
-    for i, (gs, names) in enumerate(sorted(by_size.items(), key=lambda kv: -len(kv[1]))):
-        elsewhere = set().union(*(lv for g, lv in leaves.items() if g != gs))
+    for i, (key, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: -len(kv[1]))):
+        elsewhere = set().union(*(lv for k, lv in leaves.items() if k != key))
         groups[f"group_{i}"] = {
             "targets": _compact_targets(names, elsewhere),
-            "weights": _weights_args(quant, gs),
+            "weights": _weights_args({**quant, "bits": key[0]}, key[1]),
         }
     return groups
 
@@ -217,10 +224,13 @@ def build_recipe(
     ignore: Sequence[str],
     pad_plan: Mapping[str, Any] | None = None,
     awq_mappings: list[dict[str, Any]] | None = None,
+    bits: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The llm-compressor recipe for ``quant`` as plain data (YAML-ready)."""
+    """The llm-compressor recipe for ``quant`` as plain data (YAML-ready); ``bits`` gives a
+    mixed plan's width per target."""
     method = quant["method"]
-    scheme = {"ignore": list(ignore), "config_groups": config_groups(quant, targets, pad_plan)}
+    groups = config_groups(quant, targets, pad_plan, bits)
+    scheme = {"ignore": list(ignore), "config_groups": groups}
     if method == "gptq":
         act = _act_order(quant)
         modifiers: dict[str, Any] = {
@@ -411,6 +421,7 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
         [n for n in linears if n not in set(targets)],
         plan,
         awq_mappings=_awq_mappings(model) if method == "awq" else None,
+        bits=request.bits_by_module,
     )
     text = recipe_yaml(recipe)
     tokenizer = _tokenizer(request.source)

@@ -26,6 +26,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from qpipe.errors import BackendUnavailable, ConfigError
 from qpipe.kernels import IntWeights, QuantLinear, from_compressed_tensors, kernel_available
+from qpipe.kernels.int8_linear import Int8Linear
 from qpipe.kernels.int_linear import IntLinear
 from qpipe.safety import trust_remote_code
 
@@ -193,9 +194,13 @@ def _quantized_module(
     name: str,
 ) -> torch.nn.Module:
     """QuantLinear for 4-bit weights (torch or Triton kernel); IntLinear (torch reference,
-    weights kept packed at their width) for the other widths."""
+    weights kept packed at their width) for the other widths; Int8Linear for 8-bit layers that
+    run beside Triton 4-bit ones."""
     if iw.bits == 4:
         return QuantLinear.from_int(iw, bias, kernel=kernel, dtype=dtype, in_features=in_features)
+    if iw.bits == 8 and kernel != "torch" and in_features == iw.shape[1]:
+        # 8-bit layers beside Triton 4-bit ones (a quant=auto plan on the GPU)
+        return Int8Linear(iw, bias, dtype)
     if kernel != "torch":
         raise ConfigError(
             f"{name} holds {iw.bits}-bit weights: kernel={kernel} runs 4-bit weights only; "

@@ -109,9 +109,11 @@ def quantized_linear_bytes(
             group = in_f
         groups = math.ceil(in_f / group)
         payload = math.ceil(numel * bits / 8)
-        scales = out_f * groups * 2  # fp16/bf16 scales
-        zeros = 0 if quant.get("symmetric", True) else math.ceil(out_f * groups * bits / 8)
-        g_idx = in_f * 4 if quant.get("act_order") else 0
+        # As qpipe holds them once loaded (QuantLinear, Int8Linear): scales in the run's
+        # dtype, one uint8 zero point per group; g_idx only where act-order saves one.
+        scales = out_f * groups * dtype_bytes
+        zeros = 0 if quant.get("symmetric", True) else out_f * groups
+        g_idx = in_f * 4 if quant.get("act_order") in (True, "group", "dynamic") else 0
         return payload + scales + zeros + g_idx
     return numel * dtype_bytes
 
@@ -207,7 +209,10 @@ def estimate(
     by_role: dict[str, float] = {}
     for module in inventory.modules:
         is_q = module.name in targets
-        payload, extra = _module_weight_bytes(module, is_q, quant, dtype_bytes, device)
+        # A mixed plan (quant=auto) gives some targets their own bit width.
+        bits = plan.bits.get(module.name) if is_q else None
+        module_quant = quant if bits is None else {**quant, "bits": bits}
+        payload, extra = _module_weight_bytes(module, is_q, module_quant, dtype_bytes, device)
         if is_q:
             quantized_bytes += payload
             params_quantized += math.prod(module.weight_shape)

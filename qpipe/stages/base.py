@@ -33,6 +33,7 @@ class StageResult:
     artifacts: list[Path] = field(default_factory=list)
     objects: dict[str, Any] = field(default_factory=dict)
     stop: str | None = None
+    cacheable: bool = True  # False: a stage with ``cache:`` that had nothing to do (skipped)
 
 
 @dataclass

@@ -13,7 +13,14 @@ from qpipe.models.source import check_weights_reachable
 from qpipe.stages.base import StageContext, StageResult
 
 # One representative option per method, to tell the user what else would run here.
-_REPRESENTATIVES = {"none": "none", "bnb": "bnb_nf4", "gptq": "gptq", "awq": "awq", "rtn": "rtn"}
+_REPRESENTATIVES = {
+    "none": "none",
+    "bnb": "bnb_nf4",
+    "gptq": "gptq",
+    "awq": "awq",
+    "rtn": "rtn",
+    "auto": "auto",
+}
 
 
 def _loads_weights(dag_name: str) -> bool:

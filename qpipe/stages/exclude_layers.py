@@ -1,5 +1,7 @@
 """exclude_layers: which Linear layers stay in high precision (lm_head, embeddings, vision
-tower, projector, user patterns), resolved to module names for the quantizer."""
+tower, projector, user patterns, and with ``exclude.by=sensitivity`` the most sensitive
+measured layers), resolved to module names for the quantizer. With ``quant=auto`` it hands on
+memory_budget's bit plan: the 16-bit layers are skipped, the others carry their bits."""
 
 from __future__ import annotations
 
@@ -7,27 +9,44 @@ from collections import Counter
 
 from omegaconf import OmegaConf
 
-from qpipe.exclusion import plan_precision
+from qpipe.config import resolve_device, resolve_dtype
+from qpipe.exclusion import PrecisionPlan, plan_precision
 from qpipe.memory import build_inventory
 from qpipe.models import load_config
 from qpipe.stages.base import StageContext, StageResult
+
+
+def _budget_dtype_bytes(cfg) -> int:
+    # As memory_budget prices it: a named GPU in its dtype, so both stages keep the same layers.
+    device = resolve_device(cfg) if cfg.hardware.name == "auto" else "cuda"
+    return resolve_dtype(cfg, device).itemsize
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     config = load_config(cfg.model)
     inventory = build_inventory(config, cfg.model.get("model_class", "AutoModelForCausalLM"))
-    plan = plan_precision(
-        inventory,
-        OmegaConf.to_container(cfg.exclude, resolve=True),
-        quantize=cfg.quant.method != "none",
-    )
+    budget_plan = ctx.output("memory_budget", "precision_plan")
+    if cfg.quant.method == "auto" and budget_plan is not None:
+        plan = PrecisionPlan(**budget_plan)
+    else:
+        measured = (
+            ctx.output("sensitivity", "layers") if ctx.output("sensitivity", "measured") else None
+        )
+        plan = plan_precision(
+            inventory,
+            OmegaConf.to_container(cfg.exclude, resolve=True),
+            quantize=cfg.quant.method != "none",
+            sensitivity=measured,
+            dtype_bytes=_budget_dtype_bytes(cfg),
+        )
     shapes = {m.name: list(m.weight_shape) for m in inventory.linears()}
-    reasons = Counter(plan.skip.values())
+    reasons = Counter(r.split(":", 1)[0] for r in plan.skip.values())
     return StageResult(
         outputs={
             "targets": plan.targets,
             "skip": plan.skip,
+            "bits": plan.bits,
             "shapes": shapes,
             "skip_reasons": dict(reasons),
         },

@@ -12,6 +12,7 @@ from qpipe.hardware import resolve_cards
 from qpipe.memory import Estimate, Workload, arch_dims, build_inventory, estimate
 from qpipe.models import load_config
 from qpipe.plots import memory_breakdown
+from qpipe.stages._auto_plan import auto_plan
 from qpipe.stages.base import StageContext, StageResult
 
 
@@ -64,19 +65,44 @@ def run(ctx: StageContext) -> StageResult:
     dims = arch_dims(config)
     runtime = _runtime_gb(ctx, device)
     exclude = OmegaConf.to_container(cfg.exclude, resolve=True)
+    measured = (
+        ctx.output("sensitivity", "layers") if ctx.output("sensitivity", "measured") else None
+    )
+
+    def rules(quant: dict):
+        return plan_precision(inventory, exclude, quant["method"] != "none", measured, dtype_bytes)
 
     def price(quant: dict) -> Estimate:
-        plan = plan_precision(inventory, exclude, quantize=quant["method"] != "none")
-        return estimate(inventory, plan, quant, dims, workload, dtype_bytes, runtime, device)
-
-    chosen = OmegaConf.to_container(cfg.quant, resolve=True)
-    est = price(chosen)
-    options = {chosen["name"]: est}
-    for path in sorted((CONF_DIR / "quant").glob("*.yaml")):
-        if path.stem not in options:
-            options[path.stem] = price(OmegaConf.to_container(load_group("quant", path.stem)))
+        return estimate(
+            inventory, rules(quant), quant, dims, workload, dtype_bytes, runtime, device
+        )
 
     capacity = _capacity_gb(ctx)
+    chosen = OmegaConf.to_container(cfg.quant, resolve=True)
+    auto = None
+    if chosen["method"] == "auto":
+        # quant=auto plans bits for one card of this hardware (its usable memory)
+        one_card = capacity * (1 - float(cfg.hardware.headroom_pct) / 100)
+        auto = auto_plan(
+            ctx,
+            inventory,
+            rules(chosen),
+            measured,
+            chosen,
+            dims,
+            workload,
+            dtype_bytes,
+            runtime,
+            device,
+            one_card,
+        )
+        est = auto["estimate"]
+    else:
+        est = price(chosen)
+    options = {chosen["name"]: est}
+    for path in sorted((CONF_DIR / "quant").glob("*.yaml")):
+        if path.stem not in options and path.stem != "auto":
+            options[path.stem] = price(OmegaConf.to_container(load_group("quant", path.stem)))
     cards = resolve_cards(cfg, device, capacity)
     devices = plan_devices(
         cfg,
@@ -84,7 +110,7 @@ def run(ctx: StageContext) -> StageResult:
         est,
         config,
         inventory,
-        plan_precision(inventory, exclude, quantize=chosen["method"] != "none"),
+        rules(chosen),
         chosen,
         dims,
         workload,
@@ -113,6 +139,11 @@ def run(ctx: StageContext) -> StageResult:
         **devices.outputs(),
         "verdict": devices.verdict(est, cards, cfg.hardware.name, device),
     }
+    artifacts = [plot]
+    if auto:
+        outputs.update(bit_plan=auto["bit_plan"], precision_plan=auto["precision_plan"])
+        metrics.update(auto["metrics"])
+        artifacts.extend(auto["artifacts"])
     quantizing, quantize_metrics, quantize_problem = quantize_on_gpu(
         cfg,
         chosen,
@@ -144,6 +175,6 @@ def run(ctx: StageContext) -> StageResult:
         outputs=outputs,
         metrics=metrics,
         params={"hardware": cfg.hardware.name, "workload.mode": workload.mode},
-        artifacts=[plot],
+        artifacts=artifacts,
         stop=stop,
     )

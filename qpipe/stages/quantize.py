@@ -17,7 +17,8 @@ from qpipe.stages.base import StageContext, StageResult
 
 def _calibration(cfg) -> tuple[list[str], int, int]:
     """Calibration texts for the methods that need them (GPTQ, AWQ)."""
-    if cfg.quant.method not in ("gptq", "awq") or "calib" not in cfg:
+    method = cfg.quant.get("algorithm") if cfg.quant.method == "auto" else cfg.quant.method
+    if method not in ("gptq", "awq") or "calib" not in cfg:
         return [], 0, 0
     from qpipe.backends.llmc import calibration_texts
 
@@ -49,6 +50,7 @@ def run(ctx: StageContext) -> StageResult:
         quant=quant,
         skip_modules=sorted(ctx.output("exclude_layers", "skip", {})),
         targets=list(ctx.output("exclude_layers", "targets", [])),
+        bits_by_module=dict(ctx.output("exclude_layers", "bits", {}) or {}),
         output_dir=output_dir,
         device=device,
         dtype=dtype,

@@ -1,0 +1,71 @@
+"""memory_budget's ``quant=auto`` part: the bit plan for the card, its table and picture."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qpipe.bitplan import plan_for_budget, plan_table
+from qpipe.exclusion import PrecisionPlan
+from qpipe.memory import ArchDims, Inventory, Workload
+from qpipe.plan_plots import bit_plan_plot
+from qpipe.sensitivity import prior_sensitivity
+from qpipe.stages.base import StageContext
+
+
+def auto_plan(
+    ctx: StageContext,
+    inventory: Inventory,
+    rules: PrecisionPlan,
+    measured: dict[str, dict[str, float]] | None,
+    quant: dict[str, Any],
+    dims: ArchDims,
+    workload: Workload,
+    dtype_bytes: int,
+    runtime_gb: float,
+    device: str,
+    usable_gb: float,
+) -> dict[str, Any]:
+    """The plan (measured sensitivity when the sensitivity stage ran, else the prior) with
+    its estimate, outputs, metrics and artifacts."""
+    missing = [n for n in rules.targets if not measured or n not in measured]
+    source = "measured" if not missing else "prior"
+    table = measured if not missing else prior_sensitivity(inventory, rules.targets)
+    bits, plan, est = plan_for_budget(
+        inventory,
+        rules,
+        table,
+        source,
+        quant,
+        dims,
+        workload,
+        dtype_bytes,
+        runtime_gb,
+        device,
+        usable_gb,
+    )
+    shapes = {m.name: m.weight_shape for m in inventory.linears()}
+    table_path = ctx.workdir / "bit_plan.md"
+    table_path.write_text(plan_table(bits, shapes))
+    name = ctx.cfg.model.name
+    picture = bit_plan_plot(
+        bits.bits,
+        ctx.workdir / "bit_plan.png",
+        f"{name} quant=auto on {ctx.cfg.hardware.name}: "
+        + ", ".join(f"{n}×{b}-bit" for b, n in bits.counts.items())
+        + f" ({source} sensitivity)",
+    )
+    metrics = {f"auto.layers_{b}bit": float(n) for b, n in bits.counts.items()}
+    metrics.update(
+        {
+            "auto.predicted_kl": bits.predicted_loss,
+            "auto.budget_gb": bits.budget_bytes / 1e9,
+            "auto.planned_layers_gb": bits.planned_bytes / 1e9,
+        }
+    )
+    return {
+        "estimate": est,
+        "bit_plan": bits.as_dict(),
+        "precision_plan": plan.as_dict(),
+        "metrics": metrics,
+        "artifacts": [table_path, picture],
+    }
