@@ -27,7 +27,10 @@ COLUMNS = (
     ("metrics.mem.measured_peak_gb", "measured peak GB"),
     ("metrics.mem.est_error_pct", "est error %"),
     ("metrics.quality.ppl", "ppl"),
-    ("metrics.quality.ppl_delta_pct", "ppl Δ%"),
+    ("metrics.quality.ppl_delta_pct", "ppl Δ%"),  # the first eval domain
+    ("metrics.quality.kld", "KL"),
+    ("metrics.quality.top1_agree", "top-1"),
+    ("metrics.quality.bleu_vs_baseline", "BLEU"),
     ("metrics.perf.ttft_ms", "TTFT ms"),
     ("metrics.perf.decode_tok_s", "decode tok/s"),
     ("metrics.time.quantize_s", "quantize s"),
@@ -56,11 +59,29 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """COLUMNS plus, after the first eval domain's ppl, the other domains' (``quality.ppl.<name>``
+    other than the one ``quality.ppl`` repeats) present in ``runs``."""
+    prefix = "metrics.quality.ppl."
+    names = sorted({k[len(prefix) :] for run in runs for k in run if k.startswith(prefix)})
+
+    def is_first(name: str) -> bool:
+        pairs = [(r.get(prefix + name), r.get("metrics.quality.ppl")) for r in runs]
+        return all(a == b for a, b in pairs if a is not None)
+
+    extra = []
+    for name in (n for n in names if not is_first(n)):
+        extra += [(prefix + name, f"ppl {name}"), (f"metrics.quality.ppl_delta_pct.{name}", "Δ%")]
+    at = [key for key, _ in COLUMNS].index("metrics.quality.ppl_delta_pct") + 1
+    return [*COLUMNS[:at], *extra, *COLUMNS[at:]]
+
+
 def markdown(runs: list[dict[str, Any]]) -> str:
-    lines = ["| status | " + " | ".join(label for _, label in COLUMNS) + " |"]
-    lines.append("|" + "---|" * (len(COLUMNS) + 1))
+    cols = columns(runs)
+    lines = ["| status | " + " | ".join(label for _, label in cols) + " |"]
+    lines.append("|" + "---|" * (len(cols) + 1))
     for run in runs:
-        cells = [_cell(run.get(key)) for key, _ in COLUMNS]
+        cells = [_cell(run.get(key)) for key, _ in cols]
         lines.append(f"| {run.get('status')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -68,10 +89,11 @@ def markdown(runs: list[dict[str, Any]]) -> str:
 def table(runs: list[dict[str, Any]], title: str) -> Table:
     out = Table(title=title)
     out.add_column("status")
-    for _, label in COLUMNS:
+    cols = columns(runs)
+    for _, label in cols:
         out.add_column(label, justify="right")
     for run in runs:
-        out.add_row(run.get("status", ""), *(_cell(run.get(key)) for key, _ in COLUMNS))
+        out.add_row(run.get("status", ""), *(_cell(run.get(key)) for key, _ in cols))
     return out
 
 

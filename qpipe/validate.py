@@ -10,6 +10,7 @@ from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
 from qpipe.dag import load_dag
 from qpipe.errors import ConfigError
 from qpipe.models.source import model_class, source_kind
+from qpipe.quality import validate_eval_texts
 from qpipe.textdata import read_text
 
 
@@ -56,6 +57,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"hardware.memory_gb={hw.memory_gb} must be > 0")
     if "eval" in cfg:
         read_text(cfg.eval.text)
+        validate_eval_texts(cfg.eval)
         for key in ("max_tokens", "window", "max_new_tokens", "prefill_tokens", "repeats"):
             if int(cfg.eval[key]) < 1:
                 raise ConfigError(f"eval.{key}={cfg.eval[key]} must be ≥ 1")
