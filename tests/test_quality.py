@@ -180,3 +180,21 @@ def test_every_shipped_text_has_its_source_and_terms_in_the_data_readme() -> Non
             for word in ("public domain", "license", "permitted", "cc0", "psf")
         ), name
     assert "Python Software Foundation License" in readme  # the PSF terms for stdlib text
+
+
+def test_report_adds_the_other_domains_and_the_agreement_columns() -> None:
+    from qpipe.report import columns, markdown
+
+    run = {
+        "status": "FINISHED",
+        "metrics.quality.ppl": 21.5,
+        "metrics.quality.ppl.gpl3": 21.5,
+        "metrics.quality.ppl.pydocs": 17.25,
+        "metrics.quality.ppl_delta_pct.pydocs": 3.5,
+        "metrics.quality.kld": 0.0123,
+    }
+    labels = [label for _, label in columns([run])]
+    assert "ppl pydocs" in labels and "ppl gpl3" not in labels  # gpl3 is quality.ppl itself
+    assert labels.index("ppl pydocs") == labels.index("ppl Δ%") + 1
+    assert {"KL", "top-1", "BLEU"} <= set(labels)
+    assert "| 17.25 | 3.5 |" in markdown([run]) and "0.0123" in markdown([run])
