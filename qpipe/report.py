@@ -38,7 +38,10 @@ COLUMNS = (
     ("metrics.mem.measured_peak_gb", "measured peak GB"),
     ("metrics.mem.est_error_pct", "est error %"),
     ("metrics.quality.ppl", "ppl"),
-    ("metrics.quality.ppl_delta_pct", "ppl Δ%"),
+    ("metrics.quality.ppl_delta_pct", "ppl Δ%"),  # the first eval domain
+    ("metrics.quality.kld", "KL"),
+    ("metrics.quality.top1_agree", "top-1"),
+    ("metrics.quality.bleu_vs_baseline", "BLEU"),
     ("metrics.perf.ttft_ms", "TTFT ms"),
     ("metrics.perf.decode_tok_s", "decode tok/s"),
     ("metrics.time.quantize_s", "quantize s"),
@@ -109,16 +112,34 @@ def _cell(value: Any) -> str:
 
 
 def rows(runs: list[dict[str, Any]]) -> list[list[str]]:
-    """One row per run: status, then the COLUMNS."""
-    return [[str(r.get("status"))] + [_cell(r.get(key)) for key, _ in COLUMNS] for r in runs]
+    """One row per run: status, then the columns (every eval domain present)."""
+    cols = columns(runs)
+    return [[str(r.get("status"))] + [_cell(r.get(key)) for key, _ in cols] for r in runs]
 
 
-def header() -> list[str]:
-    return ["status"] + [label for _, label in COLUMNS]
+def header(runs: list[dict[str, Any]]) -> list[str]:
+    return ["status"] + [label for _, label in columns(runs)]
+
+
+def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """COLUMNS plus, after the first eval domain's ppl, the other domains' (``quality.ppl.<name>``
+    other than the one ``quality.ppl`` repeats) present in ``runs``."""
+    prefix = "metrics.quality.ppl."
+    names = sorted({k[len(prefix) :] for run in runs for k in run if k.startswith(prefix)})
+
+    def is_first(name: str) -> bool:
+        pairs = [(r.get(prefix + name), r.get("metrics.quality.ppl")) for r in runs]
+        return all(a == b for a, b in pairs if a is not None)
+
+    extra = []
+    for name in (n for n in names if not is_first(n)):
+        extra += [(prefix + name, f"ppl {name}"), (f"metrics.quality.ppl_delta_pct.{name}", "Δ%")]
+    at = [key for key, _ in COLUMNS].index("metrics.quality.ppl_delta_pct") + 1
+    return [*COLUMNS[:at], *extra, *COLUMNS[at:]]
 
 
 def markdown(runs: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(header()) + " |", "|" + "---|" * len(header())]
+    lines = ["| " + " | ".join(header(runs)) + " |", "|" + "---|" * len(header(runs))]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows(runs)]
     return "\n".join(lines) + "\n"
 
@@ -126,14 +147,14 @@ def markdown(runs: list[dict[str, Any]]) -> str:
 def csv_text(runs: list[dict[str, Any]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["run_id", *header()])
+    writer.writerow(["run_id", *header(runs)])
     for run, row in zip(runs, rows(runs), strict=True):
         writer.writerow([run.get("run_id"), *row])
     return out.getvalue()
 
 
 def html_table(runs: list[dict[str, Any]], title: str) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header())
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header(runs))
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows(runs)
     )
@@ -188,7 +209,7 @@ def write_comparison(runs: list[dict[str, Any]], folder: Path, title: str) -> li
 
 def table(runs: list[dict[str, Any]], title: str) -> Table:
     out = Table(title=title)
-    for name in header():
+    for name in header(runs):
         out.add_column(name, justify="right")
     for row in rows(runs):
         out.add_row(*row)

@@ -104,6 +104,10 @@ class EvalSchema:
     decode_batch_sizes: Any  # auto | a list of batch sizes (checked by decode_batch_sizes)
     repeats: int
     decode: str = "both"  # compiled | eager | both
+    name: str = "eval"  # the first domain's name (quality.ppl.<name>)
+    extra_texts: Optional[dict[str, str]] = None  # more domains: name -> text
+    top_k: int = 32  # the baseline's cached log-probs per eval token (quality.kld)
+    prompts: Optional[list[str]] = None  # greedy continuations scored by BLEU
 
 
 @dataclass

@@ -12,6 +12,7 @@ from qpipe.errors import ConfigError
 from qpipe.exclusion import validate_exclude
 from qpipe.hardware import validate_placement
 from qpipe.models.source import model_class, source_kind
+from qpipe.quality import validate_eval_texts
 from qpipe.schema import check_schema
 from qpipe.textdata import read_text
 
@@ -62,12 +63,13 @@ def validate_config(cfg: DictConfig) -> None:
         if int(w[key]) < 1:
             raise ConfigError(f"workload.{key}={w[key]} must be ≥ 1")
     validate_placement(cfg)
-    if "eval" in cfg:
-        read_text(cfg.eval.text)
     if "sensitivity" in cfg:
         for key in ("samples", "seq_len"):
             if int(cfg.sensitivity[key]) < 1:
                 raise ConfigError(f"sensitivity.{key}={cfg.sensitivity[key]} must be ≥ 1")
+    if "eval" in cfg:
+        read_text(cfg.eval.text)
+        validate_eval_texts(cfg.eval)
         for key in ("max_tokens", "window", "max_new_tokens", "prefill_tokens", "repeats"):
             if int(cfg.eval[key]) < 1:
                 raise ConfigError(f"eval.{key}={cfg.eval[key]} must be ≥ 1")

@@ -104,6 +104,14 @@ def test_cli_sweep_runs_the_default_pipeline_on_smollm2(outputs_dir) -> None:
     none, nf4 = by_quant["none"], by_quant["bnb_nf4"]
     assert nf4["metrics.quality.ppl"] > none["metrics.quality.ppl"]
     assert abs(none["metrics.quality.ppl_delta_pct"]) < 1e-6  # the baseline is itself
+    # Agreement with the unquantized model: exact for itself, not for nf4; on both domains.
+    assert none["metrics.quality.kld"] == pytest.approx(0.0, abs=1e-6)
+    assert none["metrics.quality.top1_agree"] == 1.0
+    assert none["metrics.quality.bleu_vs_baseline"] == pytest.approx(100.0)
+    assert nf4["metrics.quality.kld"] > 0.01 and nf4["metrics.quality.top1_agree"] < 1.0
+    assert nf4["metrics.quality.ppl.pydocs"] > none["metrics.quality.ppl.pydocs"]
+    assert nf4["metrics.quality.ppl.gpl3"] == nf4["metrics.quality.ppl"]
+    assert nf4["metrics.quality.ppl_delta_pct.pydocs"] > 0
     assert nf4["metrics.mem.est_weights_gb"] < none["metrics.mem.est_weights_gb"]
     artifacts = {a.path for a in _client().list_artifacts(nf4["run_id"], "artifacts")}
     assert {"artifacts/memory_breakdown.png", "artifacts/sample.txt"} <= artifacts

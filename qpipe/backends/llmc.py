@@ -23,9 +23,14 @@ import yaml
 
 from qpipe.align import module_group_size, plan_alignment
 from qpipe.backends.base import QuantizeRequest, QuantizeResult
-from qpipe.calib import BUILTIN, load_calib_texts, synthetic_windows, token_windows
+from qpipe.calib import (
+    BUILTIN,
+    builtin_texts,
+    load_calib_texts,
+    synthetic_windows,
+    token_windows,
+)
 from qpipe.errors import BackendUnavailable, ConfigError
-from qpipe.paths import data_file
 from qpipe.safety import trust_remote_code
 
 CT_FORMAT = "compressed-tensors"
@@ -280,7 +285,7 @@ def calibration_data(
     if tokenizer is None:
         windows, source = synthetic_windows(vocab_size, n, seq_len), "random token ids"
     else:
-        texts = request.calib_texts or [data_file(BUILTIN).read_text(encoding="utf-8")]
+        texts = request.calib_texts or builtin_texts()
         source = "texts" if request.calib_texts else f"builtin:{BUILTIN}"
         ids: list[int] = []
         for text in texts:  # one document after another, like one long text

@@ -1,4 +1,5 @@
-"""baseline: the unquantized model's quality on the eval text, for quality.ppl_delta_pct.
+"""baseline: the unquantized model's quality on the eval texts, for quality.ppl_delta_pct and
+the agreement metrics (top-k log-probs of every eval token, greedy continuations of the prompts).
 
 Cached by the runner per model / eval / dtype / device, so a sweep pays for it once. Skipped,
 with the reason, when the unquantized model would not fit (the budget's estimate says so).
@@ -12,10 +13,11 @@ import torch
 
 from qpipe.backends.none import load_hf
 from qpipe.config import resolve_device, resolve_dtype
-from qpipe.evaluate import eval_sentences, perplexity, sentence_embeddings
+from qpipe.evaluate import eval_sentences, sentence_embeddings
 from qpipe.models import load_tokenizer, materialize
+from qpipe.quality import baseline_quality
 from qpipe.stages.base import StageContext, StageResult
-from qpipe.textdata import read_text, token_ids
+from qpipe.textdata import read_text
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -42,10 +44,12 @@ def run(ctx: StageContext) -> StageResult:
         torch.save(emb, path)
         outputs["embeddings"] = str(path)
     else:
-        ids = token_ids(tokenizer, text, int(cfg.eval.max_tokens))
-        ppl = perplexity(model, ids, int(cfg.eval.window), device)
-        outputs["ppl"] = ppl
-        metrics["quality.baseline_ppl"] = ppl
+        quality = baseline_quality(model, tokenizer, cfg.eval, device, ctx.workdir)
+        ppl = quality["ppl_by_domain"]
+        outputs.update(quality, ppl=next(iter(ppl.values())))
+        metrics["quality.baseline_ppl"] = outputs["ppl"]
+        metrics.update({f"quality.baseline_ppl.{name}": p for name, p in ppl.items()})
+        metrics["quality.reference_mb"] = quality["reference_mb"]
     del model
     gc.collect()
     if device.startswith("cuda"):

@@ -9,7 +9,8 @@ import torch
 
 from qpipe import decode
 from qpipe.config import decode_batch_sizes
-from qpipe.evaluate import eval_sentences, greedy_sample, perplexity, sentence_embeddings
+from qpipe.evaluate import eval_sentences, greedy_sample, sentence_embeddings
+from qpipe.quality import quality_metrics
 from qpipe.stages.base import StageContext, StageResult
 from qpipe.textdata import read_text, token_ids
 
@@ -93,11 +94,11 @@ def run(ctx: StageContext) -> StageResult:
     if cfg.model.get("task", "causal-lm") == "feature-extraction":
         return _encoder(ctx, model, tokenizer, device, text)
 
-    ppl = perplexity(model, token_ids(tokenizer, text, int(ev.max_tokens)), int(ev.window), device)
-    metrics = {"quality.ppl": ppl}
-    baseline = ctx.output("baseline", "ppl")
-    if baseline:
-        metrics["quality.ppl_delta_pct"] = (ppl - baseline) / baseline * 100
+    baseline = ctx.inputs.get("baseline")
+    metrics, quality = quality_metrics(
+        model, tokenizer, ev, device, baseline.outputs if baseline else {}
+    )
+    ppl = metrics["quality.ppl"]
 
     speeds, decode_metrics = _decode_speeds(cfg, model, tokenizer, text, device)
     metrics.update(decode_metrics)
@@ -105,7 +106,13 @@ def run(ctx: StageContext) -> StageResult:
     path = ctx.workdir / "sample.txt"
     path.write_text(f"{ev.prompt}{sample}\n")
     return StageResult(
-        outputs={"ppl": ppl, "speeds": speeds, "prompt": ev.prompt, "sample": sample},
+        outputs={
+            "ppl": ppl,
+            "quality": quality,
+            "speeds": speeds,
+            "prompt": ev.prompt,
+            "sample": sample,
+        },
         metrics=metrics,
         artifacts=[path],
     )
