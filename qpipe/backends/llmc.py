@@ -290,9 +290,16 @@ def calibration_data(
     return ds, details
 
 
-def _tokenizer(source: Path) -> Any:
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def source_tokenizer(source: Path) -> Any:
+    """The tokenizer saved in ``source``, or None when the folder has none."""
     from transformers import AutoTokenizer
 
+    # transformers 5 makes an empty tokenizer from config.json alone: look for its files.
+    if not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code())
     except (OSError, ValueError, TypeError):
@@ -308,14 +315,38 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _awq_mappings(model: torch.nn.Module) -> list[dict[str, Any]]:
+def _targets_prefix(targets: Sequence[str]) -> str:
+    """The module path every target lies under, whole segments ("model.language_model.")."""
+    parts = [t.split(".")[:-1] for t in targets]
+    common: list[str] = []
+    for segment in zip(*parts, strict=False):
+        if len(set(segment)) != 1:
+            break
+        common.append(segment[0])
+    return ".".join(common) + "." if common else ""
+
+
+def _scoped(pattern: str, prefix: str) -> str:
+    # "re:.*input_layernorm$" -> "re:model\.language_model\..*input_layernorm$"
+    if prefix and pattern.startswith("re:.*"):
+        return "re:" + re.escape(prefix) + pattern[3:]
+    return pattern
+
+
+def _awq_mappings(model: torch.nn.Module, targets: Sequence[str]) -> list[dict[str, Any]]:
     """The library's AWQ mappings for this architecture (Llama, Qwen3, ...), written into the
-    recipe so that it states what was smoothed instead of relying on inference."""
+    recipe so that it states what was smoothed instead of relying on inference. The library's
+    patterns match any module with the leaf name; they are scoped to where the targets live,
+    so that a VLM's vision tower (whose q/k/v projections have no o_proj) stays out."""
     from llmcompressor.modifiers.transform.awq import get_layer_mappings_from_model
 
+    prefix = _targets_prefix(targets)
     out = []
     for m in get_layer_mappings_from_model(model):
-        entry = {"smooth_layer": m.smooth_layer, "balance_layers": list(m.balance_layers)}
+        entry = {
+            "smooth_layer": _scoped(m.smooth_layer, prefix),
+            "balance_layers": [_scoped(b, prefix) for b in m.balance_layers],
+        }
         if m.activation_hook_target is not None:
             entry["activation_hook_target"] = m.activation_hook_target
         out.append(entry)
@@ -410,10 +441,10 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
         targets,
         [n for n in linears if n not in set(targets)],
         plan,
-        awq_mappings=_awq_mappings(model) if method == "awq" else None,
+        awq_mappings=_awq_mappings(model, targets) if method == "awq" else None,
     )
     text = recipe_yaml(recipe)
-    tokenizer = _tokenizer(request.source)
+    tokenizer = source_tokenizer(request.source)
     kwargs, details = _calibration_kwargs(request, model, tokenizer)
     if method == "awq":
         skip_pinning_without_accelerator()

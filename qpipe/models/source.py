@@ -151,6 +151,8 @@ def _checked_folder(path: str) -> Path:
 def _cache_key(model_cfg: DictConfig) -> str:
     blob = json.dumps(_plain(model_cfg), sort_keys=True, default=str)
     blob += transformers.__version__
+    if source_kind(model_cfg) == "random":
+        blob += "+tokenizer"  # random folders carry their borrowed tokenizer since qpipe 0.2
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -241,6 +243,10 @@ def _random_weights(model_cfg: DictConfig, out: Path) -> None:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = model_class(model_cfg).from_config(config, dtype=dtype)
     model.save_pretrained(out)
+    # The borrowed tokenizer travels with the weights: GPTQ/AWQ calibrate on real text
+    # through it, and the folder is self-contained like a downloaded one.
+    if model_cfg.get("tokenizer"):
+        load_tokenizer(model_cfg).save_pretrained(out)
 
 
 def load_tokenizer(model_cfg: DictConfig, folder: Path | None = None) -> PreTrainedTokenizerBase:
