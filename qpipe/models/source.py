@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from qpipe.checkpoints import inspect_checkpoint
 from qpipe.diskspace import guarded_write
 from qpipe.errors import ConfigError, WeightsUnavailable
+from qpipe.models.processor import build_processor, is_vlm
 from qpipe.paths import cache_dir
 from qpipe.safety import trust_remote_code
 
@@ -152,7 +153,7 @@ def _cache_key(model_cfg: DictConfig) -> str:
     blob = json.dumps(_plain(model_cfg), sort_keys=True, default=str)
     blob += transformers.__version__
     if source_kind(model_cfg) == "random":
-        blob += "+tokenizer"  # random folders carry their borrowed tokenizer since qpipe 0.2
+        blob += "+processor"  # random folders carry their tokenizer (and VLM processor)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -216,7 +217,7 @@ def _download(model_cfg: DictConfig) -> Path:
     try:
         return Path(
             snapshot_download(
-                model_cfg.hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]
+                model_cfg.hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
             )
         )
     except Exception as err:  # the hub client raises many kinds; all mean "no weights here"
@@ -246,7 +247,10 @@ def _random_weights(model_cfg: DictConfig, out: Path) -> None:
     # The borrowed tokenizer travels with the weights: GPTQ/AWQ calibrate on real text
     # through it, and the folder is self-contained like a downloaded one.
     if model_cfg.get("tokenizer"):
-        load_tokenizer(model_cfg).save_pretrained(out)
+        tokenizer = load_tokenizer(model_cfg)
+        if is_vlm(config):  # with the image tokens, checked against config.image_token_id
+            tokenizer = build_processor(config, tokenizer).tokenizer
+        tokenizer.save_pretrained(out)
 
 
 def load_tokenizer(model_cfg: DictConfig, folder: Path | None = None) -> PreTrainedTokenizerBase:
