@@ -154,9 +154,7 @@ def module_renamer(model: torch.nn.Module) -> Callable[[str], str]:
     return lambda name: rename(name + ".weight").removesuffix(".weight")
 
 
-def read_tensors(
-    checkpoint: Path, model: torch.nn.Module | None = None
-) -> dict[str, torch.Tensor]:
+def read_tensors(checkpoint: Path, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint's safetensors files, on CPU; keyed by ``model``'s own
     names when a model is given (see ``key_renamer``)."""
     files = sorted(Path(checkpoint).glob("*.safetensors"))

@@ -18,6 +18,7 @@ from typing import Any
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from qpipe.errors import ConfigError
+from qpipe.memory import VisionDims
 
 # InternVL's tokenizer_config names these; the processor reads them as tokenizer attributes.
 IMAGE_TOKENS = {
@@ -49,6 +50,29 @@ def tokens_per_tile(config: PretrainedConfig) -> int:
     patches = tile_size(config) // _side(config.vision_config.patch_size)
     ratio = float(getattr(config, "downsample_ratio", 1.0))
     return int(patches * patches * ratio * ratio)
+
+
+def image_tiles(config: PretrainedConfig, width: int, height: int) -> int:
+    """Tiles InternVL's dynamic tiling cuts a ``width`` × ``height`` picture into (the grid
+    whose aspect ratio is closest, at most 12 tiles, plus a thumbnail when there are several)."""
+    return int(_image_processor(config).get_number_of_image_patches(height, width, {}))
+
+
+def vision_dims(config: PretrainedConfig, width: int, height: int) -> VisionDims:
+    """What one ``width`` × ``height`` image costs this VLM, for the memory estimate."""
+    vision = config.vision_config
+    patches = (tile_size(config) // _side(vision.patch_size)) ** 2
+    ratio = float(getattr(config, "downsample_ratio", 1.0))
+    return VisionDims(
+        tiles=image_tiles(config, width, height),
+        tokens_per_tile=tokens_per_tile(config),
+        patches_per_tile=patches,
+        hidden=int(vision.hidden_size),
+        intermediate=int(vision.intermediate_size),
+        tile_side=tile_size(config),
+        projector_in=int(vision.hidden_size / (ratio * ratio)),
+        lm_hidden=int(config.get_text_config().hidden_size),
+    )
 
 
 def with_image_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

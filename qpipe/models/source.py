@@ -217,7 +217,8 @@ def _download(model_cfg: DictConfig) -> Path:
     try:
         return Path(
             snapshot_download(
-                model_cfg.hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+                model_cfg.hub_id,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
             )
         )
     except Exception as err:  # the hub client raises many kinds; all mean "no weights here"

@@ -7,12 +7,15 @@ from omegaconf import OmegaConf
 
 from qpipe.config import CONF_DIR, load_group, resolve_device, resolve_dtype, resolve_kernel
 from qpipe.device_budget import mappable_reason, plan_devices, quantize_on_gpu
+from qpipe.errors import ConfigError
 from qpipe.exclusion import plan_precision
 from qpipe.hardware import resolve_cards
-from qpipe.memory import Estimate, Workload, arch_dims, build_inventory, estimate
+from qpipe.memory import Estimate, VisionDims, Workload, arch_dims, build_inventory, estimate
 from qpipe.models import load_config
+from qpipe.models.processor import is_vlm, vision_dims
 from qpipe.plots import memory_breakdown
 from qpipe.stages.base import StageContext, StageResult
+from qpipe.vision import load_image
 
 
 def _workload(cfg) -> Workload:
@@ -38,6 +41,22 @@ def _runtime_gb(ctx: StageContext, device: str) -> float:
     return float(measured) if measured is not None else 0.55
 
 
+def _image_cost(cfg, config) -> VisionDims | None:
+    """VLMs run their workload with ``eval.image`` in the context (see validate_vram)."""
+    if not is_vlm(config) or "eval" not in cfg:
+        return None
+    width, height = load_image(cfg.eval.get("image")).size
+    vision = vision_dims(config, width, height)
+    needed = vision.image_tokens + 2 + int(cfg.eval.max_new_tokens)
+    if needed > int(cfg.workload.context_len):
+        raise ConfigError(
+            f"workload.context_len={cfg.workload.context_len} cannot hold the image "
+            f"({vision.tiles} tiles = {vision.image_tokens} tokens) and "
+            f"{cfg.eval.max_new_tokens} new tokens; use workload.context_len>={needed}"
+        )
+    return vision
+
+
 def _metrics(est: Estimate) -> dict[str, float]:
     return {
         "mem.est_weights_gb": est.weights_gb,
@@ -49,7 +68,15 @@ def _metrics(est: Estimate) -> dict[str, float]:
         "mem.est_total_gb": est.total_gb,
         "model.params_b": est.params / 1e9,
         "model.params_quantized_b": est.params_quantized / 1e9,
-    }
+    } | (
+        {
+            "mem.est_image_tokens": float(est.image_tokens),
+            "mem.est_image_kv_cache_gb": est.image_kv_cache_gb,
+            "mem.est_vision_activations_gb": est.vision_activations_gb,
+        }
+        if est.image_tokens
+        else {}
+    )
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -65,9 +92,13 @@ def run(ctx: StageContext) -> StageResult:
     runtime = _runtime_gb(ctx, device)
     exclude = OmegaConf.to_container(cfg.exclude, resolve=True)
 
+    vision = _image_cost(cfg, config)
+
     def price(quant: dict) -> Estimate:
         plan = plan_precision(inventory, exclude, quantize=quant["method"] != "none")
-        return estimate(inventory, plan, quant, dims, workload, dtype_bytes, runtime, device)
+        return estimate(
+            inventory, plan, quant, dims, workload, dtype_bytes, runtime, device, vision
+        )
 
     chosen = OmegaConf.to_container(cfg.quant, resolve=True)
     est = price(chosen)
