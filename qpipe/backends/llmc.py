@@ -11,6 +11,7 @@ with the tokenizer saved alongside, so a folder is self-contained.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import time
 from collections import defaultdict
@@ -397,8 +398,33 @@ def _calibration_kwargs(
     return kwargs, details
 
 
-def _save(model: torch.nn.Module, tokenizer: Any, recipe_text: str, out: Path) -> Path:
+def _name_both_ways(out: Path, recipe: Mapping[str, Any]) -> None:
+    """transformers saves some architectures under their original checkpoint names (InternVL:
+    ``vision_tower.*`` for the module ``model.vision_tower.*``) and renames the quantization
+    config's module names with them, but does not rename them back when it loads: the vision
+    tower would no longer be ignored, and loading fails. The config lists each name in both
+    forms (a name that matches no module is harmless)."""
+    path = Path(out) / "config.json"
+    config = json.loads(path.read_text())
+    qcfg = config.get("quantization_config") or {}
+    modifiers = recipe["quant_stage"]["quant_modifiers"]
+    scheme = next(m for m in modifiers.values() if "config_groups" in m)
+
+    def union(saved: list[str], ours: list[str]) -> list[str]:
+        return list(dict.fromkeys([*saved, *ours]))
+
+    qcfg["ignore"] = union(list(qcfg.get("ignore") or []), list(scheme["ignore"]))
+    for key, group in (qcfg.get("config_groups") or {}).items():
+        ours = scheme["config_groups"].get(key, {}).get("targets", [])
+        group["targets"] = union(list(group.get("targets") or []), list(ours))
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _save(
+    model: torch.nn.Module, tokenizer: Any, recipe_text: str, recipe: Mapping[str, Any], out: Path
+) -> Path:
     model.save_pretrained(out, save_compressed=True)
+    _name_both_ways(out, recipe)
     # llm-compressor writes its own serialisation of the recipe (with Python-object tags that
     # yaml.safe_load rejects); the file we ran is the readable, re-runnable one.
     recipe_path = out / "recipe.yaml"
@@ -456,7 +482,7 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
         **kwargs,
     )
     details["quant.oneshot_s"] = round(time.perf_counter() - start, 2)
-    recipe_path = _save(model, tokenizer, text, out)
+    recipe_path = _save(model, tokenizer, text, recipe, out)
     details.update(
         {
             "quant.format": CT_FORMAT,
