@@ -22,10 +22,17 @@ from qpipe.errors import ConfigError
 from qpipe.exclusion import plan_precision
 from qpipe.kernels import QuantLinear
 from qpipe.memory import Workload, arch_dims, build_inventory, estimate
-from qpipe.models import load_config, materialize
-from qpipe.models.processor import load_processor, tokens_per_tile, vision_dims
+from qpipe.models import load_config, load_tokenizer, materialize
+from qpipe.models.processor import build_processor, load_processor, tokens_per_tile, vision_dims
 from qpipe.tracking import default_tracking_uri
-from qpipe.vision import builtin_image, image_benchmark, image_inputs, image_prompt, load_image
+from qpipe.vision import (
+    benchmark_with_image,
+    builtin_image,
+    image_benchmark,
+    image_inputs,
+    image_prompt,
+    load_image,
+)
 from tests.conftest import compose_config
 
 CLASS = "AutoModelForImageTextToText"
@@ -202,8 +209,7 @@ def test_pipeline_on_tiny_internvl_logs_the_image_metrics(
 ) -> None:
     cfg = compose_config(
         "model=tiny_internvl",
-        "quant=rtn",
-        "quant.format=qpipe-w4",
+        "quant=none",  # the formats are the test above; this one is about the image path
         "eval=quick",
         "eval.baseline=false",
         f"eval.image={small_image}",
@@ -223,13 +229,14 @@ def test_pipeline_on_tiny_internvl_logs_the_image_metrics(
 
 
 def test_text_only_model_skips_the_image_cleanly(tmp_path: Path) -> None:
-    cfg = compose_config(
-        "model=tiny_llama", "eval=quick", "eval.baseline=false", "workload.context_len=128"
-    )
-    report = run_pipeline(cfg, tmp_path / "run")
+    cfg = compose_config("model=tiny_llama", "pipeline=estimate", "eval.image=/no/such.png")
+    report = run_pipeline(cfg, tmp_path / "run")  # the image is never looked at
     assert report.status == "FINISHED", report.error
-    assert report.results["benchmark"].outputs["image"] == "skipped: text-only model"
-    assert not any(k.startswith(("perf.ttft_image", "mem.est_image")) for k in report.metrics)
+    assert not any(k.startswith("mem.est_image") for k in report.metrics)
+    outputs, metrics, files = benchmark_with_image(
+        None, cfg.model, cfg.eval, "cpu", torch.float32, tmp_path
+    )
+    assert outputs == {"image": "skipped: text-only model"} and metrics == {} and files == []
 
 
 def test_context_too_short_for_the_image_stops_before_weights_move(tmp_path: Path) -> None:
@@ -245,3 +252,17 @@ def test_tokenizer_that_misplaces_the_image_token_is_named(tiny: tuple[Any, Path
     wrong = config.__class__.from_dict({**config.to_dict(), "image_token_id": 7})
     with pytest.raises(ConfigError, match="puts <IMG_CONTEXT> at id 49154, but the model's"):
         load_processor(source, wrong)
+
+
+def test_qwen_tokenizer_has_qwens_ids_and_internvls_image_tokens() -> None:
+    model_cfg = OmegaConf.merge(load_model_group("internvl"), {"weights": "random"})
+    tokenizer = load_tokenizer(model_cfg)  # model.tokenizer=qwen: built from the package's BPE
+    assert tokenizer("Hello, world! 12").input_ids == [9707, 11, 1879, 0, 220, 16, 17]
+    assert tokenizer.convert_tokens_to_ids(["<|im_end|>", "<think>"]) == [151645, 151667]
+    # The real architecture's processor around it: 3 tiles × 256 <IMG_CONTEXT> = 151671.
+    processor = build_processor(load_config(model_cfg), tokenizer)
+    batch = processor(
+        images=[builtin_image()], text=[image_prompt(processor, "Shapes?")], return_tensors="pt"
+    )
+    assert int((batch["input_ids"] == 151671).sum()) == 768
+    assert tuple(batch["pixel_values"].shape) == (3, 3, 448, 448)

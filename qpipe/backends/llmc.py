@@ -316,17 +316,6 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _targets_prefix(targets: Sequence[str]) -> str:
-    """The module path every target lies under, whole segments ("model.language_model.")."""
-    parts = [t.split(".")[:-1] for t in targets]
-    common: list[str] = []
-    for segment in zip(*parts, strict=False):
-        if len(set(segment)) != 1:
-            break
-        common.append(segment[0])
-    return ".".join(common) + "." if common else ""
-
-
 def _scoped(pattern: str, prefix: str) -> str:
     # "re:.*input_layernorm$" -> "re:model\.language_model\..*input_layernorm$"
     if prefix and pattern.startswith("re:.*"):
@@ -341,7 +330,8 @@ def _awq_mappings(model: torch.nn.Module, targets: Sequence[str]) -> list[dict[s
     so that a VLM's vision tower (whose q/k/v projections have no o_proj) stays out."""
     from llmcompressor.modifiers.transform.awq import get_layer_mappings_from_model
 
-    prefix = _targets_prefix(targets)
+    blocks = _decoder_blocks(model, targets)
+    prefix = blocks[0] + "." if blocks else ""
     out = []
     for m in get_layer_mappings_from_model(model):
         entry = {
@@ -388,7 +378,8 @@ def _calibration_kwargs(
         getattr(model.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings
     )
     ds, details = calibration_data(tokenizer, request, vocab)
-    layer = _decoder_layer_class(model, request.targets or _linear_names(model))
+    blocks = _decoder_blocks(model, request.targets or _linear_names(model))
+    layer = blocks[1] if blocks else None
     kwargs = {
         "dataset": ds,
         "num_calibration_samples": len(ds),
@@ -406,11 +397,18 @@ def _calibration_kwargs(
     return kwargs, details
 
 
-def _decoder_layer_class(model: torch.nn.Module, targets: Sequence[str]) -> str | None:
-    """Class name of the repeated block that holds the quantization targets (Qwen3DecoderLayer
-    for InternVL's language model): the module under the ModuleList on a target's path."""
-    if not targets:
-        return None
+def _decoder_blocks(model: torch.nn.Module, targets: Sequence[str]) -> tuple[str, str] | None:
+    """(path of the ModuleList, class of its blocks) of the repeated decoder layers that hold
+    the quantization targets: ("model.language_model.layers", "Qwen3DecoderLayer") for
+    InternVL. Targets outside any block (lm_head) are passed over."""
+    for target in targets:
+        parts = target.split(".")
+        for depth in range(1, len(parts)):
+            parent = ".".join(parts[: depth - 1])
+            if isinstance(model.get_submodule(parent), torch.nn.ModuleList):
+                child = model.get_submodule(".".join(parts[:depth]))
+                return parent, type(child).__name__
+    return None
     parts = targets[0].split(".")
     for depth in range(1, len(parts)):
         parent = model.get_submodule(".".join(parts[: depth - 1])) if depth > 1 else model
