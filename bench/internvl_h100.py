@@ -32,9 +32,7 @@ EXPERIMENT = "internvl_h100"
 # What every row runs with: 4096 tokens of context with the built-in picture in it (3 tiles,
 # 770 tokens), 32 x 256 calibration tokens (calib default), Triton kernels for W4 rows.
 COMMON = (
-    "+model=internvl",
     "model.weights=random",
-    "workload.context_len=4096",
     "eval.baseline=false",
     "eval.max_tokens=2048",
     "eval.repeats=2",
@@ -65,6 +63,7 @@ METRICS = (
     "mem.est_vision_activations_gb",
     "mem.quantize_peak_gb",
     "time.quantize_s",
+    "time.quantize_compute_s",
     "time.load_s",
     "quantize.quant.oneshot_s",
     "perf.ttft_ms",
@@ -122,9 +121,10 @@ def _free_quantized_checkpoints() -> None:
     shutil.rmtree(outputs / "cache" / "stages" / "quantize", ignore_errors=True)
 
 
-def run_row(quant: str, tokenizer: str, timeout_s: float, out: Path, extra: list[str]) -> dict:
-    args = [*COMMON, f"model.tokenizer={tokenizer}", f"+quant={quant}", *FOUR_BIT.get(quant, [])]
-    args += extra
+def run_row(quant: str, opts: argparse.Namespace, timeout_s: float, out: Path) -> dict:
+    args = [f"+model={opts.model}", *COMMON, f"workload.context_len={opts.context}"]
+    args += [f"model.tokenizer={opts.tokenizer}", f"+quant={quant}", *FOUR_BIT.get(quant, [])]
+    args += opts.set
     cmd = [sys.executable, "-m", "qpipe", *args]
     log_path = out / "logs" / f"{quant}.log"
     start = time.perf_counter()
@@ -195,22 +195,25 @@ def _decode_mode(params: dict[str, str]) -> str:
 
 def markdown(rows: list[dict[str, Any]], device: dict[str, Any]) -> str:
     v = device.get("versions", {})
+    contexts = {r.get("params", {}).get("workload.context_len") for r in rows} - {None}
+    context = "/".join(sorted(contexts)) or "?"
     head = [
         "# InternVL3.5-8B (random weights) on one GPU: every quantizer",
         "",
         f"Device: {device.get('gpu') or 'unknown'} · {device.get('date', '')}  ",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "  ",
-        "Command per row: `python -m qpipe " + " ".join(COMMON) + " model.tokenizer=<tok>"
-        " +quant=Q` (`bench/internvl_h100.sh`).",
+        "Command per row: see `command` in internvl_h100.json (`bench/internvl_h100.sh`).",
         "",
-        "Context 4096 tokens with the built-in picture in it (3 tiles of 448 px = 770 tokens),"
-        " 32 new tokens, batch 1, bf16. Vision tower, projector, embeddings and lm_head stay"
+        f"Context {context} tokens with the built-in picture in it (InternVL: 3 tiles of 448 px"
+        " = 770 tokens), 32 new tokens, batch 1, bf16. Quantize s: the backend's own time (the"
+        " first row also built the random-weight folder, which is not counted). Vision tower, projector, embeddings and lm_head stay"
         " bf16; the 4-bit rows (nf4, rtn, gptq, awq) quantize lm_head too (`exclude.lm_head="
         "false`), the int8 and bf16 rows keep it in bf16. RTN/GPTQ/AWQ: 4-bit g64 asym on"
         " qpipe's Triton kernels; GPTQ/AWQ calibrate on 32 × 256 tokens of the built-in text.",
         "**Weights are random: perplexity is noise, shown only to prove the path runs; memory"
-        " and speed are real.** Peak = torch allocator peak over load + the 4096-token"
-        " workload; NVML = the process's device memory (CUDA context included).",
+        " and speed are real.** Peak = torch allocator peak over load + the"
+        " workload; NVML = the process's device memory (CUDA context included). Decode tok/s: HF"
+        " `generate`, (N−1) tokens over (time for N − time for 1).",
         "",
         "| quant | status | est weights GB | loaded GB | weights err % | est peak GB |"
         " measured peak GB | est err % | NVML GB | est total GB | total err % | quantize s |"
@@ -233,7 +236,7 @@ def markdown(rows: list[dict[str, Any]], device: dict[str, Any]) -> str:
             _f(m.get("mem.nvml_process_gb")),
             _f(m.get("mem.est_total_gb")),
             _f(m.get("mem.est_total_error_pct"), 1),
-            _f(m.get("time.quantize_s"), 1),
+            _f(m.get("time.quantize_compute_s"), 1),
             _f(m.get("perf.ttft_ms"), 1),
             _f(m.get("perf.ttft_image_ms"), 1),
             _f(m.get("perf.vision_ms"), 1),
@@ -292,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("out", type=Path)
     run.add_argument("--quant", nargs="+", default=list(QUANTS), choices=QUANTS)
     run.add_argument("--tokenizer", default="qwen", help="qwen | a tokenizer folder")
+    run.add_argument("--model", default="internvl", help="tiny_internvl: a CPU smoke test")
+    run.add_argument("--context", type=int, default=4096, help="tokens, the image's included")
     run.add_argument("--row-timeout", type=float, default=420.0)
     run.add_argument("--budget", type=float, default=570.0, help="seconds for all rows")
     run.add_argument("--set", nargs="*", default=[], help="more Hydra overrides for every row")
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             (out / "rows" / f"{quant}.json").write_text(json.dumps(row, indent=2))
             continue
-        row = run_row(quant, args.tokenizer, min(args.row_timeout, left), out, args.set)
+        row = run_row(quant, args, min(args.row_timeout, left), out)
         print(f"{quant}: {row['status']} in {row['wall_s']} s {row.get('error') or ''}"[:300])
     rows, device = _read_rows([out])
     write_table(rows, device, out)
