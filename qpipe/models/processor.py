@@ -1,8 +1,9 @@
 """A VLM's processor (image tiling + image tokens + tokenizer) for folders that lack one.
 
 Downloaded InternVL folders ship their processor. Random-weight folders are built from an
-inline config and borrow a tokenizer, so qpipe writes InternVL's processor into them, built the
-way the real checkpoint's is: transformers' ``InternVLProcessor`` = GotOcr2 image processor
+inline config and borrow a tokenizer: qpipe saves that tokenizer with InternVL's image tokens
+into them and builds the processor around it in code, the way the real checkpoint's is made
+(torchvision-free where torchvision is missing): transformers' ``InternVLProcessor`` = GotOcr2 image processor
 (``image_size`` px tiles, dynamic tiling of 1..12 tiles plus a thumbnail, ImageNet mean/std,
 bicubic) + the tokenizer with InternVL's image tokens ``<img>``, ``</img>``, ``<IMG_CONTEXT>``
 + ``image_seq_length`` = (image_size / patch_size)² × downsample_ratio² tokens a tile.
