@@ -4,8 +4,8 @@ Downloaded InternVL folders ship their processor. Random-weight folders are buil
 inline config and borrow a tokenizer: qpipe saves that tokenizer with InternVL's image tokens
 into them and builds the processor around it in code, the way the real checkpoint's is made
 (without torchvision where it is missing): transformers' ``InternVLProcessor`` = GotOcr2
-image processor (``image_size`` px tiles, dynamic tiling of 1..12 tiles plus a thumbnail, ImageNet mean/std,
-bicubic) + the tokenizer with InternVL's image tokens ``<img>``, ``</img>``, ``<IMG_CONTEXT>``
+image processor (``image_size`` px tiles, dynamic tiling of 1..12 tiles plus a thumbnail,
+ImageNet mean/std, bicubic) + the tokenizer with InternVL's image tokens ``<img>``, ``</img>``, ``<IMG_CONTEXT>``
 + ``image_seq_length`` = (image_size / patch_size)² × downsample_ratio² tokens a tile.
 """
 
