@@ -101,6 +101,8 @@ class EvalSchema:
     decode_batch_sizes: Any  # auto | a list of batch sizes (checked by decode_batch_sizes)
     repeats: int
     decode: str = "both"  # compiled | eager | both
+    image: Optional[str] = None  # VLMs: a picture's path; None = the built-in one
+    image_decode: str = "eager"  # decode with the image in context: compiled | eager | both
 
 
 @dataclass
