@@ -108,6 +108,8 @@ class EvalSchema:
     extra_texts: Optional[dict[str, str]] = None  # more domains: name -> text
     top_k: int = 32  # the baseline's cached log-probs per eval token (quality.kld)
     prompts: Optional[list[str]] = None  # greedy continuations scored by BLEU
+    image: Optional[str] = None  # VLMs: a picture's path; None = the built-in one
+    image_decode: str = "eager"  # decode with the image in context: compiled | eager | both
 
 
 @dataclass

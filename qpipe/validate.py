@@ -82,5 +82,10 @@ def validate_config(cfg: DictConfig) -> None:
                 f"eval.decode={cfg.eval.decode!r} is not valid; use one of: "
                 f"{', '.join(decode.DECODE_MODES)}"
             )
+        if str(cfg.eval.get("image_decode", "eager")) not in decode.DECODE_MODES:
+            raise ConfigError(
+                f"eval.image_decode={cfg.eval.image_decode!r} is not valid; use one of: "
+                f"{', '.join(decode.DECODE_MODES)}"
+            )
         if int(cfg.eval.max_new_tokens) < 2:
             raise ConfigError("eval.max_new_tokens must be ≥ 2 to time decoding")

@@ -11,6 +11,7 @@ with the tokenizer saved alongside, so a folder is self-contained.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import time
 from collections import defaultdict
@@ -305,9 +306,16 @@ def calibration_data(
     return ds, details
 
 
-def _tokenizer(source: Path) -> Any:
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def source_tokenizer(source: Path) -> Any:
+    """The tokenizer saved in ``source``, or None when the folder has none."""
     from transformers import AutoTokenizer
 
+    # transformers 5 makes an empty tokenizer from config.json alone: look for its files.
+    if not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code())
     except (OSError, ValueError, TypeError):
@@ -323,14 +331,28 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _awq_mappings(model: torch.nn.Module) -> list[dict[str, Any]]:
+def _scoped(pattern: str, prefix: str) -> str:
+    # "re:.*input_layernorm$" -> "re:model\.language_model\..*input_layernorm$"
+    if prefix and pattern.startswith("re:.*"):
+        return "re:" + re.escape(prefix) + pattern[3:]
+    return pattern
+
+
+def _awq_mappings(model: torch.nn.Module, targets: Sequence[str]) -> list[dict[str, Any]]:
     """The library's AWQ mappings for this architecture (Llama, Qwen3, ...), written into the
-    recipe so that it states what was smoothed instead of relying on inference."""
+    recipe so that it states what was smoothed instead of relying on inference. The library's
+    patterns match any module with the leaf name; they are scoped to where the targets live,
+    so that a VLM's vision tower (whose q/k/v projections have no o_proj) stays out."""
     from llmcompressor.modifiers.transform.awq import get_layer_mappings_from_model
 
+    blocks = _decoder_blocks(model, targets)
+    prefix = blocks[0] + "." if blocks else ""
     out = []
     for m in get_layer_mappings_from_model(model):
-        entry = {"smooth_layer": m.smooth_layer, "balance_layers": list(m.balance_layers)}
+        entry = {
+            "smooth_layer": _scoped(m.smooth_layer, prefix),
+            "balance_layers": [_scoped(b, prefix) for b in m.balance_layers],
+        }
         if m.activation_hook_target is not None:
             entry["activation_hook_target"] = m.activation_hook_target
         out.append(entry)
@@ -371,18 +393,73 @@ def _calibration_kwargs(
         getattr(model.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings
     )
     ds, details = calibration_data(tokenizer, request, vocab)
+    blocks = _decoder_blocks(model, request.targets or _linear_names(model))
+    layer = blocks[1] if blocks else None
     kwargs = {
         "dataset": ds,
         "num_calibration_samples": len(ds),
         "max_seq_length": int(request.calib_seq_len),
         # Shuffling draws from the global RNG; every window is used anyway.
         "shuffle_calibration_samples": False,
+        # One decoder layer at a time on the accelerator, activations cached between layers:
+        # what keeps an 8B GPTQ/AWQ at minutes. Named, not inferred, so that a VLM's vision
+        # layers (which text calibration never runs) are not made pipeline stages.
+        "pipeline": "sequential",
     }
+    if layer is not None:
+        kwargs["sequential_targets"] = [layer]
+    details["calib.sequential_targets"] = layer or "library default"
     return kwargs, details
 
 
-def _save(model: torch.nn.Module, tokenizer: Any, recipe_text: str, out: Path) -> Path:
+def _decoder_blocks(model: torch.nn.Module, targets: Sequence[str]) -> tuple[str, str] | None:
+    """(path of the ModuleList, class of its blocks) of the repeated decoder layers that hold
+    the quantization targets: ("model.language_model.layers", "Qwen3DecoderLayer") for
+    InternVL. Targets outside any block (lm_head) are passed over."""
+    for target in targets:
+        parts = target.split(".")
+        for depth in range(1, len(parts)):
+            parent = ".".join(parts[: depth - 1])
+            if isinstance(model.get_submodule(parent), torch.nn.ModuleList):
+                child = model.get_submodule(".".join(parts[:depth]))
+                return parent, type(child).__name__
+    return None
+    parts = targets[0].split(".")
+    for depth in range(1, len(parts)):
+        parent = model.get_submodule(".".join(parts[: depth - 1])) if depth > 1 else model
+        child = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(parent, torch.nn.ModuleList):
+            return type(child).__name__
+    return None
+
+
+def _name_both_ways(out: Path, recipe: Mapping[str, Any]) -> None:
+    """transformers saves some architectures under their original checkpoint names (InternVL:
+    ``vision_tower.*`` for the module ``model.vision_tower.*``) and renames the quantization
+    config's module names with them, but does not rename them back when it loads: the vision
+    tower would no longer be ignored, and loading fails. The config lists each name in both
+    forms (a name that matches no module is harmless)."""
+    path = Path(out) / "config.json"
+    config = json.loads(path.read_text())
+    qcfg = config.get("quantization_config") or {}
+    modifiers = recipe["quant_stage"]["quant_modifiers"]
+    scheme = next(m for m in modifiers.values() if "config_groups" in m)
+
+    def union(saved: list[str], ours: list[str]) -> list[str]:
+        return list(dict.fromkeys([*saved, *ours]))
+
+    qcfg["ignore"] = union(list(qcfg.get("ignore") or []), list(scheme["ignore"]))
+    for key, group in (qcfg.get("config_groups") or {}).items():
+        ours = scheme["config_groups"].get(key, {}).get("targets", [])
+        group["targets"] = union(list(group.get("targets") or []), list(ours))
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _save(
+    model: torch.nn.Module, tokenizer: Any, recipe_text: str, recipe: Mapping[str, Any], out: Path
+) -> Path:
     model.save_pretrained(out, save_compressed=True)
+    _name_both_ways(out, recipe)
     # llm-compressor writes its own serialisation of the recipe (with Python-object tags that
     # yaml.safe_load rejects); the file we ran is the readable, re-runnable one.
     recipe_path = out / "recipe.yaml"
@@ -425,11 +502,11 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
         targets,
         [n for n in linears if n not in set(targets)],
         plan,
-        awq_mappings=_awq_mappings(model) if method == "awq" else None,
+        awq_mappings=_awq_mappings(model, targets) if method == "awq" else None,
         bits=request.bits_by_module,
     )
     text = recipe_yaml(recipe)
-    tokenizer = _tokenizer(request.source)
+    tokenizer = source_tokenizer(request.source)
     kwargs, details = _calibration_kwargs(request, model, tokenizer)
     if method == "awq":
         skip_pinning_without_accelerator()
@@ -441,7 +518,7 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
         **kwargs,
     )
     details["quant.oneshot_s"] = round(time.perf_counter() - start, 2)
-    recipe_path = _save(model, tokenizer, text, out)
+    recipe_path = _save(model, tokenizer, text, recipe, out)
     details.update(
         {
             "quant.format": CT_FORMAT,

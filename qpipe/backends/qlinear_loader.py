@@ -128,16 +128,45 @@ def empty_model(checkpoint: Path, model_class: str, dtype: torch.dtype) -> torch
     return model
 
 
-def read_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's safetensors files, on CPU."""
+def key_renamer(model: torch.nn.Module) -> Callable[[str], str]:
+    """Checkpoint key -> the model's own name. transformers saves some architectures under
+    their original checkpoint names (InternVL: ``language_model.model.layers.0...`` for the
+    module ``model.language_model.layers.0...``) and renames them on load with its conversion
+    mapping; qpipe builds models itself, so it applies the same renamings. Names already in
+    the model's form map to themselves."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    meta = dict.fromkeys(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(key: str) -> str:
+        # Converters (fused or split tensors) do not apply to quantized payloads; only names.
+        return rename_source_key(key, renamings, [], prefix, meta)[0]
+
+    return rename
+
+
+def module_renamer(model: torch.nn.Module) -> Callable[[str], str]:
+    """``key_renamer`` for module names (``lm_head``, ``language_model.model.layers.0.mlp``)."""
+    rename = key_renamer(model)
+    return lambda name: rename(name + ".weight").removesuffix(".weight")
+
+
+def read_tensors(checkpoint: Path, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's safetensors files, on CPU; keyed by ``model``'s own
+    names when a model is given (see ``key_renamer``)."""
     files = sorted(Path(checkpoint).glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{checkpoint} holds no .safetensors files")
+    rename = key_renamer(model) if model is not None else (lambda key: key)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                tensors[key] = f.get_tensor(key)
+                tensors[rename(key)] = f.get_tensor(key)
     return tensors
 
 
@@ -165,7 +194,7 @@ def load_with_extractor(
     ``weight_packed``) by a QuantLinear from ``extract``, assign the rest, move to device."""
     marker, extract = extractors
     model = empty_model(checkpoint, model_class, dtype)
-    tensors = read_tensors(checkpoint)
+    tensors = read_tensors(checkpoint, model)
     names = list(_modules_with(tensors, marker))
     if not names:
         raise ConfigError(f"{checkpoint}: no quantized modules (no '*.{marker}' tensors)")
@@ -239,11 +268,19 @@ def _ct_schemes(checkpoint: Path, model_class: str) -> dict[str, dict[str, Any]]
             "load it with kernel=hf"
         )
     model = empty_model(checkpoint, model_class, torch.float32)
-    ignore = list(qcfg.get("ignore") or [])
+    rename = module_renamer(model)
+
+    def model_names(items: list[str]) -> list[str]:
+        # Exact module names were saved under checkpoint names too; class names ("Linear")
+        # and regexes ("re:...") match the model as they are.
+        return [i if i.startswith("re:") or "." not in i else rename(i) for i in items]
+
+    ignore = model_names(list(qcfg.get("ignore") or []))
     schemes: dict[str, dict[str, Any]] = {}
     for group in (qcfg.get("config_groups") or {}).values():
         weights = group.get("weights") or {}
-        for name, _ in match_named_modules(model, group.get("targets") or [], ignore):
+        targets = model_names(list(group.get("targets") or []))
+        for name, _ in match_named_modules(model, targets, ignore):
             schemes[name] = weights
     return schemes
 
@@ -299,9 +336,11 @@ def _load_qpipe_w4(
 ) -> torch.nn.Module:
     modules = quantization_config(checkpoint).get("modules") or {}
     model = empty_model(checkpoint, model_class, dtype)
+    rename = module_renamer(model)
     for name, cfg in modules.items():
-        model.set_submodule(name, QuantLinear.from_config(cfg, kernel=kernel, device="cpu"))
-    tensors = read_tensors(checkpoint)
+        q = QuantLinear.from_config(cfg, kernel=kernel, device="cpu")
+        model.set_submodule(rename(name), q)
+    tensors = read_tensors(checkpoint, model)
     # QuantLinear keeps integer buffers as they are and its scales in the run's dtype.
     _assign_rest(model, tensors, dtype, checkpoint)
     for module in model.modules():

@@ -21,6 +21,7 @@ from qpipe.backends.llmc import (
     LEGAL_GROUP_SIZES,
     LlmcBackend,
     quantize_with_llmc,
+    source_tokenizer,
     validate_quant,
 )
 from qpipe.backends.qlinear_loader import QPIPE_W4, auto_class, save_qpipe_w4
@@ -84,12 +85,9 @@ def quantize_qpipe_w4(request: QuantizeRequest) -> QuantizeResult:
         model.set_submodule(name, q)
     seconds = round(time.perf_counter() - start, 2)
     save_qpipe_w4(model, out, {"bits": 4, "group_size": default_gs, "method": "rtn"})
-    try:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(request.source).save_pretrained(out)
-    except (OSError, ValueError, TypeError):
-        pass  # random-weight folders have no tokenizer to copy
+    tokenizer = source_tokenizer(request.source)
+    if tokenizer is not None:  # folders without one (bare random weights) have none to copy
+        tokenizer.save_pretrained(out)
     details = {
         "quant.modules": len(targets),
         "quant.format": QPIPE_W4,

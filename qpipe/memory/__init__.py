@@ -3,6 +3,7 @@
 from qpipe.memory.estimator import (
     ArchDims,
     Estimate,
+    VisionDims,
     Workload,
     adamw_training_gb,
     arch_dims,
@@ -15,6 +16,7 @@ __all__ = [
     "ArchDims",
     "Estimate",
     "Inventory",
+    "VisionDims",
     "Workload",
     "adamw_training_gb",
     "arch_dims",

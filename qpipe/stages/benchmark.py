@@ -8,11 +8,12 @@ import logging
 import torch
 
 from qpipe import decode
-from qpipe.config import decode_batch_sizes
+from qpipe.config import decode_batch_sizes, resolve_dtype
 from qpipe.evaluate import eval_sentences, greedy_sample, sentence_embeddings
 from qpipe.quality import quality_metrics
 from qpipe.stages.base import StageContext, StageResult
 from qpipe.textdata import read_text, token_ids
+from qpipe.vision import benchmark_with_image
 
 log = logging.getLogger("qpipe")
 
@@ -105,6 +106,11 @@ def run(ctx: StageContext) -> StageResult:
     sample = greedy_sample(model, tokenizer, ev.prompt, int(ev.max_new_tokens), device)
     path = ctx.workdir / "sample.txt"
     path.write_text(f"{ev.prompt}{sample}\n")
+    # VLMs: the same with an image in context (qpipe.vision); text-only models skip.
+    image, image_metrics, image_files = benchmark_with_image(
+        model, cfg.model, ev, device, resolve_dtype(cfg, device), ctx.workdir
+    )
+    metrics.update(image_metrics)
     return StageResult(
         outputs={
             "ppl": ppl,
@@ -112,7 +118,8 @@ def run(ctx: StageContext) -> StageResult:
             "speeds": speeds,
             "prompt": ev.prompt,
             "sample": sample,
+            **image,
         },
         metrics=metrics,
-        artifacts=[path],
+        artifacts=[path, *image_files],
     )

@@ -17,6 +17,7 @@ from qpipe.device_memory import device_map_for, loaded_weights_metrics
 from qpipe.measure import MemoryWindow
 from qpipe.models import load_tokenizer
 from qpipe.stages.base import StageContext, StageResult
+from qpipe.vision import source_processor
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -29,6 +30,7 @@ def run(ctx: StageContext) -> StageResult:
     # A damaged or mismatched folder is named here, before any weight is read.
     inspect_checkpoint(checkpoint, cfg.model.get("model_class", "AutoModelForCausalLM"))
     tokenizer = load_tokenizer(cfg.model)  # before the window: it is not the model's memory
+    processor = source_processor(cfg.model)  # VLMs: images go through it (None: text-only)
 
     # A device map from the budget (several GPUs, host offload) replaces the single device.
     device_map, device, window = device_map_for(ctx.output("memory_budget", "placement"), device)
@@ -50,5 +52,10 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(
         outputs={"checkpoint": str(checkpoint), "device": device, "kernel": kernel},
         metrics=metrics,
-        objects={"model": model, "tokenizer": tokenizer, "memory_window": window},
+        objects={
+            "model": model,
+            "tokenizer": tokenizer,
+            "processor": processor,
+            "memory_window": window,
+        },
     )

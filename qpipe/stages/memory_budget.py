@@ -7,13 +7,16 @@ from omegaconf import OmegaConf
 
 from qpipe.config import CONF_DIR, load_group, resolve_device, resolve_dtype, resolve_kernel
 from qpipe.device_budget import mappable_reason, plan_devices, quantize_on_gpu
+from qpipe.errors import ConfigError
 from qpipe.exclusion import plan_precision
 from qpipe.hardware import resolve_cards
-from qpipe.memory import Estimate, Workload, arch_dims, build_inventory, estimate
+from qpipe.memory import Estimate, VisionDims, Workload, arch_dims, build_inventory, estimate
 from qpipe.models import load_config
+from qpipe.models.processor import is_vlm, vision_dims
 from qpipe.plots import memory_breakdown
 from qpipe.stages._auto_plan import auto_plan
 from qpipe.stages.base import StageContext, StageResult
+from qpipe.vision import load_image
 
 
 def _workload(cfg) -> Workload:
@@ -39,6 +42,22 @@ def _runtime_gb(ctx: StageContext, device: str) -> float:
     return float(measured) if measured is not None else 0.55
 
 
+def _image_cost(cfg, config) -> VisionDims | None:
+    """VLMs run their workload with ``eval.image`` in the context (see validate_vram)."""
+    if not is_vlm(config) or "eval" not in cfg:
+        return None
+    width, height = load_image(cfg.eval.get("image")).size
+    vision = vision_dims(config, width, height)
+    needed = vision.image_tokens + 2 + int(cfg.eval.max_new_tokens)
+    if needed > int(cfg.workload.context_len):
+        raise ConfigError(
+            f"workload.context_len={cfg.workload.context_len} cannot hold the image "
+            f"({vision.tiles} tiles = {vision.image_tokens} tokens) and "
+            f"{cfg.eval.max_new_tokens} new tokens; use workload.context_len>={needed}"
+        )
+    return vision
+
+
 def _metrics(est: Estimate) -> dict[str, float]:
     return {
         "mem.est_weights_gb": est.weights_gb,
@@ -50,7 +69,15 @@ def _metrics(est: Estimate) -> dict[str, float]:
         "mem.est_total_gb": est.total_gb,
         "model.params_b": est.params / 1e9,
         "model.params_quantized_b": est.params_quantized / 1e9,
-    }
+    } | (
+        {
+            "mem.est_image_tokens": float(est.image_tokens),
+            "mem.est_image_kv_cache_gb": est.image_kv_cache_gb,
+            "mem.est_vision_activations_gb": est.vision_activations_gb,
+        }
+        if est.image_tokens
+        else {}
+    )
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -72,9 +99,11 @@ def run(ctx: StageContext) -> StageResult:
     def rules(quant: dict):
         return plan_precision(inventory, exclude, quant["method"] != "none", measured, dtype_bytes)
 
+    vision = _image_cost(cfg, config)
+
     def price(quant: dict) -> Estimate:
         return estimate(
-            inventory, rules(quant), quant, dims, workload, dtype_bytes, runtime, device
+            inventory, rules(quant), quant, dims, workload, dtype_bytes, runtime, device, vision
         )
 
     capacity = _capacity_gb(ctx)

