@@ -263,6 +263,7 @@ def main() -> None:
         logs,
     )
     rows += [on_gpu, offload]
+    _save(out, rows, checks, env)  # a device call may end before the 2-GPU rows
     checks["offload FINISHED"] = offload["status"] == "FINISHED"
     if offload["per_gpu"]:
         checks["offload GPU peak within ±5 % of its estimate"] = offload["per_gpu"][0][
@@ -311,6 +312,10 @@ def main() -> None:
         reason = f"{env['gpu_count']} GPU visible; needs 2"
         rows += [{"row": name, "status": "not run", "reason": reason} for name in two_gpu_rows]
 
+    print(_save(out, rows, checks, env))
+
+
+def _save(out: Path, rows: list[dict], checks: dict, env: dict) -> str:
     result = {
         "command": " ".join(["python", "bench/multi_device.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -320,7 +325,7 @@ def main() -> None:
     }
     (out / "multi_device_h100.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "multi_device_h100.md").write_text(_markdown(result))
-    print(_markdown(result))
+    return _markdown(result)
 
 
 if __name__ == "__main__":
