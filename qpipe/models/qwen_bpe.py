@@ -146,7 +146,11 @@ def qwen_tokenizer() -> PreTrainedTokenizerBase:
 
     source = ranks_file()
     key = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    # needed: the tokenizer files are a few times the rank file
     folder = _save_atomically(
-        cache_dir("tokenizers") / f"qwen-{key}", build, marker="tokenizer.json"
+        cache_dir("tokenizers") / f"qwen-{key}",
+        build,
+        needed=4 * source.stat().st_size,
+        marker="tokenizer.json",
     )
     return AutoTokenizer.from_pretrained(folder)
