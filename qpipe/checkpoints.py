@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,27 @@ def _meta_model(folder: Path, config: dict[str, Any], model_class: str) -> torch
         return cls.from_config(hf_config, trust_remote_code=policy().trust_remote_code)
 
 
+def key_renamer(model: torch.nn.Module) -> Callable[[str], str]:
+    """Checkpoint key -> the model's own name. transformers saves some architectures under
+    their original checkpoint names (InternVL: ``language_model.model.layers.0...`` for the
+    module ``model.language_model.layers.0...``) and renames them on load with its conversion
+    mapping; qpipe builds models itself, so it applies the same renamings. Names already in
+    the model's form map to themselves."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    meta = dict.fromkeys(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(key: str) -> str:
+        # Converters (fused or split tensors) do not apply to quantized payloads; only names.
+        return rename_source_key(key, renamings, [], prefix, meta)[0]
+
+    return rename
+
+
 def _owner(name: str, modules: dict[str, torch.nn.Module]) -> tuple[str, str]:
     """The deepest module of the model whose name prefixes ``name``, and the rest."""
     parts = name.split(".")
@@ -144,7 +166,10 @@ def check_tensors_match(
     params = dict(model.named_parameters(remove_duplicate=False))
     where = folder / "config.json"
 
+    rename = key_renamer(model)  # InternVL and friends keep their original checkpoint names
+
     def canonical(key: str) -> str:
+        key = rename(key)
         if key in params or key.rsplit(".", 1)[0] in modules:
             return key
         for alt in (f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):

@@ -24,6 +24,7 @@ import transformers
 from safetensors import safe_open
 from transformers import AutoConfig, GenerationConfig
 
+from qpipe.checkpoints import key_renamer
 from qpipe.errors import BackendUnavailable, ConfigError
 from qpipe.kernels import IntWeights, QuantLinear, from_compressed_tensors, kernel_available
 from qpipe.kernels.int8_linear import Int8Linear
@@ -126,27 +127,6 @@ def empty_model(checkpoint: Path, model_class: str, dtype: torch.dtype) -> torch
     if gen.is_file() and getattr(model, "generation_config", None) is not None:
         model.generation_config = GenerationConfig.from_pretrained(checkpoint)
     return model
-
-
-def key_renamer(model: torch.nn.Module) -> Callable[[str], str]:
-    """Checkpoint key -> the model's own name. transformers saves some architectures under
-    their original checkpoint names (InternVL: ``language_model.model.layers.0...`` for the
-    module ``model.language_model.layers.0...``) and renames them on load with its conversion
-    mapping; qpipe builds models itself, so it applies the same renamings. Names already in
-    the model's form map to themselves."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    meta = dict.fromkeys(model.state_dict())
-    prefix = getattr(model, "base_model_prefix", None)
-
-    def rename(key: str) -> str:
-        # Converters (fused or split tensors) do not apply to quantized payloads; only names.
-        return rename_source_key(key, renamings, [], prefix, meta)[0]
-
-    return rename
 
 
 def module_renamer(model: torch.nn.Module) -> Callable[[str], str]:
