@@ -87,6 +87,12 @@ def pareto_plot(
             )
         if scatter is not None:
             fig.colorbar(scatter, ax=ax, label="decode tokens/s")
+        losses = [abs(p.quality_loss) for p in points]
+        if max(losses) > 100 * max(min(losses), 1.0):
+            # A collapsed run (2-bit RTN: +10^6 %) would flatten the rest: log scale, linear
+            # near zero where losses may be negative.
+            ax.set_yscale("symlog", linthresh=1.0)
+            quality_label += " (symlog)"
         ax.legend(fontsize=8, loc="upper right")
     else:
         ax.text(

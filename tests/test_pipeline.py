@@ -55,9 +55,13 @@ def test_estimate_pipeline_on_the_real_architecture(tmp_path) -> None:
 
 
 def _mlflow_runs(experiment: str, sweep: str | None = None):
+    """The pipeline runs of an experiment (a sweep's parent run left out)."""
     mlflow.set_tracking_uri(default_tracking_uri())
     query = f"tags.`qpipe.sweep` = '{sweep}'" if sweep else ""
-    return mlflow.search_runs(experiment_names=[experiment], filter_string=query)
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
+    if "tags.qpipe.role" in runs:
+        runs = runs[runs["tags.qpipe.role"] != "parent"].reset_index(drop=True)
+    return runs
 
 
 @pytest.mark.slow
