@@ -99,3 +99,17 @@ def resolve_kernel(cfg: DictConfig, device: str) -> str:
     if kernel == "auto":
         return "triton" if device.startswith("cuda") else "torch"
     return kernel
+
+
+def decode_batch_sizes(cfg: DictConfig, device: str) -> list[int]:
+    """``eval.decode_batch_sizes: auto`` is 1, 4, 16 on GPU (batch 1 is latency, 16 is where
+    4-bit kernels must still beat dense ones) and 1 on CPU."""
+    value = cfg.eval.get("decode_batch_sizes", "auto")
+    if value == "auto":
+        return [1, 4, 16] if device.startswith("cuda") else [1]
+    sizes = list(value) if not isinstance(value, int) else [value]
+    if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
+        raise ConfigError(
+            f"eval.decode_batch_sizes={value!r} is not valid; use auto or a list of integers ≥ 1"
+        )
+    return sizes

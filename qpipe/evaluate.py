@@ -1,4 +1,4 @@
-"""The measurement harness: perplexity, prefill latency, decode speed, embeddings.
+"""The measurement harness: perplexity, greedy samples, embeddings (decode speed: decode.py).
 
 Every backend and the unquantized baseline go through the same functions, so their numbers
 compare.
@@ -7,13 +7,8 @@ compare.
 from __future__ import annotations
 
 import math
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
-
-from qpipe.textdata import token_ids
 
 
 def _sync(device: str) -> None:
@@ -37,17 +32,6 @@ def perplexity(model, ids: torch.Tensor, window: int, device: str) -> float:
     return math.exp(nll_sum / count)
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int, device: str) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _generate(model, ids: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
     return model.generate(
         input_ids=ids,
@@ -57,33 +41,6 @@ def _generate(model, ids: torch.Tensor, new_tokens: int, pad_id: int) -> torch.T
         do_sample=False,
         pad_token_id=pad_id,
     )
-
-
-def generation_speed(
-    model,
-    tokenizer,
-    text: str,
-    prompt_tokens: int,
-    new_tokens: int,
-    batch: int,
-    repeats: int,
-    device: str,
-) -> dict[str, float]:
-    """TTFT (prefill + first token), prefill tokens/s and decode tokens/s for greedy
-    generation, medians over ``repeats`` after one warm-up."""
-    ids = token_ids(tokenizer, text, prompt_tokens).repeat(batch, 1).to(device)
-    pad = tokenizer.pad_token_id or 0
-    with torch.inference_mode():
-        _generate(model, ids, 2, pad)  # warm-up: kernels, caches, autotuning
-        ttft = _median_seconds(lambda: _generate(model, ids, 1, pad), repeats, device)
-        total = _median_seconds(lambda: _generate(model, ids, new_tokens, pad), repeats, device)
-    decode_s = max(total - ttft, 1e-9)
-    return {
-        "ttft_ms": ttft * 1e3,
-        "prefill_tok_s": batch * prompt_tokens / ttft,
-        "decode_tok_s": batch * (new_tokens - 1) / decode_s,
-        "decode_ms_per_token": decode_s / (new_tokens - 1) * 1e3,
-    }
 
 
 def greedy_sample(model, tokenizer, prompt: str, new_tokens: int, device: str) -> str:

@@ -94,8 +94,9 @@ class EvalSchema:
     prompt: str
     max_new_tokens: int
     prefill_tokens: int
-    decode_batch_sizes: list[int]
     repeats: int
+    decode: str = "both"  # compiled | eager | both
+    decode_batch_sizes: Any = "auto"  # "auto" or a list of ints (checked in qpipe.config)
 
 
 @dataclass

@@ -61,5 +61,14 @@ def validate_config(cfg: DictConfig) -> None:
         for key in ("max_tokens", "window", "max_new_tokens", "prefill_tokens", "repeats"):
             if int(cfg.eval[key]) < 1:
                 raise ConfigError(f"eval.{key}={cfg.eval[key]} must be ≥ 1")
+        from qpipe import decode
+        from qpipe.config import decode_batch_sizes
+
+        decode_batch_sizes(cfg, device)
+        if str(cfg.eval.get("decode", "both")) not in decode.DECODE_MODES:
+            raise ConfigError(
+                f"eval.decode={cfg.eval.decode!r} is not valid; use one of: "
+                f"{', '.join(decode.DECODE_MODES)}"
+            )
         if int(cfg.eval.max_new_tokens) < 2:
             raise ConfigError("eval.max_new_tokens must be ≥ 2 to time decoding")

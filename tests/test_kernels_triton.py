@@ -180,20 +180,65 @@ def test_gpu_every_config_kind_and_split(dtype, m):
     assert bool((ws == 0).all()) and bool((cnt == 0).all())
 
 
+def _large_activation_case(dtype, amplitude, m, seed):
+    """Activations of magnitude ``amplitude`` (every element in [amplitude / 2, amplitude],
+    random sign) and a layer rescaled so that every true output is at most 3e4: it fits fp16,
+    so an inf can only come from the kernel. (The old test drew |x| up to 3e4 with unscaled
+    weights: 61 % of its draws had a true output beyond 65504, where inf is the right answer.)"""
+    ql, _ = _build_case(m, 128, 512, 128, False, False, dtype, False, None, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    mag = torch.rand(m, ql.in_features, generator=gen) * 0.5 + 0.5
+    sign = torch.randint(0, 2, (m, ql.in_features), generator=gen) * 2 - 1
+    x = (mag * sign * amplitude).to(dtype)
+    worst = _reference(ql, x).abs().max().item()
+    ql.scales.mul_(3e4 / worst)
+    return ql.cuda(), x.cuda()
+
+
 @gpu
 @pytest.mark.gpu
-def test_gpu_gemv_large_activations_do_not_overflow():
-    """The GEMV's fp16x2 dot sees x / 64: |x| near fp16's limit must still give finite,
-    accurate results (without the pre-scale 4 * 15 * 3e4 would overflow fp16)."""
+@pytest.mark.parametrize(
+    "dtype,amplitude",
+    [
+        (torch.float16, 6.0e4),
+        (torch.float16, 3.0e4),
+        (torch.bfloat16, 3.0e4),
+        (torch.bfloat16, 1e7),
+    ],
+)
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gpu_large_activations_never_overflow(dtype, amplitude, m):
+    """No input whose true result fits fp16 comes back inf: GEMV (fp16x2 dot on pre-scaled
+    activations; bf16 ones beyond fp16's range get a per-row power-of-two scale) and the
+    tensor-core kernel, with and without split-K."""
     from qpipe.kernels.triton_w4a16 import KernelConfig, w4a16_matmul
 
-    ql, x = _build_case(1, 128, 256, 128, False, False, torch.float16, False, None, seed=3)
-    ql = ql.cuda()
-    x = (torch.rand(1, 256, device="cuda") * 6e4 - 3e4).half()  # outputs stay within fp16
+    ql, x = _large_activation_case(dtype, amplitude, m, seed=m)
+    ref = _reference(ql, x)
+    kinds = [("mm", 16)] + ([("gemv", 1)] if m <= 4 else [])
+    for kind, bm in kinds:
+        for split in (1, 4):
+            cfg = KernelConfig(kind, block_n=32, block_k=128, split_k=split, block_m=bm)
+            y = w4a16_matmul(x, ql.qweight, ql.scales, ql.zeros, 128, None, cfg=cfg)
+            assert bool(torch.isfinite(y).all()), (cfg, y.abs().max())
+            assert _rel(y, ref) < (2e-3 if dtype == torch.float16 else 1e-2), (cfg, _rel(y, ref))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_fp16_output_beyond_range_is_inf_not_garbage():
+    """A true result beyond fp16's range rounds to inf (IEEE), with the right sign."""
+    from qpipe.kernels.triton_w4a16 import KernelConfig, w4a16_matmul
+
+    ql, x = _large_activation_case(torch.float16, 3e4, 1, seed=5)
+    ql.scales.mul_(4.0)  # true outputs now reach 1.2e5
+    ref = _reference(ql, x)
     cfg = KernelConfig("gemv", block_n=32, block_k=128, split_k=1)
-    y = w4a16_matmul(x, ql.qweight, ql.scales, ql.zeros, 128, None, cfg=cfg)
-    assert bool(torch.isfinite(y).all())
-    assert _rel(y, _reference(ql, x)) < 2e-3
+    y = w4a16_matmul(x, ql.qweight, ql.scales, ql.zeros, 128, None, cfg=cfg).double()
+    big = ref.abs() > 65520
+    assert bool(big.any())
+    assert bool(torch.isinf(y[big]).all()) and bool((y[big].sign() == ref[big].sign()).all())
+    assert _rel(y[~big], ref[~big]) < 2e-3
 
 
 @gpu

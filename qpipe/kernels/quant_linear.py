@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import qpipe.kernels.ops  # noqa: F401  (registers torch.ops.qpipe.w4a16_linear)
 from qpipe.errors import BackendUnavailable
 from qpipe.kernels.intweights import IntWeights, num_groups, quantize_rtn
 from qpipe.kernels.layout import (
@@ -95,6 +96,7 @@ class QuantLinear(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
         self.kernel = kernel
+        self._checked: tuple[torch.device, torch.dtype] | None = None
 
     # -- construction ------------------------------------------------------------------
 
@@ -265,7 +267,7 @@ class QuantLinear(torch.nn.Module):
         b = None if self.bias is None else self.bias.to(compute)
         return F.linear(x2.to(compute), w, b).to(x2.dtype)
 
-    def _forward_triton(self, x2: torch.Tensor) -> torch.Tensor:
+    def _check_triton(self, x2: torch.Tensor) -> None:
         # Triton's CPU interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: tests.
         interpreted = not x2.is_cuda and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
         if not interpreted:
@@ -276,11 +278,21 @@ class QuantLinear(torch.nn.Module):
                 raise BackendUnavailable(reason)
         if x2.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"the triton kernel takes fp16/bf16 activations, got {x2.dtype}")
+
+    def _forward_triton(self, x2: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # One opaque node for Dynamo/Inductor (see ops.py); the checks ran in eager warm-up.
+            return torch.ops.qpipe.w4a16_linear(
+                x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size
+            )
+        # Eager: every microsecond of Python here is paid per layer per token, so the checks
+        # run once per (device, dtype) and the launch skips the op dispatcher.
+        if (x2.device, x2.dtype) != self._checked:
+            self._check_triton(x2)
+            self._checked = (x2.device, x2.dtype)
         from qpipe.kernels.triton_w4a16 import w4a16_matmul
 
-        return w4a16_matmul(
-            x2, self.qweight, self.scales, self.zeros, self.group_size, bias=self.bias
-        )
+        return w4a16_matmul(x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def extra_repr(self) -> str:
         return (

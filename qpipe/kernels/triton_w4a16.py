@@ -217,10 +217,24 @@ def _x_tile(x_ptr, row, stride_xm, M, kt, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _x_pairs(x):
+def _row_prescale(x_ptr, row, stride_xm, M, kt0, kt1, K, BLOCK_K: tl.constexpr):
+    """The power of two 2**-e (e >= 6) that brings activation row ``row`` (over this program's
+    K tiles) within |x| <= 1024, so the fp16x2 lane sums of 4 * 15 * |x| stay under 65504.
+    fp16 activations never need more than the fixed 1/64; bf16 ones (range to 3e38) do."""
+    BKW: tl.constexpr = BLOCK_K // 8
+    amax = tl.zeros((BKW, 8), dtype=tl.float32)
+    for kt in range(kt0, kt1):
+        amax = tl.maximum(amax, tl.abs(_x_tile(x_ptr, row, stride_xm, M, kt, K, BLOCK_K)))
+    top = tl.max(tl.max(amax, axis=1), axis=0)
+    e = tl.maximum(tl.ceil(tl.log2(tl.maximum(top, 1.0) / 1024.0)), 6.0)
+    return tl.exp2(-e)
+
+
+@triton.jit
+def _x_pairs(x, inv):
     """fp32 [W, 8] -> four int32 [W]: fp16x2 pairs (x0,x1), (x2,x3), (x4,x5), (x6,x7) of each
-    word's columns, pre-scaled by 1/64 (exact: a power of two)."""
-    h = (x * X_PRESCALE).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    word's columns, pre-scaled by ``inv`` (a power of two: exact)."""
+    h = (x * inv).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     lo, hi = tl.split(tl.reshape(h, (h.shape[0], 4, 2)))  # even / odd columns
     pair = lo | (hi << 16)  # [W, 4]: pair p = (x_2p, x_2p+1)
     a, b = tl.split(tl.reshape(pair, (h.shape[0], 2, 2)))  # a: pairs 0, 2; b: pairs 1, 3
@@ -262,6 +276,7 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K,  # runtime: one compiled kernel serves every split
     USE_ASM: tl.constexpr = True,
+    DYN_SCALE: tl.constexpr = False,  # bf16 activations: per-row power-of-two pre-scale
 ):
     BKW: tl.constexpr = BLOCK_K // 8
     # The row block is the fastest grid axis: programs that read the same weight tile for
@@ -291,6 +306,21 @@ def _gemv_kernel(
         mask=n_ok[:, None] & (((kt0 + 1) * BKW + offs_w) < w_end)[None, :],
         other=0,
     )
+    inv0 = X_PRESCALE
+    inv1 = X_PRESCALE
+    inv2 = X_PRESCALE
+    inv3 = X_PRESCALE
+    if USE_ASM and DYN_SCALE:
+        inv0 = _row_prescale(x_ptr, m0, stride_xm, M, kt0, kt1, K, BLOCK_K)
+        if BLOCK_M >= 2:
+            inv1 = _row_prescale(x_ptr, m0 + 1, stride_xm, M, kt0, kt1, K, BLOCK_K)
+        if BLOCK_M == 4:
+            inv2 = _row_prescale(x_ptr, m0 + 2, stride_xm, M, kt0, kt1, K, BLOCK_K)
+            inv3 = _row_prescale(x_ptr, m0 + 3, stride_xm, M, kt0, kt1, K, BLOCK_K)
+    up0 = 1.0 / inv0  # undoes the pre-scale on the fp32 partials
+    up1 = 1.0 / inv1
+    up2 = 1.0 / inv2
+    up3 = 1.0 / inv3
     for kt in range(kt0, kt1):
         words = nxt1
         nxt1 = nxt2
@@ -306,29 +336,37 @@ def _gemv_kernel(
         if USE_ASM:
             za = _f16x2(-(1024.0 + z))[:, None]
             zb = _f16x2(-(64.0 + z))[:, None]
-            s64 = (s * (1.0 / X_PRESCALE))[:, None]
-            a0, a1, a2, a3 = _x_pairs(_x_tile(x_ptr, m0, stride_xm, M, kt, K, BLOCK_K))
+            s2 = s[:, None]
+            a0, a1, a2, a3 = _x_pairs(_x_tile(x_ptr, m0, stride_xm, M, kt, K, BLOCK_K), inv0)
             if BLOCK_M == 1:
                 d0 = tl.inline_asm_elementwise(
                     _GEMV_ASM_1, _GEMV_CON_1,
                     [words, za, zb, a0[None, :], a1[None, :], a2[None, :], a3[None, :]],
                     dtype=tl.float32, is_pure=True, pack=1,
                 )  # fmt: skip
-                acc0 += d0 * s64
+                acc0 += d0 * (s2 * up0)
             elif BLOCK_M == 2:
-                b0, b1, b2, b3 = _x_pairs(_x_tile(x_ptr, m0 + 1, stride_xm, M, kt, K, BLOCK_K))
+                b0, b1, b2, b3 = _x_pairs(
+                    _x_tile(x_ptr, m0 + 1, stride_xm, M, kt, K, BLOCK_K), inv1
+                )
                 d0, d1 = tl.inline_asm_elementwise(
                     _GEMV_ASM_2, _GEMV_CON_2,
                     [words, za, zb, a0[None, :], a1[None, :], a2[None, :], a3[None, :],
                      b0[None, :], b1[None, :], b2[None, :], b3[None, :]],
                     dtype=(tl.float32, tl.float32), is_pure=True, pack=1,
                 )  # fmt: skip
-                acc0 += d0 * s64
-                acc1 += d1 * s64
+                acc0 += d0 * (s2 * up0)
+                acc1 += d1 * (s2 * up1)
             else:
-                b0, b1, b2, b3 = _x_pairs(_x_tile(x_ptr, m0 + 1, stride_xm, M, kt, K, BLOCK_K))
-                c0, c1, c2, c3 = _x_pairs(_x_tile(x_ptr, m0 + 2, stride_xm, M, kt, K, BLOCK_K))
-                e0, e1, e2, e3 = _x_pairs(_x_tile(x_ptr, m0 + 3, stride_xm, M, kt, K, BLOCK_K))
+                b0, b1, b2, b3 = _x_pairs(
+                    _x_tile(x_ptr, m0 + 1, stride_xm, M, kt, K, BLOCK_K), inv1
+                )
+                c0, c1, c2, c3 = _x_pairs(
+                    _x_tile(x_ptr, m0 + 2, stride_xm, M, kt, K, BLOCK_K), inv2
+                )
+                e0, e1, e2, e3 = _x_pairs(
+                    _x_tile(x_ptr, m0 + 3, stride_xm, M, kt, K, BLOCK_K), inv3
+                )
                 d0, d1, d2, d3 = tl.inline_asm_elementwise(
                     _GEMV_ASM_4, _GEMV_CON_4,
                     [words, za, zb, a0[None, :], a1[None, :], a2[None, :], a3[None, :],
@@ -337,10 +375,10 @@ def _gemv_kernel(
                      e0[None, :], e1[None, :], e2[None, :], e3[None, :]],
                     dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1,
                 )  # fmt: skip
-                acc0 += d0 * s64
-                acc1 += d1 * s64
-                acc2 += d2 * s64
-                acc3 += d3 * s64
+                acc0 += d0 * (s2 * up0)
+                acc1 += d1 * (s2 * up1)
+                acc2 += d2 * (s2 * up2)
+                acc3 += d3 * (s2 * up3)
         else:
             s2 = s[:, None]
             acc0 += _dot_words_f32(words, _x_tile(x_ptr, m0, stride_xm, M, kt, K, BLOCK_K), z) * s2
@@ -536,7 +574,8 @@ def launch(
     if cfg.kind == "gemv":
         block_m = 1 if m == 1 else (2 if m == 2 else 4)
         grid = (triton.cdiv(m, block_m), n_tiles, cfg.split_k)
-        kernel, extra = _gemv_kernel, {"USE_ASM": not interpreting()}
+        kernel = _gemv_kernel
+        extra = {"USE_ASM": not interpreting(), "DYN_SCALE": x.dtype == torch.bfloat16}
     else:
         block_m = cfg.block_m
         grid = (n_tiles, cfg.split_k, triton.cdiv(m, block_m))

@@ -9,6 +9,7 @@ configuration runs instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -144,6 +145,12 @@ def _cold_copies(qweight, scales, zeros) -> list:
     return [(qweight, scales, zeros), *extra]
 
 
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    # Asked on every eager call: the driver query behind it costs more than a decode GEMV.
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 class Tuner:
     """Remembers the fastest configuration per problem key."""
 
@@ -156,7 +163,7 @@ class Tuner:
 
     @staticmethod
     def key(x: torch.Tensor, n: int, k: int, group_size: int, has_z: bool) -> str:
-        dev = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+        dev = _device_name(x.device)
         return f"{dev}|m{m_bucket(x.shape[0])}|n{n}|k{k}|g{group_size}|{x.dtype}|z{int(has_z)}"
 
     def choose(

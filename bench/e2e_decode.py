@@ -1,0 +1,298 @@
+"""End-to-end greedy decoding, the way people deploy it: bf16 vs bitsandbytes nf4 vs qpipe W4
+(RTN, QuantLinear on the Triton kernels; with and without the lm_head quantized), one harness
+(``qpipe.decode``: static KV cache, compiled + CUDA-graph step; the same loop eager beside it),
+one process, one GPU.
+
+    python bench/e2e_decode.py --out DIR [--variants bf16,nf4,w4,w4_head] [--batches 1,4,16]
+
+The model is Qwen3-8B's architecture (InternVL3.5-8B's language model) with random weights
+built from its config (no hub on the lent GPU): memory and speed are real, tokens are not.
+Writes DIR/e2e_<tag>.json and .md with the device, versions, the command and raw numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qpipe import decode  # noqa: E402
+from qpipe.config import load_model_group  # noqa: E402
+from qpipe.exclusion import plan_precision  # noqa: E402
+from qpipe.memory import Workload, arch_dims, estimate, inventory_of  # noqa: E402
+from qpipe.models.source import load_config  # noqa: E402
+
+QUANT = {
+    "bf16": {"method": "none", "bits": 16},
+    "nf4": {"method": "bnb", "bits": 4, "quant_type": "nf4", "double_quant": True},
+    "w4": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
+    "w4_head": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
+}
+
+
+def versions() -> dict[str, str]:
+    import transformers
+    import triton
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+    }
+    try:
+        import bitsandbytes
+
+        out["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def device_info() -> dict[str, str]:
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+    )
+    return {"gpu": torch.cuda.get_device_name(0), "nvidia_smi": smi.stdout.strip()}
+
+
+def build_bf16(seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(load_model_group("qwen3_8b"))
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def _block_linears(model, with_head: bool) -> list[str]:
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in n and m.weight.dtype.is_floating_point
+    ]
+    return names + (["lm_head"] if with_head else [])
+
+
+def _swap(model, name: str, new: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def to_w4(model, with_head: bool) -> None:
+    from qpipe.kernels import QuantLinear
+
+    for name in _block_linears(model, with_head):
+        lin = model.get_submodule(name)
+        q = QuantLinear.from_linear(lin, group_size=128, symmetric=False, kernel="triton")
+        _swap(model, name, q)
+        del lin
+    if with_head:
+        model.config.tie_word_embeddings = False
+
+
+def to_nf4(model) -> None:
+    import bitsandbytes as bnb
+
+    for name in _block_linears(model, False):
+        lin = model.get_submodule(name)
+        q = bnb.nn.Linear4bit(
+            lin.in_features,
+            lin.out_features,
+            bias=lin.bias is not None,
+            compute_dtype=torch.bfloat16,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(
+            lin.weight.data.to("cpu"),
+            requires_grad=False,
+            quant_type="nf4",
+            compress_statistics=True,
+        ).to("cuda")
+        _swap(model, name, q)
+        del lin
+
+
+def estimated_peak(variant: str, batch: int, context: int) -> dict[str, float]:
+    """qpipe's estimator for this variant and workload (weights + KV cache + activations)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(load_model_group("qwen3_8b"))
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    inventory = inventory_of(meta)
+    quant = QUANT[variant]
+    exclude = {"lm_head": variant != "w4_head", "embeddings": True, "patterns": []}
+    plan = plan_precision(inventory, exclude, quantize=quant["method"] != "none")
+    est = estimate(
+        inventory,
+        plan,
+        quant,
+        arch_dims(config),
+        Workload(batch_size=batch, context_len=context),
+        2,
+        0.0,
+        "cuda",
+    )
+    return {"est_weights_gb": est.weights_gb, "est_peak_gb": est.peak_gb}
+
+
+def run_variant(variant: str, batches: list[int], modes: list[str], args) -> list[dict]:
+    model = build_bf16()
+    if variant == "nf4":
+        to_nf4(model)
+    elif variant.startswith("w4"):
+        to_w4(model, with_head=variant == "w4_head")
+    gc.collect()
+    torch.cuda.empty_cache()
+    weights_gb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=gen)
+    for mode in modes:
+        for batch in batches:
+            new = args.new_tokens if mode == "compiled" else args.eager_new_tokens
+            ids = prompt.repeat(batch, 1).cuda()
+            torch._dynamo.reset()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            try:
+                t = decode.measure(
+                    model,
+                    {"input_ids": ids},
+                    new,
+                    compiled=mode == "compiled",
+                    repeats=args.repeats,
+                )
+            except Exception as err:  # a row that fails is recorded, the others still run
+                rows.append({"variant": variant, "mode": mode, "batch": batch, "error": repr(err)})
+                print(f"{variant:8s} {mode:8s} b{batch:<3d} FAILED {err!r}", flush=True)
+                continue
+            row = {
+                "variant": variant,
+                "weights_gb": weights_gb,
+                "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
+                "wall_s": time.perf_counter() - start,
+                **t.as_dict(),
+                **estimated_peak(variant, batch, args.prompt + new + 1),
+            }
+            row["est_error_pct"] = (
+                (row["est_peak_gb"] - row["peak_allocated_gb"]) / row["peak_allocated_gb"] * 100
+            )
+            rows.append(row)
+            print(
+                f"{variant:8s} {mode:8s} b{batch:<3d} {t.decode_tok_s:8.1f} tok/s  "
+                f"ttft {t.ttft_ms:7.1f} ms  compile {t.compile_s:5.1f} s  "
+                f"peak {row['peak_allocated_gb']:.2f} GB (est {row['est_peak_gb']:.2f})",
+                flush=True,
+            )
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = [
+        f"# End-to-end greedy decoding — {result['device']['gpu']}",
+        "",
+        f"`{result['command']}`",
+        "",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+        f"Qwen3-8B architecture, random weights, prompt {result['args']['prompt']} tokens; "
+        "compiled = static KV cache + torch.compile(reduce-overhead, fullgraph) decode step; "
+        "eager = the same loop uncompiled. Medians of repeats after warm-up.",
+        "",
+        "| variant | mode | batch | decode tok/s | ms/token | TTFT ms | compile s | weights GB "
+        "| peak GB | est peak GB | est error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['mode']} | {r['batch']} | failed: {r['error']} |")
+            continue
+        lines.append(
+            f"| {r['variant']} | {r['mode']} | {r['batch']} | {r['decode_tok_s']:.1f} "
+            f"| {r['decode_ms_per_token']:.2f} | {r['ttft_ms']:.1f} | {r['compile_s']:.1f} "
+            f"| {r['weights_gb']:.2f} | {r['peak_allocated_gb']:.2f} | {r['est_peak_gb']:.2f} "
+            f"| {r['est_error_pct']:+.1f} % |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def merge(paths: list[str], out: Path, tag: str) -> None:
+    """One table from several calls of this script (each keeps its own command and device)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    devices = {json.dumps(p["device"], sort_keys=True) for p in parts}
+    merged = {
+        **parts[0],
+        "command": " ; ".join(p["command"] for p in parts),
+        "calls": [{k: p[k] for k in ("command", "device", "versions")} for p in parts],
+        "same_device_and_versions": len(devices) == 1
+        and len({json.dumps(p["versions"], sort_keys=True) for p in parts}) == 1,
+        "rows": [r for p in parts for r in p["rows"]],
+    }
+    (out / f"e2e_{tag}.json").write_text(json.dumps(merged, indent=1))
+    (out / f"e2e_{tag}.md").write_text(markdown(merged))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--merge", nargs="+", help="result files of earlier calls to join")
+    p.add_argument("--tag", default="h100")
+    p.add_argument("--variants", default="bf16,nf4,w4,w4_head")
+    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--modes", default="compiled,eager")
+    p.add_argument("--eager-batches", default="1")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--eager-new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge(args.merge, out, args.tag)
+        return
+    torch._dynamo.config.cache_size_limit = 64
+    batches = [int(b) for b in args.batches.split(",")]
+    eager_batches = [int(b) for b in args.eager_batches.split(",")]
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "harness": "bench/e2e_decode.py (qpipe.decode.measure)",
+        "device": device_info(),
+        "versions": versions(),
+        "args": vars(args),
+        "rows": [],
+    }
+    for variant in args.variants.split(","):
+        for mode in args.modes.split(","):
+            result["rows"] += run_variant(
+                variant, batches if mode == "compiled" else eager_batches, [mode], args
+            )
+            path = out / f"e2e_{args.tag}.json"
+            path.write_text(json.dumps(result, indent=1))
+            (out / f"e2e_{args.tag}.md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
