@@ -39,6 +39,7 @@ BASE = [
     "hardware=h100_80gb",
     "eval=quick",
     "eval.baseline=false",
+    "eval.decode=eager",  # compiling is not what this measures; it would take minutes
 ]
 CASES = {
     "load": (12, ["--multirun", "model=qwen3_8b,tiny_llama", *BASE]),

@@ -566,6 +566,7 @@ BAD_CONFIGS = [
     ["hardware.memory_gb=big"],
     ["exclude.patterns=3"],
     ["eval.decode_batch_sizes=[1,a]"],
+    ["eval.decode=sometimes"],
     ["quant=rtn", "quant.group_size=100"],
     ["quant=rtn", "quant.format=gguf"],
     ["quant=nope"],

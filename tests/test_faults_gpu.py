@@ -19,6 +19,7 @@ OVERRIDES = (
     "hardware=h100_80gb",  # named: the budget passes, the allocation is what fails
     "eval=quick",
     "eval.baseline=false",
+    "eval.decode=eager",
     "workload.context_len=64",
     "mlflow.experiment=oom_gpu",
 )
