@@ -144,7 +144,14 @@ def check_tensors_match(
     params = dict(model.named_parameters(remove_duplicate=False))
     where = folder / "config.json"
 
+    from qpipe.backends.qlinear_loader import key_renamer
+
+    # transformers saves some architectures under their original names (InternVL:
+    # language_model.model.layers.*) and renames them on load: compare under the model's names.
+    rename = key_renamer(model)
+
     def canonical(key: str) -> str:
+        key = rename(key)
         if key in params or key.rsplit(".", 1)[0] in modules:
             return key
         for alt in (f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
