@@ -175,7 +175,11 @@ def test_untied_lm_head_is_quantized_when_not_excluded(tmp_path) -> None:
     )
     report = run_pipeline(cfg, tmp_path / "run")
     assert report.status == "FINISHED", report.error
-    assert isinstance(report.results["load"].objects["model"].lm_head, QuantLinear)
+    from qpipe.backends.qlinear_loader import load_checkpoint
+
+    checkpoint = report.results["quantize"].outputs["checkpoint"]
+    model = load_checkpoint(Path(checkpoint), "AutoModelForCausalLM", "cpu", torch.float32, "torch")
+    assert isinstance(model.lm_head, QuantLinear)
     assert report.metrics["perf.decode_tok_s_eager"] > 0
     tied = compose_config("model=tiny_llama", "model.config.tie_word_embeddings=true")
     from qpipe.exclusion import plan_precision
