@@ -41,7 +41,7 @@ QUANTIZE_LOAD_DAG = """name: quantize_load
 stages:
   env_check: {}
   memory_budget: {needs: [env_check]}
-  exclude_layers: {needs: [env_check]}
+  exclude_layers: {needs: [memory_budget]}
   pad_align: {needs: [exclude_layers]}
   quantize:
     needs: [memory_budget, pad_align]

@@ -120,7 +120,7 @@ def test_sigkill_then_rerun_recomputes_and_marks_the_dead_run_killed(
 ) -> None:
     _fresh_quantize_cache(tiny_ready)
     action = "sigkill" if "quantize" in fault else "truncate_then_sigkill"
-    overrides = [*TINY, key, f"pipeline.dag={quantize_load_dag}"]
+    overrides = [*TINY, key, f"pipeline={quantize_load_dag}"]
     run_dir = tmp_path / "killed"
     proc = run_qpipe(
         {**spec, "action": action},
@@ -174,7 +174,7 @@ def test_ctrl_c_marks_the_run_killed_removes_partial_output_exits_130(
     _fresh_quantize_cache(tiny_ready)
     marker = tmp_path / "in_quantize"
     run_dir = tmp_path / "interrupted"
-    overrides = [*TINY, "quant.group_size=128", f"pipeline.dag={quantize_load_dag}"]
+    overrides = [*TINY, "quant.group_size=128", f"pipeline={quantize_load_dag}"]
     spec = {
         "at": "qpipe.kernels.quant_linear:QuantLinear.from_linear",
         "call": 3,
@@ -217,7 +217,7 @@ def test_disk_full_while_writing_the_checkpoint(tiny_ready, quantize_load_dag, t
     db = tiny_ready / "mlflow.db"
     limit = (db.stat().st_size if db.exists() else 0) + 30 * 2**20
     run_dir = tmp_path / "diskfull"
-    overrides = [*TINY, "quant.group_size=64", "seed=11", f"pipeline.dag={quantize_load_dag}"]
+    overrides = [*TINY, "quant.group_size=64", "seed=11", f"pipeline={quantize_load_dag}"]
 
     def limited() -> None:  # the checkpoint (~100 MB) cannot be written; the store can grow
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -320,7 +320,7 @@ def test_tracking_server_dies_mid_run_results_stay_and_sync_later(
     overrides = [
         *TINY,
         "seed=7",
-        f"pipeline.dag={quantize_load_dag}",
+        f"pipeline={quantize_load_dag}",
         f"mlflow.tracking_uri={uri}",
         f"hydra.run.dir={run_dir}",
     ]
@@ -522,7 +522,7 @@ def test_cached_checkpoint_changed_or_deleted_is_recomputed(
     tiny_ready, quantize_load_dag, tmp_path
 ) -> None:
     _fresh_quantize_cache(tiny_ready)
-    overrides = [*TINY, "seed=5", f"pipeline.dag={quantize_load_dag}"]
+    overrides = [*TINY, "seed=5", f"pipeline={quantize_load_dag}"]
     first = run_pipeline(compose_config(*overrides), tmp_path / "first")
     assert first.status == "FINISHED" and first.params["cache.quantize"] == "miss"
     checkpoint = Path(first.results["quantize"].outputs["checkpoint"])
@@ -576,7 +576,7 @@ BAD_CONFIGS = [
     ["pad_align.mode=stretch"],
     ["model.weights=maybe"],
     ["+model.trust_remote_code=perhaps"],
-    ["pipeline.dag=nowhere"],
+    ["pipeline=nowhere"],
 ]
 
 
