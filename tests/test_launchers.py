@@ -131,8 +131,12 @@ def _sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _runs(tmp_path: Path, experiment: str):
+    """The jobs' runs (the sweep's parent run, made in the launching process, left out)."""
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=[experiment])
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    if "tags.qpipe.role" in runs:
+        runs = runs[runs["tags.qpipe.role"] != "parent"].reset_index(drop=True)
+    return runs
 
 
 def _integrity(tmp_path: Path) -> str:
