@@ -59,7 +59,7 @@ def cfg_dir() -> Path:
 
 def run_option(label: str, *overrides: str) -> dict:
     cfg = compose_config(
-        *overrides, f"pipeline.dag={DAG}", "mlflow.experiment=auto-bench", "eval.max_tokens=2048"
+        *overrides, f"pipeline={DAG}", "mlflow.experiment=auto-bench", "eval.max_tokens=2048"
     )
     start = time.perf_counter()
     report = run_pipeline(cfg, cfg_dir() / label)

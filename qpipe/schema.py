@@ -78,7 +78,7 @@ class QuantSchema:
 @dataclass
 class HardwareSchema:
     name: str
-    memory_gb: Optional[float] = None
+    memory_gb: Any = None  # GB per card: one number for every card, or a list
     runtime_overhead_gb: Optional[float] = None
     headroom_pct: float = 5.0
     count: Any = 1  # GPUs: auto | a number

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from qpipe.app import run_pipeline
+from qpipe.backends.qlinear_loader import load_checkpoint
 from qpipe.evaluate import perplexity
 from qpipe.kernels import QuantLinear
 from qpipe.kernels.int8_linear import Int8Linear
@@ -36,10 +38,12 @@ SMALL = ("sensitivity.samples=1", "sensitivity.seq_len=32", "workload.context_le
 def _run(tmp_path: Path, name: str, *overrides: str):
     dag = tmp_path / "dag.yaml"
     dag.write_text(DAG)
-    cfg = compose_config(*overrides, *SMALL, f"pipeline.dag={dag}", "mlflow.experiment=auto")
+    cfg = compose_config(*overrides, *SMALL, f"pipeline={dag}", "mlflow.experiment=auto")
     report = run_pipeline(cfg, tmp_path / name)
     assert report.status == "FINISHED", report.error
-    model = report.results["load"].objects["model"]
+    # The runner drops live objects at the end of a run: load the checkpoint it wrote.
+    checkpoint = Path(report.results["quantize"].outputs["checkpoint"])
+    model = load_checkpoint(checkpoint, "AutoModelForCausalLM", "cpu", torch.float32, "torch")
     ids = token_ids(load_tokenizer(cfg.model), read_text("eval_gpl3.txt"), 1024)
     return report, model, perplexity(model, ids, 512, "cpu")
 

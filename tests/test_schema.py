@@ -11,7 +11,7 @@ from qpipe.schema import check_schema
 from tests.conftest import compose_config
 
 OPTIONS = [
-    f"{group.name}={path.stem}"
+    f"+{group.name}={path.stem}"  # `+` as users write it (rewritten for defaulted groups)
     for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
     for path in sorted(group.glob("*.yaml"))
 ]
