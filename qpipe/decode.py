@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from qpipe.errors import ConfigError
+
 DECODE_MODES = ("eager", "compiled", "both")
 
 
@@ -181,7 +183,9 @@ def modes_for(setting: str, device: str) -> list[str]:
     """``eval.decode`` -> the modes to run: compiled decoding needs CUDA graphs, so a CPU run
     asked for ``both`` measures eager only (compiled on CPU was asked for explicitly)."""
     if setting not in DECODE_MODES:
-        raise ValueError(f"eval.decode={setting!r}; choose one of {', '.join(DECODE_MODES)}")
+        raise ConfigError(
+            f"eval.decode={setting!r} is not valid; use one of: {', '.join(DECODE_MODES)}"
+        )
     if setting == "both":
         return ["compiled", "eager"] if device.startswith("cuda") else ["eager"]
     return [setting]

@@ -77,11 +77,7 @@ def validate_config(cfg: DictConfig) -> None:
         from qpipe.config import decode_batch_sizes
 
         decode_batch_sizes(cfg, device)
-        if str(cfg.eval.get("decode", "both")) not in decode.DECODE_MODES:
-            raise ConfigError(
-                f"eval.decode={cfg.eval.decode!r} is not valid; use one of: "
-                f"{', '.join(decode.DECODE_MODES)}"
-            )
+        decode.modes_for(str(cfg.eval.get("decode", "both")), device)
         if str(cfg.eval.get("image_decode", "eager")) not in decode.DECODE_MODES:
             raise ConfigError(
                 f"eval.image_decode={cfg.eval.image_decode!r} is not valid; use one of: "
