@@ -29,7 +29,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from qpipe.app import run_pipeline
-from qpipe.config import CONF_DIR, normalize_overrides, resolve_device
+from qpipe.backends import get_backend
+from qpipe.config import CONF_DIR, normalize_overrides, resolve_device, resolve_dtype
 from qpipe.evaluate import perplexity
 from qpipe.models import load_tokenizer
 from qpipe.textdata import read_text, token_ids
@@ -65,7 +66,16 @@ def run_option(label: str, *overrides: str) -> dict:
     report = run_pipeline(cfg, cfg_dir() / label)
     if report.status != "FINISHED":
         raise SystemExit(f"{label}: {report.failed_stage}: {report.error}")
-    model = report.results["load"].objects["model"]
+    # The runner drops live objects at the end of a run: load the checkpoint it wrote, as the
+    # load stage did.
+    loaded = report.results["load"].outputs
+    model = get_backend(cfg.quant.method).load(
+        Path(loaded["checkpoint"]),
+        cfg.model.get("model_class", "AutoModelForCausalLM"),
+        loaded["device"],
+        resolve_dtype(cfg, loaded["device"]),
+        loaded["kernel"],
+    )
     tokenizer = load_tokenizer(cfg.model)
     ids = token_ids(tokenizer, read_text(cfg.eval.text), int(cfg.eval.max_tokens))
     ppl = perplexity(model, ids, int(cfg.eval.window), resolve_device(cfg))

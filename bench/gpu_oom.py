@@ -6,7 +6,8 @@ For each stage, another process ("the hog") holds GPU memory so that only a litt
 then a two-job sweep of the Qwen3-8B architecture (random bf16 weights, 16.4 GB) runs with
 ``hardware=h100_80gb`` named, so the budget passes and the real allocation fails:
 
-- load: 12 GB free: the weights cannot load; the second job (tiny_llama) must finish.
+- load: 12 GB free: the weights cannot load; the second job (the same architecture cut to two
+  decoder layers, 3.3 GB) must finish.
 - validate_vram: 24 GB free: batch 64 × 4096 tokens needs ~39 GB of KV cache; the second job
   (batch 1) needs 16.9 GB, which fits only if the first job's 16.4 GB of weights were freed.
 - benchmark: 24 GB free: decoding 2048-token prompts at batch 128 needs ~39 GB of KV cache on
@@ -41,8 +42,9 @@ BASE = [
     "eval.baseline=false",
     "eval.decode=eager",  # compiling is not what this measures; it would take minutes
 ]
+LAYERS = "model.config.num_hidden_layers"
 CASES = {
-    "load": (12, ["--multirun", "model=qwen3_8b,tiny_llama", *BASE]),
+    "load": (12, ["--multirun", "model=qwen3_8b", *BASE, f"{LAYERS}=36,2"]),
     "validate_vram": (
         24,
         ["--multirun", "model=qwen3_8b", *BASE, "workload.context_len=4096",
@@ -70,8 +72,9 @@ from hydra import compose, initialize_config_dir
 from qpipe.config import CONF_DIR
 from qpipe.models import load_tokenizer, materialize
 with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-    for model in ("qwen3_8b", "tiny_llama"):
-        cfg = compose("config", overrides=[f"model={model}", "model.weights=random"])
+    for layers in (36, 2):
+        cfg = compose("config", overrides=["model=qwen3_8b", "model.weights=random",
+                                           f"model.config.num_hidden_layers={layers}"])
         print(materialize(cfg.model), flush=True)
         load_tokenizer(cfg.model)
 """
@@ -112,7 +115,12 @@ def _case(stage: str, free_gb: float, overrides: list[str], outputs: Path) -> di
     client = MlflowClient(tracking_uri=f"sqlite:///{outputs / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment)
     runs = sorted(
-        client.search_runs([exp.experiment_id]) if exp else [],
+        # The sweep's parent run holds no stage of its own: only the jobs are compared.
+        [
+            r
+            for r in (client.search_runs([exp.experiment_id]) if exp else [])
+            if r.data.tags.get("qpipe.role") != "parent"
+        ],
         key=lambda r: int(r.data.tags.get("qpipe.sweep_job", 0)),
     )
     jobs = [
@@ -166,7 +174,7 @@ def main() -> None:
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                 capture_output=True,
                 text=True,
-            ).stdout.strip(),
+            ).stdout.split("\n")[0],  # one line per GPU: they are the same driver
         },
         "cases": [_case(stage, free, ov, outputs) for stage, (free, ov) in CASES.items()],
     }

@@ -56,6 +56,7 @@ METRICS = (
     "mem.nvml_process_gb",
     "mem.est_total_error_pct",
     "mem.reserved_peak_gb",
+    "mem.held_before_load_gb",
     "mem.est_kv_cache_gb",
     "mem.est_activations_gb",
     "mem.est_image_tokens",
@@ -214,10 +215,11 @@ def markdown(rows: list[dict[str, Any]], device: dict[str, Any]) -> str:
         "",
         f"Context {context} tokens with the built-in picture in it (InternVL: 3 tiles of 448 px"
         " = 770 tokens), 32 new tokens, batch 1, bf16. Quantize s: the backend's own time (the"
-        " first row also built the random-weight folder, which is not counted). Vision tower, projector, embeddings and lm_head stay"
-        " bf16; the 4-bit rows (nf4, rtn, gptq, awq) quantize lm_head too (`exclude.lm_head="
-        "false`), the int8 and bf16 rows keep it in bf16. RTN/GPTQ/AWQ: 4-bit g64 asym on"
-        " qpipe's Triton kernels; GPTQ/AWQ calibrate on 32 × 256 tokens of the built-in text.",
+        " first row also built the random-weight folder, which is not counted). The vision"
+        " tower, projector and embeddings stay bf16; the 4-bit rows (nf4, rtn, gptq, awq)"
+        " quantize lm_head too (`exclude.lm_head=false`), the int8 row keeps it in bf16."
+        " RTN/GPTQ/AWQ: 4-bit g64 asym on qpipe's Triton kernels; GPTQ/AWQ calibrate on"
+        " 32 × 256 tokens of the built-in text.",
         "**Weights are random: perplexity is noise, shown only to prove the path runs; memory"
         " and speed are real.** Peak = torch allocator peak over load + the"
         " workload; NVML = the process's device memory (CUDA context included). Decode tok/s: batch"
@@ -251,13 +253,30 @@ def markdown(rows: list[dict[str, Any]], device: dict[str, Any]) -> str:
             _f(m.get("perf.ttft_image_ms"), 1),
             _f(m.get("perf.vision_ms"), 1),
             f"{_f(m.get('perf.decode_tok_s'), 1)} ({_decode_mode(m)})",
-            _f(m.get("perf.decode_tok_s_eager", m.get("perf.decode_tok_s")), 1),
+            _f(m.get("perf.decode_tok_s_eager"), 1),
             f"{_f(m.get('perf.decode_tok_s_image'), 1)} ({_decode_mode(m, image=True)})",
             _f(m.get("quality.ppl"), 0),
             _f(r.get("wall_s"), 0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = ["", "Failures and answers:", ""]
+    sources = [f"- {r['quant']}: {r['source']}" for r in rows if r.get("source")]
+    held = [
+        f"- {r['quant']}: {m['mem.held_before_load_gb']:.2f} GB"
+        for r in rows
+        if (m := r.get("metrics", {})).get("mem.held_before_load_gb", 0) > 0.5
+    ]
+    notes = []
+    if sources:
+        notes += ["", "Where each row ran (one device call holds 10 minutes):", "", *sources]
+    if held:
+        notes += [
+            "",
+            "GPU memory an earlier stage of the same process still held when load began"
+            " (`mem.held_before_load_gb`; left out of the measured peak, inside NVML's number):",
+            "",
+            *held,
+        ]
+    notes += ["", "Failures and answers:", ""]
     for r in rows:
         if r["status"] != "FINISHED":
             error = (r.get("error") or "").replace("\n", " ")[:400]
@@ -267,23 +286,27 @@ def markdown(rows: list[dict[str, Any]], device: dict[str, Any]) -> str:
     return "\n".join(head + lines + notes) + "\n"
 
 
-def write_table(rows: list[dict[str, Any]], device: dict[str, Any], folder: Path) -> None:
+def write_table(
+    rows: list[dict[str, Any]], device: dict[str, Any], folder: Path, note: str = ""
+) -> None:
     order = {q: i for i, q in enumerate(QUANTS)}
     rows = sorted(rows, key=lambda r: order.get(r["quant"], len(order)))
     folder.mkdir(parents=True, exist_ok=True)
     slim = [
         {
             **{k: r.get(k) for k in ("quant", "status", "wall_s", "command", "error")},
-            **{k: r.get(k) for k in ("failed_stage", "image_question", "image_answer")},
+            **{k: r.get(k) for k in ("failed_stage", "image_question", "image_answer", "source")},
             "metrics": {k: r.get("metrics", {}).get(k) for k in METRICS},
             "all_metrics": r.get("metrics", {}),
             "params": r.get("params", {}),
         }
         for r in rows
     ]
-    data = {"device": device, "rows": slim}
+    data = {"device": device, "note": note, "rows": slim}
     (folder / "internvl_h100.json").write_text(json.dumps(data, indent=2) + "\n")
-    (folder / "internvl_h100.md").write_text(markdown(rows, device))
+    (folder / "internvl_h100.md").write_text(
+        markdown(rows, device) + (f"\n{note}\n" if note else "")
+    )
 
 
 def _read_rows(folders: list[Path]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -320,11 +343,12 @@ def main(argv: list[str] | None = None) -> None:
     rep = sub.add_parser("report", help="merge the rows of several run folders")
     rep.add_argument("folders", type=Path, nargs="+")
     rep.add_argument("--out", type=Path, default=Path("bench/results"))
+    rep.add_argument("--note", default="", help="a paragraph for the table's readers")
     args = parser.parse_args(argv)
 
     if args.cmd == "report":
         rows, device = _read_rows(args.folders)
-        write_table(rows, device, args.out)
+        write_table(rows, device, args.out, args.note)
         print((args.out / "internvl_h100.md").read_text())
         return
 

@@ -43,6 +43,48 @@ def normalize_overrides(args: list[str]) -> list[str]:
         if match and match["group"] in groups:
             arg = arg[1:]
         out.append(arg)
+    return _force_keys_of_swept_groups(out, groups)
+
+
+_ASSIGN = re.compile(r"^(?P<key>[\w/.]+)=(?P<value>.*)$")
+
+
+def _is_sweep(value: str) -> bool:
+    """``a,b`` or ``glob(...)``/``choice(...)``/``range(...)``; commas inside brackets or quotes
+    belong to one value (``[1,2]``)."""
+    if value.startswith(("glob(", "choice(", "range(")):
+        return True
+    depth, quote = 0, ""
+    for ch in value:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            return True
+    return False
+
+
+def _force_keys_of_swept_groups(args: list[str], groups: set[str]) -> list[str]:
+    """``--multirun model=a,b model.tokenizer=qwen``: Hydra first composes the sweep with the
+    group's *default* option, where ``model.tokenizer`` may not exist, and stops there. ``++``
+    sets the key wherever it is missing; each job's config is still checked against the typed
+    schema, so a misspelt key is refused there."""
+    swept = set()
+    for arg in args:
+        m = _ASSIGN.match(arg)
+        if m and m["key"] in groups and _is_sweep(m["value"]):
+            swept.add(m["key"])
+    out = []
+    for arg in args:
+        m = _ASSIGN.match(arg)
+        if m and "." in m["key"] and m["key"].split(".", 1)[0] in swept:
+            arg = "++" + arg
+        out.append(arg)
     return out
 
 

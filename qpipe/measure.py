@@ -94,9 +94,13 @@ class MemoryWindow:
 
     def start(self) -> MemoryWindow:
         if self.on_gpu:
+            # What earlier stages still hold (a quantizer's model waiting for the garbage
+            # collector) is not the loaded model's: free it, and count from what is left.
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = 0  # allocator bytes are the model's own from zero
+            self.baseline = torch.cuda.memory_allocated(self.device)
             return self
         _release_freed_heap()
         self.baseline = psutil.Process().memory_info().rss

@@ -67,6 +67,32 @@ def _cli(*args: str, outputs: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_keys_of_a_swept_group_are_forced_only_while_it_is_swept() -> None:
+    args = ["model=qwen3_8b,tiny_llama", "model.tokenizer=qwen", "quant.group_size=64,128"]
+    assert normalize_overrides(args) == [
+        "model=qwen3_8b,tiny_llama",
+        "++model.tokenizer=qwen",
+        "quant.group_size=64,128",
+    ]
+    assert normalize_overrides(["model=tiny_llama", "eval.decode_batch_sizes=[1,4],[1]"]) == [
+        "model=tiny_llama",
+        "eval.decode_batch_sizes=[1,4],[1]",
+    ]
+
+
+def test_cli_sweep_over_models_takes_a_key_the_default_model_lacks(outputs_dir) -> None:
+    # Hydra composes the sweep with the default model first (smollm2 has no `seed`); without
+    # the rewrite to ++ the sweep stops there, before any job.
+    args = ("--multirun", "model=tiny_llama,tiny_internvl", "model.seed=3", "pipeline=estimate")
+    proc = _cli(*args, outputs=str(outputs_dir))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2 jobs" in proc.stdout
+    typo = _cli(
+        "--multirun", "model=tiny_llama,tiny_internvl", "model.sed=3", outputs=str(outputs_dir)
+    )
+    assert typo.returncode != 0 and "did you mean model.seed?" in typo.stdout
+
+
 def test_cli_unknown_option_lists_valid_ones(outputs_dir) -> None:
     proc = _cli("+model=llama9000", outputs=str(outputs_dir))
     assert proc.returncode != 0

@@ -478,7 +478,7 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
         raise BackendUnavailable(missing)
     from llmcompressor import oneshot
 
-    from qpipe.backends._llmc_patches import skip_pinning_without_accelerator
+    from qpipe.backends._llmc_patches import forget_fx_wraps, skip_pinning_without_accelerator
     from qpipe.backends.qlinear_loader import auto_class
 
     method = request.quant["method"]
@@ -511,14 +511,21 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
     if method == "awq":
         skip_pinning_without_accelerator()
     start = time.perf_counter()
-    oneshot(
-        model=model,
-        recipe=text,
-        processor=tokenizer if tokenizer is not None else _PretokenizedOnly(),
-        **kwargs,
-    )
+    with forget_fx_wraps():
+        oneshot(
+            model=model,
+            recipe=text,
+            processor=tokenizer if tokenizer is not None else _PretokenizedOnly(),
+            **kwargs,
+        )
     details["quant.oneshot_s"] = round(time.perf_counter() - start, 2)
     recipe_path = _save(model, tokenizer, text, recipe, out)
+    # oneshot's session keeps the model alive after it returns: reset it, or the whole
+    # calibrated model stays on the GPU through load and is counted as the loaded model's.
+    from llmcompressor.core import reset_session
+
+    reset_session()
+    del model
     details.update(
         {
             "quant.format": CT_FORMAT,

@@ -180,7 +180,7 @@ def load_with_extractor(
         raise ConfigError(f"{checkpoint}: no quantized modules (no '*.{marker}' tensors)")
     for name in names:
         module = model.get_submodule(name)
-        own = _take(tensors, name)
+        own = {k: v.to(_convert_on(module, device)) for k, v in _take(tensors, name).items()}
         bias = own.pop("bias", None)
         iw = extract(name, own, module)
         expected = (module.out_features, module.in_features)
@@ -192,6 +192,15 @@ def load_with_extractor(
         model.set_submodule(name, _quantized_module(iw, bias, kernel, dtype, expected[1], name))
     _assign_rest(model, tensors, dtype, checkpoint)
     return model.to(device).eval()
+
+
+def _convert_on(module: torch.nn.Module, device: str) -> str:
+    """Where a module's weights are unpacked and repacked: on the GPU that takes seconds for an
+    8B model (the host's cores take minutes), except for matrices as large as a 150k-word
+    lm_head, whose ~2 GB of transient copies would exceed what the budget leaves for loading."""
+    if not str(device).startswith("cuda"):
+        return "cpu"
+    return "cpu" if module.in_features * module.out_features > 1 << 27 else device
 
 
 def _quantized_module(

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from qpipe.kernels.intweights import IntWeights
+from qpipe.kernels.layout import CHUNK_ELEMENTS
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i]
 
@@ -41,15 +42,23 @@ def _unpack_words(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return vals.movedim(-1, dim)
 
 
-def _unpack_dense(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+def _unpack_dense(
+    words: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
     """compressed-tensors' dense bit stream along the last dim: element i at bit i * bits,
-    values may straddle two words (bits that do not divide 32)."""
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)  # a word past the end
+    values may straddle two words (bits that do not divide 32). Rows go in chunks: the int64
+    temporaries of a whole lm_head (150k x 4k) would take gigabytes."""
+    rows = words.reshape(-1, words.shape[-1])
+    out = torch.empty(rows.shape[0], count, dtype=dtype, device=words.device)
     pos = torch.arange(count, device=words.device, dtype=torch.int64) * bits
     idx, off = pos // 32, pos % 32
-    pair = w[..., idx] | (w[..., idx + 1] << 32)
-    return (pair >> off) & ((1 << bits) - 1)
+    step = max(1, CHUNK_ELEMENTS // max(count, 1))
+    for i in range(0, rows.shape[0], step):
+        w = rows[i : i + step].to(torch.int64) & 0xFFFFFFFF
+        w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)  # a word past the end
+        pair = w[..., idx] | (w[..., idx + 1] << 32)
+        out[i : i + step] = (pair >> off) & ((1 << bits) - 1)
+    return out.reshape(*words.shape[:-1], count)
 
 
 def infer_group_size(k: int, num_groups: int) -> int:
@@ -195,7 +204,9 @@ def from_compressed_tensors(
     n, k = shape
     if weight_packed.dtype != torch.int32:
         raise ValueError(f"weight_packed must be int32, got {weight_packed.dtype}")
-    q = _unpack_dense(weight_packed, bits, k)  # stored = signed + offset = unsigned view
+    q = _unpack_dense(
+        weight_packed, bits, k, torch.uint8
+    )  # stored = signed + offset = unsigned view
     sc = weight_scale.reshape(n, -1)
     offset = 2 ** (bits - 1)
     zeros = None

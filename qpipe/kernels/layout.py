@@ -34,6 +34,9 @@ from qpipe.kernels.intweights import IntWeights, num_groups
 LAYOUT_NAME = "qpipe-w4"
 LAYOUT_VERSION = 1
 PACK = 8  # int4 values per int32 word
+# Elements converted per step when packing or unpacking: bounds the int64 temporaries (8 bytes
+# each) to ~128 MB however large the matrix.
+CHUNK_ELEMENTS = 1 << 24
 NIBBLE_OF_COL = (0, 4, 1, 5, 2, 6, 3, 7)  # column 8w + c of a word lives in this nibble
 
 
@@ -61,11 +64,16 @@ def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] values 0..15 -> int32 [N, ceil(K/8)] (column order inside a word above)."""
     n, k = q.shape
     words = -(-k // PACK)
-    qp = torch.nn.functional.pad(q.to(torch.int64), (0, words * PACK - k)).view(n, words, PACK)
     shifts = _col_shifts(q.device)
-    packed = (qp << shifts).sum(dim=-1)  # disjoint bit fields: the sum is an OR
-    # Reinterpret as signed int32 (values >= 2**31 wrap) without overflow errors.
-    return (packed - ((packed >> 31) << 32)).to(torch.int32)
+    out = torch.empty(n, words, dtype=torch.int32, device=q.device)
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))  # bounds the int64 temporaries
+    for i in range(0, n, step):
+        rows = q[i : i + step].to(torch.int64)
+        qp = torch.nn.functional.pad(rows, (0, words * PACK - k)).view(-1, words, PACK)
+        packed = (qp << shifts).sum(dim=-1)  # disjoint bit fields: the sum is an OR
+        # Reinterpret as signed int32 (values >= 2**31 wrap) without overflow errors.
+        out[i : i + step] = packed - ((packed >> 31) << 32)
+    return out
 
 
 def unpack_int4_rows(qweight: torch.Tensor, k: int) -> torch.Tensor:

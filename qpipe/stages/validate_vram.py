@@ -80,6 +80,8 @@ def run(ctx: StageContext) -> StageResult:
     metrics["mem.weights_error_pct"] = (est["weights_gb"] - loaded) / loaded * 100
     if window.on_gpu:
         metrics["mem.reserved_peak_gb"] = window.reserved_peak / 1e9
+        # Nonzero means an earlier stage still holds GPU memory; it is left out of the peak.
+        metrics["mem.held_before_load_gb"] = window.baseline / 1e9
         if window.nvml_gb is not None:
             metrics["mem.nvml_process_gb"] = window.nvml_gb
             metrics["mem.est_total_error_pct"] = (
