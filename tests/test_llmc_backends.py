@@ -21,6 +21,7 @@ from qpipe.calib import load_calib_texts, token_windows
 from qpipe.config import load_group, load_model_group
 from qpipe.errors import ConfigError, WeightsUnavailable
 from qpipe.kernels import QuantLinear, quantize_rtn
+from qpipe.kernels.int_linear import IntLinear
 from qpipe.models import materialize
 from qpipe.paths import data_file
 from tests.conftest import save_random_llama
@@ -154,7 +155,14 @@ def _targets_and_shapes(folder: Path) -> tuple[list[str], dict[str, list[int]]]:
     return targets, {n: list(linears[n].weight.shape) for n in targets}
 
 
-def quantize(folder: Path, out: Path, quant: dict[str, Any], samples: int = 4, seq_len: int = 64):
+def quantize(
+    folder: Path,
+    out: Path,
+    quant: dict[str, Any],
+    samples: int = 4,
+    seq_len: int = 64,
+    bits: dict[str, int] | None = None,
+):
     backend = get_backend(quant["method"])
     assert backend.unavailable_reason(quant, "cpu") is None
     targets, shapes = _targets_and_shapes(folder)
@@ -179,6 +187,7 @@ def quantize(folder: Path, out: Path, quant: dict[str, Any], samples: int = 4, s
         calib_texts=load_calib_texts({"num_samples": samples, "seq_len": seq_len}),
         calib_seq_len=seq_len,
         calib_samples=samples,
+        bits_by_module=dict(bits or {}),
     )
     return backend, backend.quantize(request)
 
@@ -226,6 +235,23 @@ def test_tiny_llama_checkpoint_loads_the_same_in_qpipe_and_transformers(
     # (on the first forward pass, hence after it).
     plain_q = plain.get_submodule("model.layers.0.self_attn.q_proj").weight
     torch.testing.assert_close(q.dequantize(), plain_q, rtol=0, atol=0)
+
+
+def test_mixed_widths_load_with_the_width_each_module_was_quantized_to(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A quant=auto plan: the recipe's groups (8-bit first) are renumbered by compressed-tensors
+    when it saves (4-bit first); each module must still load at its own width."""
+    targets, _ = _targets_and_shapes(tiny_llama)
+    bits = {t: 8 if t.endswith(("q_proj", "down_proj")) else 4 for t in targets}
+    backend, result = quantize(tiny_llama, tmp_path / "mixed", quant_cfg("gptq"), bits=bits)
+    model = backend.load(
+        Path(result.checkpoint), "AutoModelForCausalLM", "cpu", torch.float32, "torch"
+    )
+    for name in targets:
+        module = model.get_submodule(name)
+        assert (8 if isinstance(module, IntLinear) else 4) == bits[name], name
+        assert isinstance(module, IntLinear if bits[name] == 8 else QuantLinear)
 
 
 def test_oneshot_frees_the_model(tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:

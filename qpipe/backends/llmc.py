@@ -448,10 +448,21 @@ def _name_both_ways(out: Path, recipe: Mapping[str, Any]) -> None:
     def union(saved: list[str], ours: list[str]) -> list[str]:
         return list(dict.fromkeys([*saved, *ours]))
 
+    def kind(group: Mapping[str, Any]) -> tuple:
+        weights = group.get("weights") or {}
+        return tuple(weights.get(k) for k in ("num_bits", "group_size", "symmetric", "strategy"))
+
     qcfg["ignore"] = union(list(qcfg.get("ignore") or []), list(scheme["ignore"]))
-    for key, group in (qcfg.get("config_groups") or {}).items():
-        ours = scheme["config_groups"].get(key, {}).get("targets", [])
-        group["targets"] = union(list(group.get("targets") or []), list(ours))
+    for group in (qcfg.get("config_groups") or {}).values():
+        # compressed-tensors numbers the saved groups afresh: a mixed plan's saved group_0 may
+        # be the recipe's group_1. Groups are matched by their weights' scheme, never by name.
+        ours = [
+            t
+            for g in scheme["config_groups"].values()
+            if kind(g) == kind(group)
+            for t in g.get("targets", [])
+        ]
+        group["targets"] = union(list(group.get("targets") or []), ours)
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -15,6 +15,7 @@ assign the remaining tensors (embeddings, norms, lm_head) as they are. Formats:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -288,6 +289,13 @@ def compressed_tensors_extractors(checkpoint: Path, model_class: str) -> tuple[s
                 "load this checkpoint with kernel=hf"
             )
         k = int(own["weight_shape"][1])
+        words = own["weight_packed"].shape[-1]
+        if words != math.ceil(k * bits / 32):
+            raise ConfigError(
+                f"{checkpoint}: {name} holds {words} packed words a row, not the "
+                f"{math.ceil(k * bits / 32)} of {bits}-bit weights with K={k} that its config "
+                "group says: config.json's config_groups do not match the tensors"
+            )
         strategy = args.get("strategy")
         group_size = int(args.get("group_size") or 0) if strategy == "group" else k
         return from_compressed_tensors(
