@@ -81,3 +81,38 @@ def test_the_stage_measures_only_when_asked_and_weights_are_real() -> None:
     assert "random weights" in skip_reason(compose_config("quant=auto", "model=tiny_llama"))
     assert skip_reason(compose_config("quant=auto")) is None
     assert skip_reason(compose_config("quant=gptq", "exclude.by=sensitivity")) is None
+
+
+@pytest.mark.slow
+def test_keep_top_k_runs_through_the_pipeline_on_smollm2(tmp_path, outputs_dir) -> None:
+    """exclude.by=sensitivity from the CLI's config to exclude_layers' skip list, through
+    memory_budget (which prices every option with the same measured ranking)."""
+    from hydra import compose, initialize_config_dir
+
+    from qpipe.app import run_pipeline
+    from qpipe.config import CONF_DIR
+
+    dag = tmp_path / "rank.yaml"
+    dag.write_text(
+        "name: rank\nstages:\n  env_check: {}\n  sensitivity: {needs: [env_check]}\n"
+        "  memory_budget: {needs: [env_check, sensitivity]}\n"
+        "  exclude_layers: {needs: [memory_budget]}\n"
+    )
+    overrides = [
+        "quant=rtn",
+        "exclude.by=sensitivity",
+        "exclude.keep_top_k=3",
+        "sensitivity.samples=1",
+        "sensitivity.seq_len=16",
+        f"pipeline={dag}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    report = run_pipeline(cfg, tmp_path / "run")
+    assert report.status == "FINISHED", report.error
+    skip = report.results["exclude_layers"].outputs["skip"]
+    ranked = [n for n, why in skip.items() if why.startswith("exclude.by=sensitivity")]
+    assert len(ranked) == 3
+    kl = report.results["sensitivity"].outputs["layers"]
+    top3 = sorted(kl, key=lambda n: -float(kl[n]["kl"]))[:3]
+    assert sorted(ranked) == sorted(top3)

@@ -178,7 +178,7 @@ def run(ctx: StageContext) -> StageResult:
         chosen,
         options["none"],
         inventory,
-        plan_precision(inventory, exclude, quantize=True),
+        plan_precision(inventory, exclude, True, measured, dtype_bytes),
         dims,
         dtype_bytes,
         usable,
