@@ -204,9 +204,8 @@ def from_compressed_tensors(
     n, k = shape
     if weight_packed.dtype != torch.int32:
         raise ValueError(f"weight_packed must be int32, got {weight_packed.dtype}")
-    q = _unpack_dense(
-        weight_packed, bits, k, torch.uint8
-    )  # stored = signed + offset = unsigned view
+    # stored = signed + offset = unsigned view
+    q = _unpack_dense(weight_packed, bits, k, torch.uint8)
     sc = weight_scale.reshape(n, -1)
     offset = 2 ** (bits - 1)
     zeros = None
