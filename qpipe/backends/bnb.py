@@ -96,4 +96,28 @@ class BnbBackend:
     ) -> torch.nn.Module:
         # The saved config.json carries the quantization config; transformers rebuilds the
         # bnb layers from it.
-        return load_hf(checkpoint, model_class, device, dtype, device_map)
+        model = load_hf(checkpoint, model_class, device, dtype, device_map)
+        keep_cpu_repack_to_supported_widths(model)
+        return model
+
+
+# bitsandbytes 0.50's AVX512-BF16 CPU kernel repacks a 4-bit weight on its first forward in
+# blocks of 32 output rows, and reshapes the scales as if the quantization blocks divided
+# in_features.
+_CPU_BLOCK_N = 32
+
+
+def keep_cpu_repack_to_supported_widths(model: torch.nn.Module) -> int:
+    """On CPUs with AVX512-BF16, bitsandbytes fails on 4-bit layers of other shapes (a 688-wide
+    MLP: "N must be divisible by block_n", or a shape error on its scales); those layers take
+    its generic CPU path instead, as they do on every other CPU. Returns how many switched."""
+    switched = 0
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        block = int(getattr(state, "blocksize", 64) or 64)
+        if module.out_features % _CPU_BLOCK_N or module.in_features % block:
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
