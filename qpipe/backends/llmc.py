@@ -488,6 +488,7 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
     if missing:
         raise BackendUnavailable(missing)
     from llmcompressor import oneshot
+    from llmcompressor.core import reset_session
 
     from qpipe.backends._llmc_patches import forget_fx_wraps, skip_pinning_without_accelerator
     from qpipe.backends.qlinear_loader import auto_class
@@ -533,8 +534,6 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
     recipe_path = _save(model, tokenizer, text, recipe, out)
     # oneshot's session keeps the model alive after it returns: reset it, or the whole
     # calibrated model stays on the GPU through load and is counted as the loaded model's.
-    from llmcompressor.core import reset_session
-
     reset_session()
     del model
     details.update(
