@@ -37,6 +37,7 @@ QUANT = {
     "nf4": {"method": "bnb", "bits": 4, "quant_type": "nf4", "double_quant": True},
     "w4": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
     "w4_head": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
+    "w4_unfused": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
 }
 
 
@@ -93,8 +94,11 @@ def _swap(model, name: str, new: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def to_w4(model, with_head: bool) -> None:
+def to_w4(model, with_head: bool, fuse: bool = True) -> None:
+    """RTN W4 g128 on QuantLinear (Triton); ``fuse``: q/k/v and gate/up as one matmul each,
+    as the load stage does for kernel=triton."""
     from qpipe.kernels import QuantLinear
+    from qpipe.kernels.fusion import fuse_projections
 
     for name in _block_linears(model, with_head):
         lin = model.get_submodule(name)
@@ -103,6 +107,8 @@ def to_w4(model, with_head: bool) -> None:
         del lin
     if with_head:
         model.config.tie_word_embeddings = False
+    if fuse:
+        fuse_projections(model)
 
 
 def to_nf4(model) -> None:
@@ -153,14 +159,20 @@ def estimated_peak(variant: str, batch: int, context: int) -> dict[str, float]:
     return {"est_weights_gb": est.weights_gb, "est_peak_gb": est.peak_gb}
 
 
-def run_variant(variant: str, batches: list[int], modes: list[str], args) -> list[dict]:
+def build_variant(variant: str):
+    """Qwen3-8B's architecture, random weights, in ``variant``'s precision on the GPU."""
     model = build_bf16()
     if variant == "nf4":
         to_nf4(model)
     elif variant.startswith("w4"):
-        to_w4(model, with_head=variant == "w4_head")
+        to_w4(model, with_head=variant == "w4_head", fuse=variant != "w4_unfused")
     gc.collect()
     torch.cuda.empty_cache()
+    return model
+
+
+def run_variant(variant: str, batches: list[int], modes: list[str], args) -> list[dict]:
+    model = build_variant(variant)
     weights_gb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
     rows = []
     gen = torch.Generator().manual_seed(1)

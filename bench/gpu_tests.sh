@@ -9,5 +9,5 @@ out=${1:?usage: gpu_tests.sh OUTFILE}
   python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "transformers", transformers.__version__)'
   python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
     tests/test_kernels_triton.py tests/test_kernels_quant_linear.py tests/test_kernels_formats.py \
-    tests/test_legacy_checkpoints.py tests/test_compile.py 2>&1 | tail -40
+    tests/test_legacy_checkpoints.py tests/test_compile.py tests/test_fusion.py 2>&1 | tail -40
 } | tee "$out"

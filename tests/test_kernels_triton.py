@@ -207,12 +207,15 @@ def _large_activation_case(dtype, amplitude, m, seed):
     ],
 )
 @pytest.mark.parametrize("m", [1, 4, 16])
-def test_gpu_large_activations_never_overflow(dtype, amplitude, m):
+@pytest.mark.parametrize("xscale", ["word", "row"])
+def test_gpu_large_activations_never_overflow(dtype, amplitude, m, xscale, monkeypatch):
     """No input whose true result fits fp16 comes back inf: GEMV (fp16x2 dot on pre-scaled
-    activations; bf16 ones beyond fp16's range get a per-row power-of-two scale) and the
-    tensor-core kernel, with and without split-K."""
+    activations: a power of two per word, or per row for bf16) and the tensor-core kernel,
+    with and without split-K."""
+    from qpipe.kernels import triton_w4a16
     from qpipe.kernels.triton_w4a16 import KernelConfig, w4a16_matmul
 
+    monkeypatch.setattr(triton_w4a16, "XSCALE", xscale)
     ql, x = _large_activation_case(dtype, amplitude, m, seed=m)
     ref = _reference(ql, x)
     kinds = [("mm", 16)] + ([("gemv", 1)] if m <= 4 else [])
@@ -222,6 +225,42 @@ def test_gpu_large_activations_never_overflow(dtype, amplitude, m):
             y = w4a16_matmul(x, ql.qweight, ql.scales, ql.zeros, 128, None, cfg=cfg)
             assert bool(torch.isfinite(y).all()), (cfg, y.abs().max())
             assert _rel(y, ref) < (2e-3 if dtype == torch.float16 else 1e-2), (cfg, _rel(y, ref))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_tiny_activations_keep_their_precision(dtype):
+    """Activations around 1e-6 (below fp16's normal range once divided by 64): the per-word
+    scale brings each word to [1, 2) first, so the GEMV is as exact as for unit inputs."""
+    from qpipe.kernels.triton_w4a16 import KernelConfig, w4a16_matmul
+
+    ql, x = _build_case(1, 256, 1024, 128, False, False, dtype, False, None, seed=7)
+    ql, x = ql.cuda(), (x.float() * 1e-6).to(dtype).cuda()
+    ref = _reference(ql, x)
+    cfg = KernelConfig("gemv", block_n=32, block_k=128, split_k=2)
+    y = w4a16_matmul(x, ql.qweight, ql.scales, ql.zeros, 128, None, cfg=cfg)
+    assert _rel(y, ref) < (2e-3 if dtype == torch.float16 else 1e-2), _rel(y, ref)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_gpu_eager_direct_launcher_is_used_and_exact(m):
+    """Eager decode-sized calls go through a bound DirectLauncher on this Triton, and give
+    the normal launch's bits; a moved module drops its launchers."""
+    from qpipe.kernels.triton_w4a16 import w4a16_matmul
+
+    ql, x = _build_case(m, 768, 1024, 128, False, False, torch.bfloat16, True, None, seed=m)
+    ql, x = ql.cuda(), x.cuda()
+    ql.kernel = "triton"
+    first = ql(x)
+    assert [v is not None for v in ql._launchers.values()] == [True]
+    again = ql(x)
+    slow = w4a16_matmul(x, ql.qweight, ql.scales, ql.zeros, 128, ql.bias)
+    assert torch.equal(first, slow) and torch.equal(again, slow)
+    ql.to(torch.float16)
+    assert not ql._launchers
 
 
 @gpu

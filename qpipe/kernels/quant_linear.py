@@ -31,6 +31,9 @@ from qpipe.kernels.layout import (
 )
 
 KERNELS = ("torch", "triton")
+# Eager calls up to this many rows (decode batches) launch through a bound DirectLauncher.
+DIRECT_MAX_M = 16
+_UNBUILT = object()
 
 
 @functools.cache
@@ -97,6 +100,8 @@ class QuantLinear(torch.nn.Module):
             self.register_parameter("bias", None)
         self.kernel = kernel
         self._checked: tuple[torch.device, torch.dtype] | None = None
+        # eager decode: (M, dtype, device index) -> DirectLauncher or None (use the slow path)
+        self._launchers: dict[tuple[int, torch.dtype, int], Any] = {}
 
     # -- construction ------------------------------------------------------------------
 
@@ -207,6 +212,12 @@ class QuantLinear(torch.nn.Module):
 
     # -- use -----------------------------------------------------------------------------
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.half() replace the tensors the cached launchers point at
+        self._launchers.clear()
+        self._checked = None
+        return super()._apply(fn, recurse)
+
     @property
     def dtype(self) -> torch.dtype:
         """The activation/scale dtype (follows ``module.to(dtype)``)."""
@@ -286,12 +297,25 @@ class QuantLinear(torch.nn.Module):
                 x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size
             )
         # Eager: every microsecond of Python here is paid per layer per token, so the checks
-        # run once per (device, dtype) and the launch skips the op dispatcher.
+        # run once per (device, dtype), and at decode sizes a bound launcher skips both the
+        # op dispatcher and Triton's argument binding.
         if (x2.device, x2.dtype) != self._checked:
             self._check_triton(x2)
             self._checked = (x2.device, x2.dtype)
-        from qpipe.kernels.triton_w4a16 import w4a16_matmul
+        from qpipe.kernels.triton_w4a16 import DirectLauncher, w4a16_matmul
 
+        m = x2.shape[0]
+        if m <= DIRECT_MAX_M and x2.is_cuda and x2.is_contiguous() and x2.data_ptr() % 16 == 0:
+            key = (m, x2.dtype, x2.get_device())
+            launcher = self._launchers.get(key, _UNBUILT)
+            if launcher is _UNBUILT and not torch.cuda.is_current_stream_capturing():
+                from qpipe.kernels.tuning import TUNER
+
+                args = (x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+                launcher = DirectLauncher.build(*args, TUNER.choose(*args))
+                self._launchers[key] = launcher
+            if launcher is not None and launcher is not _UNBUILT:
+                return launcher(x2)
         return w4a16_matmul(x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def extra_repr(self) -> str:
