@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_decode  # noqa: E402
 
 from qpipe import decode  # noqa: E402
+from qpipe.attention import grouped_attention  # noqa: E402
 
 KINDS = (
     ("w4a16", r"_gemv_kernel|_mm_kernel"),
@@ -51,7 +52,7 @@ def profile_variant(variant: str, prompt: int, steps: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=gen).cuda()
     torch._dynamo.reset()
     decoder = decode.StaticDecoder(model, prompt + 2 * steps + 8, compiled=True)
-    with torch.inference_mode():
+    with torch.inference_mode(), grouped_attention(model):
         compile_s = decode.warm_up(decoder, {"input_ids": ids})
         first = decoder.prefill({"input_ids": ids})
         torch.cuda.synchronize()

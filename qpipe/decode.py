@@ -7,6 +7,7 @@ Python (logits processors, stopping criteria, cache bookkeeping) costs milliseco
 more than an 8B model's 4-bit weights take to read on an H100, so it would hide the kernels.
 The loop works for any transformers causal LM and for a VLM's language model (InternVL): the
 prefill may carry extra inputs (pixel values), the decode steps carry one token each.
+Grouped-query models attend without expanding their KV cache (``qpipe.attention``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from qpipe.attention import grouped_attention
 from qpipe.errors import ConfigError
 
 DECODE_MODES = ("eager", "compiled", "both")
@@ -146,7 +148,7 @@ def measure(
     batch, length = ids.shape
     device = ids.device
     decoder = StaticDecoder(model, length + new_tokens + 1, compiled=compiled, backend=backend)
-    with torch.inference_mode():
+    with torch.inference_mode(), grouped_attention(model):
         compile_s = warm_up(decoder, inputs)
         ttfts, decodes = [], []
         tokens: list[torch.Tensor] = []

