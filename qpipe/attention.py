@@ -4,9 +4,10 @@ transformers' ``sdpa`` attention hands SDPA its native GQA path only when there 
 attention mask; a static KV cache always has one, so every decode step first expands K and V
 from the KV heads to all query heads: two copies of the whole cache per layer per token
 (8 us a layer of an 8B model on an H200, more than its attention itself). Here the query
-heads that share a KV head are folded into the query-length axis instead: SDPA sees
-[batch, kv_heads, groups * q_len, head_dim] against the unexpanded cache, and the mask is
-tiled to match. The arithmetic is the same; nothing is copied.
+heads that share a KV head attend together against the unexpanded cache: on the GPU through
+qpipe's split-KV decode kernel (``kernels/decode_attention.py``: the cache read once, by
+enough programs to fill the GPU), elsewhere by folding them into SDPA's query axis
+([batch, kv_heads, groups * q_len, head_dim], the mask tiled to match). Nothing is copied.
 
 ``grouped_attention(model)`` switches a model on transformers' sdpa to it for the duration
 of a ``with`` block (the decode benchmark); anything it does not cover (no mask, dropout,
@@ -16,6 +17,8 @@ position bias, per-head masks) takes transformers' own sdpa path.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +54,13 @@ def grouped_sdpa(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
     batch, heads, q_len, head_dim = query.shape
+    if (
+        _KERNEL["available"]
+        and (query.is_cuda or _KERNEL["interpreted"])
+        and supported_by_kernel(query, key, mask)
+    ):
+        scale = scaling if scaling is not None else head_dim**-0.5
+        return torch.ops.qpipe.decode_attention(query, key, value, mask, scale), None
     # query head h uses KV head h // groups (transformers' repeat_kv): heads split as
     # [kv_heads, groups], and (group, position) becomes the query axis
     folded = query.reshape(batch, heads // groups, groups * q_len, head_dim)
@@ -62,12 +72,28 @@ def grouped_sdpa(
     return out.reshape(batch, heads, q_len, head_dim).transpose(1, 2).contiguous(), None
 
 
+# Set when the attention is registered, outside any compiled region: whether qpipe's decode
+# kernel can run (triton importable), and whether Triton's CPU interpreter is on (tests).
+_KERNEL = {"available": False, "interpreted": False}
+
+
+def supported_by_kernel(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> bool:
+    from qpipe.kernels.decode_attention import supported
+
+    return supported(query, key, mask)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, grouped_sdpa)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+    if importlib.util.find_spec("triton") is not None:
+        import qpipe.kernels.ops  # noqa: F401  (registers torch.ops.qpipe.decode_attention)
+
+        _KERNEL["available"] = True
+        _KERNEL["interpreted"] = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @contextlib.contextmanager

@@ -762,7 +762,10 @@ class DirectLauncher:
         try:
             from triton import knobs
 
-            hooked = knobs.runtime.launch_enter_hook or knobs.runtime.launch_exit_hook
+            hooked = any(
+                bool(h.calls) if hasattr(h, "calls") else h is not None  # HookChain or a hook
+                for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+            )
         except (ImportError, AttributeError):  # a Triton before knobs: keep its own path
             cls.refused = "this Triton has no runtime knobs"
             return None
