@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from qpipe.kernels.ops import decode_attention_supported
+
 NAME = "qpipe_grouped_sdpa"
 
 
@@ -57,7 +59,7 @@ def grouped_sdpa(
     if (
         _KERNEL["available"]
         and (query.is_cuda or _KERNEL["interpreted"])
-        and supported_by_kernel(query, key, mask)
+        and decode_attention_supported(query, key, mask)
     ):
         scale = scaling if scaling is not None else head_dim**-0.5
         return torch.ops.qpipe.decode_attention(query, key, value, mask, scale), None
@@ -77,12 +79,6 @@ def grouped_sdpa(
 _KERNEL = {"available": False, "interpreted": False}
 
 
-def supported_by_kernel(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> bool:
-    from qpipe.kernels.decode_attention import supported
-
-    return supported(query, key, mask)
-
-
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -90,8 +86,6 @@ def _register() -> None:
     AttentionInterface.register(NAME, grouped_sdpa)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     if importlib.util.find_spec("triton") is not None:
-        import qpipe.kernels.ops  # noqa: F401  (registers torch.ops.qpipe.decode_attention)
-
         _KERNEL["available"] = True
         _KERNEL["interpreted"] = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -45,7 +45,8 @@ def _reference(q, k, v, mask, scale):
 
 
 def _errors(dtype, device) -> list[float]:
-    from qpipe.kernels.decode_attention import decode_attention, supported
+    from qpipe.kernels.decode_attention import decode_attention
+    from qpipe.kernels.ops import decode_attention_supported as supported
 
     errs = []
     for i, (b, h, hkv, s, length, d) in enumerate(CASES):
@@ -74,7 +75,7 @@ def test_interpreted_kernel_matches_reference() -> None:
 
 
 def test_unsupported_calls_are_refused() -> None:
-    from qpipe.kernels.decode_attention import supported
+    from qpipe.kernels.ops import decode_attention_supported as supported
 
     q = torch.zeros(1, 32, 1, 128, dtype=torch.bfloat16)
     k = torch.zeros(1, 8, 64, 128, dtype=torch.bfloat16)
@@ -93,5 +94,59 @@ def test_gpu_kernel_matches_reference(dtype) -> None:
     assert max(errs) < (4e-3 if dtype == torch.float16 else 2e-2), errs
 
 
+def _compiled_decode_tokens() -> dict:
+    """A tiny fp16 GQA model decoding through the kernel (interpreted), eager and compiled
+    with fullgraph: the attention function and the op trace without a graph break."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qpipe import decode
+
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=300,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval().half()
+    ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = torch.ops.qpipe.decode_attention
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    torch.ops.qpipe.decode_attention = spy
+    eager = decode.measure(model, {"input_ids": ids}, 4, compiled=False, repeats=1).tokens
+    used = len(calls)
+    torch.ops.qpipe.decode_attention = real
+    compiled = decode.measure(
+        model, {"input_ids": ids}, 4, compiled=True, repeats=1, backend="aot_eager"
+    ).tokens
+    return {"eager": eager, "compiled": compiled, "kernel_calls_eager": used}
+
+
+def test_interpreted_decode_loop_uses_the_kernel_compiled_and_eager() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--interpret-decode"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["kernel_calls_eager"] >= 2 * 3  # every decode step, both layers
+    assert out["compiled"] == out["eager"] and len(out["eager"]) == 4
+
+
 if __name__ == "__main__" and "--interpret" in sys.argv:
     print(json.dumps(_errors(torch.float16, "cpu")))
+if __name__ == "__main__" and "--interpret-decode" in sys.argv:
+    print(json.dumps(_compiled_decode_tokens()))

@@ -157,22 +157,6 @@ def _merge_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-MAX_ROWS = 64  # GROUPS x S per program: decode steps (S = 1) and short speculative chunks
-
-
-def supported(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether ``decode_attention`` takes this call (else the caller's SDPA path runs)."""
-    b, h, s, d = query.shape
-    hkv = key.shape[1]
-    if h % hkv or (h // hkv) * s > MAX_ROWS or d & (d - 1) or not 16 <= d <= 256:
-        return False
-    if query.dtype not in (torch.float16, torch.bfloat16) or key.dtype != query.dtype:
-        return False
-    if mask is None:
-        return s == 1  # no mask with several new positions means causal: not this kernel
-    return mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

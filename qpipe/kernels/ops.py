@@ -35,6 +35,26 @@ def _w4a16_linear_fake(x, qweight, scales, zeros, bias, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
+DECODE_ATTENTION_MAX_ROWS = 64  # query heads per KV head x new positions, per program
+
+
+def decode_attention_supported(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None
+) -> bool:
+    """Whether ``decode_attention`` takes this call (else the caller's SDPA path runs):
+    q [B, H, S, D] fp16/bf16 with D a power of two in [16, 256], at most 64 query rows per KV
+    head, and a boolean [B or 1, 1, S, L] mask (or none for a single new position)."""
+    b, h, s, d = query.shape
+    hkv = key.shape[1]
+    if h % hkv or (h // hkv) * s > DECODE_ATTENTION_MAX_ROWS or d & (d - 1) or not 16 <= d <= 256:
+        return False
+    if query.dtype not in (torch.float16, torch.bfloat16) or key.dtype != query.dtype:
+        return False
+    if mask is None:
+        return s == 1  # no mask with several new positions means causal: not this kernel
+    return mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
+
+
 @torch.library.custom_op("qpipe::decode_attention", mutates_args=())
 def decode_attention(
     query: torch.Tensor,
