@@ -4,10 +4,11 @@ transformers' ``sdpa`` attention hands SDPA its native GQA path only when there 
 attention mask; a static KV cache always has one, so every decode step first expands K and V
 from the KV heads to all query heads: two copies of the whole cache per layer per token
 (8 us a layer of an 8B model on an H200, more than its attention itself). Here the query
-heads that share a KV head attend together against the unexpanded cache: on the GPU through
-qpipe's split-KV decode kernel (``kernels/decode_attention.py``: the cache read once, by
-enough programs to fill the GPU), elsewhere by folding them into SDPA's query axis
-([batch, kv_heads, groups * q_len, head_dim], the mask tiled to match). Nothing is copied.
+heads that share a KV head attend together against the unexpanded cache: in a compiled step
+on the GPU through qpipe's split-KV decode kernel (``kernels/decode_attention.py``: the cache
+read once, by enough programs to fill the GPU), otherwise by folding them into SDPA's query
+axis ([batch, kv_heads, groups * q_len, head_dim], the mask tiled to match). Nothing is
+copied.
 
 ``grouped_attention(model)`` switches a model on transformers' sdpa to it for the duration
 of a ``with`` block (the decode benchmark); anything it does not cover (no mask, dropout,
@@ -56,8 +57,12 @@ def grouped_sdpa(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
     batch, heads, q_len, head_dim = query.shape
+    # The split-KV kernel runs in compiled, graph-captured steps, where its two launches cost
+    # nothing per token; an eager step pays Triton's Python launch path for each (more than
+    # SDPA's whole call), so eager steps take SDPA on the folded heads below.
     if (
         _KERNEL["available"]
+        and torch.compiler.is_compiling()
         and (query.is_cuda or _KERNEL["interpreted"])
         and decode_attention_supported(query, key, mask)
     ):

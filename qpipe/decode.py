@@ -189,5 +189,6 @@ def modes_for(setting: str, device: str) -> list[str]:
             f"eval.decode={setting!r} is not valid; use one of: {', '.join(DECODE_MODES)}"
         )
     if setting == "both":
-        return ["compiled", "eager"] if device.startswith("cuda") else ["eager"]
+        # eager first: it then runs in a process no compiled graph has touched yet
+        return ["eager", "compiled"] if device.startswith("cuda") else ["eager"]
     return [setting]

@@ -70,37 +70,39 @@ def test_static_cache_decoding_is_unchanged(gqa_model, monkeypatch) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_decode_step_through_the_kernel_matches_sdpa(gqa_model, monkeypatch) -> None:
-    """A static-cache decode step on the GPU goes through qpipe's split-KV kernel and gives
-    transformers' sdpa logits."""
+def test_gpu_compiled_decode_step_through_the_kernel_matches_sdpa(gqa_model) -> None:
+    """A compiled static-cache decode step on the GPU attends through qpipe's split-KV kernel
+    and gives transformers' sdpa logits."""
     from transformers import StaticCache
 
     model = gqa_model.to("cuda", torch.float16)
     ids = torch.randint(0, 500, (2, 13), generator=torch.Generator().manual_seed(3)).cuda()
-    calls = []
+    ops: list[str] = []
 
-    def run(grouped: bool) -> torch.Tensor:
+    def recording(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def step_logits(grouped: bool) -> torch.Tensor:
         cache = StaticCache(config=model.config, max_cache_len=40)
         with torch.inference_mode():
             out = model(ids, past_key_values=cache, cache_position=torch.arange(13).cuda())
             token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+            def step(tok, pos):
+                return model(input_ids=tok, past_key_values=cache, cache_position=pos).logits
+
             position = torch.tensor([13]).cuda()
-            ctx = attention.grouped_attention(model) if grouped else torch.no_grad()
-            with ctx:
-                return model(input_ids=token, past_key_values=cache, cache_position=position).logits
+            if not grouped:
+                return step(token, position)
+            with attention.grouped_attention(model):
+                torch._dynamo.reset()
+                return torch.compile(step, backend=recording, fullgraph=True)(token, position)
 
-    ref = run(False)
-    import qpipe.kernels.ops  # noqa: F401
-
-    real = torch.ops.qpipe.decode_attention
-
-    class Spy:
-        def __call__(self, *args):
-            calls.append(args[0].shape)
-            return real(*args)
-
-    monkeypatch.setattr(torch.ops.qpipe, "decode_attention", Spy())
-    out = run(True)
-    model.to("cpu", torch.float32)
-    assert len(calls) == model.config.num_hidden_layers
+    try:
+        ref = step_logits(False)
+        out = step_logits(True)
+    finally:
+        model.to("cpu", torch.float32)
+    assert sum("decode_attention" in op for op in ops) == model.config.num_hidden_layers
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)

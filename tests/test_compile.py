@@ -147,7 +147,7 @@ def test_decode_modes_and_batch_sizes_follow_the_device() -> None:
     from qpipe.errors import ConfigError
     from qpipe.validate import validate_config
 
-    assert modes_for("both", "cuda") == ["compiled", "eager"]
+    assert modes_for("both", "cuda") == ["eager", "compiled"]
     assert modes_for("both", "cpu") == ["eager"]
     cfg = compose_config()
     assert decode_batch_sizes(cfg, "cuda") == [1, 4, 16]

@@ -41,6 +41,21 @@ CASES = [
     ("gemv_act_order", 1, 40, 256, 64, False, True, "float16", ("gemv", 32, 2), False, None),
     ("gemv_m4_g128_asym", 4, 40, 256, 128, False, False, "float16", ("gemv", 32, 1), True, None),
     ("gemv_split4_g32", 1, 24, 576, 32, True, False, "float16", ("gemv", 16, 4), True, None),
+    # (kind, block_n, split, prefetch depth)
+    (
+        "gemv_prefetch3_split",
+        1,
+        40,
+        576,
+        64,
+        False,
+        False,
+        "bfloat16",
+        ("gemv", 32, 3, 3),
+        True,
+        None,
+    ),
+    ("gemv_prefetch3_m4", 4, 24, 256, 32, True, False, "float16", ("gemv", 16, 1, 3), False, None),
     ("mm_split4_m18", 18, 24, 576, 64, False, False, "float16", ("mm", 16, 4), True, None),
     ("mm_g32_asym", 17, 40, 256, 32, False, False, "float16", ("mm", 32, 1), True, None),
     ("mm_g64_sym_split", 20, 72, 576, 64, True, False, "bfloat16", ("mm", 64, 4), True, None),
@@ -92,8 +107,10 @@ def _run_interpreted_cases() -> None:
             ql.kernel = "triton"
             y = ql(x)
         else:
-            kind, bn, split = cfg
-            kc = KernelConfig(kind, block_n=bn, block_k=128, split_k=split, block_m=16)
+            kind, bn, split, *depth = cfg
+            kc = KernelConfig(
+                kind, block_n=bn, block_k=128, split_k=split, block_m=16, prefetch=(depth or [2])[0]
+            )
             y = w4a16_matmul(
                 ql._prepare_input(x), ql.qweight, ql.scales, ql.zeros, gs, ql.bias, cfg=kc
             )
@@ -170,10 +187,12 @@ def test_gpu_every_config_kind_and_split(dtype, m):
     ql, x = ql.cuda(), x.cuda()
     ref = _reference(ql, x)
     tol = 2e-3 if dtype == torch.float16 else 1e-2
-    kinds = [("mm", 16), ("mm", 64)] + ([("gemv", 1)] if m <= 4 else [])
-    for kind, bm in kinds:
+    kinds = [("mm", 16, 2), ("mm", 64, 2)] + ([("gemv", 1, 2), ("gemv", 1, 3)] if m <= 4 else [])
+    for kind, bm, depth in kinds:
         for split in (1, 2, 5):
-            cfg = KernelConfig(kind, block_n=64, block_k=128, split_k=split, block_m=bm)
+            cfg = KernelConfig(
+                kind, block_n=64, block_k=128, split_k=split, block_m=bm, prefetch=depth
+            )
             y = w4a16_matmul(x, ql.qweight, ql.scales, ql.zeros, 32, ql.bias, cfg=cfg)
             assert _rel(y, ref) < tol, (cfg, _rel(y, ref))
     ws, cnt = WORKSPACE._bufs[x.device]

@@ -88,6 +88,10 @@ def _partial_kernel(
             k = tl.load(
                 k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=l_ok, other=0.0
             )
+            # V is issued with K: its latency hides behind the scores and the softmax
+            v = tl.load(
+                v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=l_ok, other=0.0
+            )
             if DOT_F32:  # the interpreter multiplies half-precision dots wrongly
                 scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
             else:
@@ -98,9 +102,6 @@ def _partial_kernel(
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(scores - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(
-                v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=l_ok, other=0.0
-            )
             if DOT_F32:  # noqa: SIM108 (constexpr branches; keep them plain for Triton)
                 pv = tl.dot(p, v.to(tl.float32))
             else:
@@ -128,33 +129,29 @@ def _merge_kernel(
     BLOCK_SPLITS: tl.constexpr,
     D: tl.constexpr,
 ):
-    """One program per (batch, KV head): the chunks' partials -> out [B, S, H, D]."""
+    """One program per (batch, KV head, query row): its chunks' partials, all loaded at once,
+    -> out [B, S, H, D]."""
     bh = tl.program_id(0)
+    r = tl.program_id(1)
     b = bh // HKV
     hkv = bh % HKV
-    rows = tl.arange(0, BLOCK_R)
-    row_ok = rows < GROUPS * S
     splits = tl.arange(0, BLOCK_SPLITS)
-    sp_ok = splits < N_SPLITS
-    ws = (bh * N_SPLITS + splits)[:, None] * BLOCK_R + rows[None, :]  # [splits, rows]
-    m = tl.load(m_ptr + ws, mask=sp_ok[:, None], other=float("-inf"))
-    sums = tl.load(l_ptr + ws, mask=sp_ok[:, None], other=0.0)
-    top = tl.max(m, axis=0)
-    top_safe = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(m - top_safe[None, :])  # [splits, rows]
-    total = tl.sum(w * sums, axis=0)
+    ok = splits < N_SPLITS
+    ws = (bh * N_SPLITS + splits) * BLOCK_R + r
+    m = tl.load(m_ptr + ws, mask=ok, other=float("-inf"))
+    sums = tl.load(l_ptr + ws, mask=ok, other=0.0)
     offs_d = tl.arange(0, D)
-    acc = tl.zeros((BLOCK_R, D), tl.float32)
-    for i in range(0, N_SPLITS):
-        o = tl.load(o_ptr + ((bh * N_SPLITS + i) * BLOCK_R + rows)[:, None] * D + offs_d[None, :])
-        wi = tl.sum(tl.where(splits[:, None] == i, w, 0.0), axis=0)
-        acc += o * wi[:, None]
+    o = tl.load(o_ptr + ws[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    top = tl.max(m, axis=0)
+    w = tl.exp(m - tl.where(top == float("-inf"), 0.0, top))  # chunks with nothing: 0
+    total = tl.sum(w * sums, axis=0)
+    acc = tl.sum(o * w[:, None], axis=0)
     # a row that may attend to nothing (a padded query) comes out 0, not 0/0
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    g = rows // S
-    s = rows % S
-    out_ptrs = out_ptr + ((b * S + s) * H + hkv * GROUPS + g)[:, None] * D + offs_d[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    out = acc / tl.where(total > 0, total, 1.0)
+    g = r // S
+    s = r % S
+    out_ptrs = out_ptr + ((b * S + s) * H + hkv * GROUPS + g) * D + offs_d
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
 
 
 def _interpreting() -> bool:
@@ -209,7 +206,7 @@ def decode_attention(
         GROUPS=groups, HAS_MASK=mask is not None, BLOCK_R=block_r, BLOCK_L=block_l, D=d,
         DOT_F32=interp, num_warps=4, num_stages=2,
     )  # fmt: skip
-    _merge_kernel[(b * hkv,)](
+    _merge_kernel[(b * hkv, groups * s)](
         m_ws, l_ws, o_ws, out, hkv, s, h, n_splits,
         GROUPS=groups, BLOCK_R=block_r, BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
         D=d, num_warps=4,

@@ -375,6 +375,7 @@ def _gemv_kernel(
     USE_ASM: tl.constexpr = True,
     DYN_SCALE: tl.constexpr = False,  # bf16 activations: per-row power-of-two pre-scale
     WORD_SCALE: tl.constexpr = False,  # per-word power-of-two scale instead (any dtype)
+    PREFETCH: tl.constexpr = 2,  # tiles loaded ahead of the one computed: 2 or 3
 ):
     BKW: tl.constexpr = BLOCK_K // 8
     # The row block is the fastest grid axis: programs that read the same weight tile for
@@ -405,9 +406,10 @@ def _gemv_kernel(
         if BLOCK_M == 4:
             inv2 = _row_prescale(x_ptr, m0 + 2, stride_xm, M, kt0, kt1, K, BLOCK_K)
             inv3 = _row_prescale(x_ptr, m0 + 3, stride_xm, M, kt0, kt1, K, BLOCK_K)
-    # Software prefetch, two tiles deep, of everything a tile reads (words, scales, zero
-    # points, activations): with few warps per SM (the asm path is register hungry) a load
-    # issued in the iteration that uses it would put its whole latency on the critical path.
+    # Software prefetch, PREFETCH (2 or 3) tiles deep, of everything a tile reads (words,
+    # scales, zero points, activations): with few warps per SM (the asm path is register
+    # hungry) a load issued in the iteration that uses it would put its whole latency on the
+    # critical path, and at M=1 the bytes in flight per SM are what bounds the bandwidth.
     w_1, s_1, z_1, xa_1, xb_1, xc_1, xd_1 = _gemv_loads(
         w_ptrs, s_ptr, z_ptr, x_ptr, kt0, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
         stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K,
@@ -416,13 +418,25 @@ def _gemv_kernel(
         w_ptrs, s_ptr, z_ptr, x_ptr, kt0 + 1, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
         stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K,
     )  # fmt: skip
+    if PREFETCH == 3:
+        w_3, s_3, z_3, xa_3, xb_3, xc_3, xd_3 = _gemv_loads(
+            w_ptrs, s_ptr, z_ptr, x_ptr, kt0 + 2, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
+            stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K,
+        )  # fmt: skip
     for kt in range(kt0, kt1):
         words, s_raw, z_raw, xa, xb, xc, xd = w_1, s_1, z_1, xa_1, xb_1, xc_1, xd_1
         w_1, s_1, z_1, xa_1, xb_1, xc_1, xd_1 = w_2, s_2, z_2, xa_2, xb_2, xc_2, xd_2
-        w_2, s_2, z_2, xa_2, xb_2, xc_2, xd_2 = _gemv_loads(
-            w_ptrs, s_ptr, z_ptr, x_ptr, kt + 2, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
-            stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K,
-        )  # fmt: skip
+        if PREFETCH == 3:
+            w_2, s_2, z_2, xa_2, xb_2, xc_2, xd_2 = w_3, s_3, z_3, xa_3, xb_3, xc_3, xd_3
+            w_3, s_3, z_3, xa_3, xb_3, xc_3, xd_3 = _gemv_loads(
+                w_ptrs, s_ptr, z_ptr, x_ptr, kt + 3, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
+                stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K,
+            )  # fmt: skip
+        else:
+            w_2, s_2, z_2, xa_2, xb_2, xc_2, xd_2 = _gemv_loads(
+                w_ptrs, s_ptr, z_ptr, x_ptr, kt + 2, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
+                stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K,
+            )  # fmt: skip
         s = s_raw.to(tl.float32)
         if HAS_Z:
             z = z_raw.to(tl.float32)
@@ -632,6 +646,7 @@ class KernelConfig:
     block_m: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    prefetch: int = 2  # gemv: tiles loaded ahead (2 or 3)
 
     def as_dict(self) -> dict[str, int | str]:
         return asdict(self)
@@ -672,6 +687,7 @@ def _launch_plan(
             "USE_ASM": not interpreting(),
             "DYN_SCALE": x.dtype == torch.bfloat16 and not word,
             "WORD_SCALE": word,
+            "PREFETCH": cfg.prefetch,
         }
     else:
         block_m = cfg.block_m

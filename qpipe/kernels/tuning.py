@@ -82,10 +82,12 @@ def candidates(m: int, n: int, k: int, group_size: int, device: torch.device) ->
         for bn, warps in ((16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4),
                           (128, 2), (128, 4)):  # fmt: skip
             for split in splits(bn, 1):
-                out.append(
-                    KernelConfig("gemv", block_n=bn, block_k=bk, split_k=split,
-                                 num_warps=warps, num_stages=1)
-                )  # fmt: skip
+                # a third tile in flight only where the tiles are small (registers)
+                for prefetch in (2, 3) if bn * warps <= 128 else (2,):
+                    out.append(
+                        KernelConfig("gemv", block_n=bn, block_k=bk, split_k=split,
+                                     num_warps=warps, num_stages=1, prefetch=prefetch)
+                    )  # fmt: skip
     if base.kind == "mm" or m > 1:  # small M > 1: the tensor-core kernel may win too
         bm = base.block_m if base.kind == "mm" else 16
         for bn, warps in ((64, 4), (128, 4), (128, 8)):
