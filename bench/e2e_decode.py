@@ -239,6 +239,10 @@ def run_variant(variant: str, plan: list[tuple[str, list[int]]], args) -> list[d
                 f"peak {row['peak_allocated_gb']:.2f} GB (est {row['est_peak_gb']:.2f})",
                 flush=True,
             )
+    from qpipe.kernels.tuning import TUNER
+
+    for line in TUNER.skipped:  # candidate configurations that did not compile or run
+        print(f"tuner skipped {line}", flush=True)
     del model
     gc.collect()
     torch.cuda.empty_cache()

@@ -158,6 +158,7 @@ class Tuner:
 
     def __init__(self) -> None:
         self.best: dict[str, KernelConfig] = {}
+        self.skipped: list[str] = []  # candidates that failed to compile or run, and why
         self._path = os.environ.get("QPIPE_TUNE_CACHE")
         if self._path and Path(self._path).is_file():
             for key, cfg in json.loads(Path(self._path).read_text()).items():
@@ -191,12 +192,15 @@ class Tuner:
         if not can_time:
             return base
         copies = _cold_copies(qweight, scales, zeros)
-        timed = [
-            (_time_cold(x, copies, group_size, bias, cfg), cfg)
-            for cfg in candidates(m, n, k, group_size, x.device)
-        ]
+        timed = []
+        for cfg in candidates(m, n, k, group_size, x.device):
+            try:
+                timed.append((_time_cold(x, copies, group_size, bias, cfg), cfg))
+            except Exception as err:  # noqa: BLE001 (e.g. out of shared memory on this GPU)
+                self.skipped.append(f"{key} {cfg}: {type(err).__name__}: {err}"[:300])
         del copies
-        self.best[key] = min(timed, key=lambda t: t[0])[1]
+        # the heuristic configuration is the fallback when no candidate could be timed
+        self.best[key] = min(timed, key=lambda t: t[0])[1] if timed else base
         if self._path:
             data = {k_: c.as_dict() for k_, c in self.best.items()}
             Path(self._path).write_text(json.dumps(data, indent=1))
