@@ -96,7 +96,11 @@ def test_fused_model_compiles_with_no_graph_break(tiny_llama) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_fused_triton_model_decodes_the_same_compiled_and_eager(tiny_llama) -> None:
+def test_gpu_fused_triton_model_compiled_decode_follows_eager(tiny_llama) -> None:
+    """The compiled (CUDA-graph) decode of a fused Triton model picks, at every step, the
+    eager model's top token or one tied with it: checked on the same history (the eager
+    model run once over prompt + compiled tokens), since a random model's near-ties make
+    free-running greedy sequences part after the first one."""
     from qpipe import decode
 
     model = copy.deepcopy(tiny_llama).to("cuda", torch.bfloat16)
@@ -105,7 +109,11 @@ def test_gpu_fused_triton_model_decodes_the_same_compiled_and_eager(tiny_llama) 
             m.kernel = "triton"
     fuse_projections(model)
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(4)).cuda()
-    eager = decode.measure(model, {"input_ids": ids}, 8, compiled=False, repeats=1)
     torch._dynamo.reset()
-    compiled = decode.measure(model, {"input_ids": ids}, 8, compiled=True, repeats=1)
-    assert compiled.tokens == eager.tokens
+    tokens = decode.measure(model, {"input_ids": ids}, 8, compiled=True, repeats=1).tokens
+    want = torch.tensor(tokens, device="cuda")
+    with torch.inference_mode():
+        seq = torch.cat([ids[0], want[:-1]])[None]
+        logits = model(input_ids=seq).logits[0, -len(tokens) :].float()
+    gap = (logits.max(-1).values - logits.gather(-1, want[:, None])[:, 0]) / logits.std(-1)
+    assert float(gap.max()) < 0.05, gap.tolist()
