@@ -179,6 +179,7 @@ class QpipeSchema:
     device: str = "auto"
     dtype: str = "auto"
     kernel: str = "auto"
+    fuse_projections: bool = True
     seed: int = 0
 
 

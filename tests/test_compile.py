@@ -181,6 +181,8 @@ def test_untied_lm_head_is_quantized_when_not_excluded(tmp_path) -> None:
     model = load_checkpoint(Path(checkpoint), "AutoModelForCausalLM", "cpu", torch.float32, "torch")
     assert isinstance(model.lm_head, QuantLinear)
     assert report.metrics["perf.decode_tok_s_eager"] > 0
+    # the load stage ran q/k/v and gate/up of every layer as one matmul each
+    assert report.metrics["load.fused_projections"] == 2 * 4
     tied = compose_config("model=tiny_llama", "model.config.tie_word_embeddings=true")
     from qpipe.exclusion import plan_precision
     from qpipe.memory import build_inventory

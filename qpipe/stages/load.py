@@ -1,4 +1,5 @@
-"""load: load the checkpoint onto the target device with the configured kernel.
+"""load: load the checkpoint onto the target device with the configured kernel, the sibling
+projections of our 4-bit layers (q/k/v, gate/up) fused into one matmul each.
 
 The memory window opened here stays open through validate_vram's generation, so the peak it
 reports covers loading and running, as a user's process would see them.
@@ -14,6 +15,7 @@ from qpipe.backends import get_backend
 from qpipe.checkpoints import inspect_checkpoint
 from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
 from qpipe.device_memory import device_map_for, loaded_weights_metrics
+from qpipe.kernels.fusion import fuse_projections
 from qpipe.measure import MemoryWindow
 from qpipe.models import load_tokenizer
 from qpipe.stages.base import StageContext, StageResult
@@ -47,8 +49,10 @@ def run(ctx: StageContext) -> StageResult:
             kernel,
             **({"device_map": device_map} if device_map else {}),
         )
+    fused = fuse_projections(model) if cfg.get("fuse_projections", True) else []
     seconds = time.perf_counter() - start
-    metrics = {"time.load_model_s": seconds} | loaded_weights_metrics(model)
+    metrics = {"time.load_model_s": seconds, "load.fused_projections": float(len(fused))}
+    metrics |= loaded_weights_metrics(model)
     return StageResult(
         outputs={"checkpoint": str(checkpoint), "device": device, "kernel": kernel},
         metrics=metrics,
