@@ -119,3 +119,32 @@ def test_gpu_fused_triton_model_compiled_decode_follows_eager(tiny_llama) -> Non
     # bf16 compiled vs eager differ by near-ties only (the 8B bench: at most 0.2 std, for
     # bf16 itself); a wrong kernel or hand-off picks tokens several std below the top
     assert float(gap.max()) < 1.0 and int((gap == 0).sum()) >= len(tokens) // 2, gap.tolist()
+
+
+def test_act_order_siblings_fuse_only_with_one_permutation() -> None:
+    from qpipe.kernels import IntWeights
+
+    def act_order_linear(perm: torch.Tensor) -> QuantLinear:
+        gen = torch.Generator().manual_seed(int(perm[0]))
+        g_idx = torch.empty(64, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(64) // 32).to(torch.int32)
+        iw = IntWeights(
+            q=torch.randint(0, 16, (16, 64), generator=gen, dtype=torch.uint8),
+            scales=torch.rand(16, 2, generator=gen) * 0.02 + 0.01,
+            zeros=None,
+            group_size=32,
+            g_idx=g_idx,
+        )
+        return QuantLinear.from_int(iw, dtype=torch.float32)
+
+    shared, other = torch.randperm(64), torch.randperm(64)
+    same, mixed = torch.nn.Module(), torch.nn.Module()
+    for name in ("gate_proj", "up_proj"):
+        setattr(same, name, act_order_linear(shared))
+    mixed.gate_proj, mixed.up_proj = act_order_linear(shared), act_order_linear(other)
+    x = torch.randn(3, 64)
+    ref = [same.gate_proj(x), same.up_proj(x)]
+    assert fuse_projections(same) == ["gate_up_proj"]
+    torch.testing.assert_close(same.gate_proj(x), ref[0])
+    torch.testing.assert_close(same.up_proj(x), ref[1])
+    assert fuse_projections(mixed) == []
