@@ -4,6 +4,8 @@ the MLflow store are made once), and the Hydra compose helper."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,21 @@ def compose_config(*overrides: str) -> DictConfig:
     """The config ``python -m qpipe <overrides>`` would run with."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=normalize_overrides(list(overrides)))
+
+
+def run_interpreted(test_file: str, flag: str, timeout: int = 900) -> str:
+    """Run ``python test_file flag`` with Triton's CPU interpreter on (it must be switched on
+    before triton is imported, hence a child process); its stdout. Fails the test with the
+    child's stderr if it fails."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, test_file, flag],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout

@@ -7,8 +7,6 @@ triton is imported: those cases run in a child process (like test_kernels_triton
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 from qpipe.kernels import QuantLinear
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,17 +72,8 @@ def _interpreted_child() -> dict:
 
 
 def test_triton_path_is_one_custom_op_per_layer_and_matches_eager() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--interpret"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_interpreted(__file__, "--interpret", timeout=600)
+    out = json.loads(stdout.strip().splitlines()[-1])
     assert out["graph_breaks"] == 0 and out["graphs"] == 1
     assert out["custom_ops"] == 2
     assert out["eager_finite"] and out["max_abs_diff"] == 0.0

@@ -5,15 +5,12 @@ through Triton's interpreter in a child process (switched on before triton is im
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_interpreted
 
 # (batch, heads, kv heads, new positions, cache length, head dim)
 CASES = [(1, 8, 2, 1, 150, 32), (2, 8, 2, 3, 77, 64), (1, 4, 4, 1, 40, 16), (3, 16, 2, 2, 300, 32)]
@@ -60,17 +57,7 @@ def _errors(dtype, device) -> list[float]:
 
 
 def test_interpreted_kernel_matches_reference() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--interpret"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+    errs = json.loads(run_interpreted(__file__, "--interpret").strip().splitlines()[-1])
     assert len(errs) == len(CASES) and max(errs) < 2e-3, errs
 
 
@@ -128,17 +115,7 @@ def _compiled_decode_tokens() -> dict:
 
 
 def test_interpreted_compiled_decode_uses_the_kernel() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--interpret-decode"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(run_interpreted(__file__, "--interpret-decode").strip().splitlines()[-1])
     assert out["kernel_nodes"] == 2  # the compiled step: one per layer, no graph break
     assert out["compiled"] == out["eager"] and len(out["eager"]) == 4
 
