@@ -16,8 +16,6 @@ import torch
 from qpipe.kernels import QuantLinear
 from tests.conftest import compose_config, run_interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _quant_mlp(kernel: str, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
