@@ -1,6 +1,6 @@
-"""qpipe's Triton kernels as PyTorch custom ops. The W4A16 matmul as one, so ``torch.compile(fullgraph=True)`` sees one opaque
-node (no graph break, and Inductor never re-generates the Triton source, whose inline PTX it
-cannot print) and CUDA-graph capture replays the launch as is.
+"""qpipe's Triton kernels as PyTorch custom ops, so ``torch.compile(fullgraph=True)`` sees each
+as one opaque node (no graph break, and Inductor never re-generates the Triton source, whose
+inline PTX it cannot print) and CUDA-graph capture replays the launch as is.
 
 ``torch.ops.qpipe.w4a16_linear(x, qweight, scales, zeros, bias, group_size)``: x [M, K] in
 kernel column order, the qpipe-w4 tensors of ``QuantLinear``; returns a fresh [M, N] tensor.

@@ -65,8 +65,8 @@ def heuristic(m: int, n: int, k: int, group_size: int, device: torch.device) -> 
 
 def candidates(m: int, n: int, k: int, group_size: int, device: torch.device) -> list[KernelConfig]:
     """A small search space around the heuristic: tile widths x warps x the splits that give
-    between one and sixteen programs per SM (a few tens of CUDA-graph timings, about a
-    second per new layer shape)."""
+    between one and sixteen programs per SM, x the GEMV's prefetch depth (a few tens of
+    CUDA-graph timings, a few seconds per new layer shape, most of it compiling)."""
     base = heuristic(m, n, k, group_size, device)
     sms = _num_sms(device)
     bk = base.block_k
