@@ -116,14 +116,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
-    result = {
-        "command": "python " + " ".join(sys.argv),
-        "harness": "bench/decode_profile.py (qpipe.decode.StaticDecoder, torch.profiler)",
-        "device": e2e_decode.device_info(),
-        "versions": e2e_decode.versions(),
-        "args": vars(args),
-        "variants": [],
-    }
+    result = e2e_decode.result_header(
+        "bench/decode_profile.py (qpipe.decode.StaticDecoder, torch.profiler)",
+        args=vars(args),
+        variants=[],
+    )
     for variant in args.variants.split(","):
         row = profile_variant(variant, args.prompt, args.steps)
         result["variants"].append(row)

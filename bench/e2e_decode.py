@@ -70,6 +70,17 @@ def device_info() -> dict[str, str]:
     return {"gpu": torch.cuda.get_device_name(0), "nvidia_smi": smi.stdout.strip()}
 
 
+def result_header(harness: str, **extra) -> dict:
+    """What every bench result file starts with: the command, the harness, device, versions."""
+    return {
+        "command": "python " + " ".join(sys.argv),
+        "harness": harness,
+        "device": device_info(),
+        "versions": versions(),
+        **extra,
+    }
+
+
 def build_bf16(seed: int = 0):
     from transformers import AutoModelForCausalLM
 
@@ -362,14 +373,7 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
     batches = [int(b) for b in args.batches.split(",")]
     eager_batches = [int(b) for b in args.eager_batches.split(",")]
-    result = {
-        "command": "python " + " ".join(sys.argv),
-        "harness": "bench/e2e_decode.py (qpipe.decode.measure)",
-        "device": device_info(),
-        "versions": versions(),
-        "args": vars(args),
-        "rows": [],
-    }
+    result = result_header("bench/e2e_decode.py (qpipe.decode.measure)", args=vars(args), rows=[])
     for variant in args.variants.split(","):
         plan = [(m, batches if m == "compiled" else eager_batches) for m in args.modes.split(",")]
         result["rows"] += run_variant(variant, plan, args)

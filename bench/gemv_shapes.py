@@ -99,13 +99,9 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "command": "python " + " ".join(sys.argv),
-        "harness": "bench/gemv_shapes.py (qpipe.kernels.bench.time_calls)",
-        "device": e2e_decode.device_info(),
-        "versions": e2e_decode.versions(),
-        "rows": [],
-    }
+    result = e2e_decode.result_header(
+        "bench/gemv_shapes.py (qpipe.kernels.bench.time_calls)", rows=[]
+    )
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         for m in (int(v) for v in args.ms.split(",")):

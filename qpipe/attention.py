@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from qpipe.kernels.ops import decode_attention_supported
+from qpipe.kernels.ops import decode_attention_supported, interpreting
 
 NAME = "qpipe_grouped_sdpa"
 
@@ -92,7 +91,7 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
     if importlib.util.find_spec("triton") is not None:
         _KERNEL["available"] = True
-        _KERNEL["interpreted"] = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        _KERNEL["interpreted"] = interpreting()
 
 
 @contextlib.contextmanager

@@ -15,15 +15,19 @@ from omegaconf import DictConfig
 from qpipe.config import CONF_DIR, normalize_overrides
 
 
-def save_random_llama(path: Path, **config: object) -> Path:
-    """A Llama with seeded random fp32 weights, saved as a Hugging Face folder: tests pick
-    the shapes (widths that are or are not multiples of 128) through ``config``."""
+def random_llama(**config: object):
+    """A Llama with seeded random fp32 weights, in eval mode; ``config`` picks its shapes."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=torch.float32)
-    model.save_pretrained(path)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=torch.float32).eval()
+
+
+def save_random_llama(path: Path, **config: object) -> Path:
+    """``random_llama`` saved as a Hugging Face folder: tests pick the shapes (widths that
+    are or are not multiples of 128) through ``config``."""
+    random_llama(**config).save_pretrained(path)
     return path
 
 

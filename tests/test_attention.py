@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from qpipe import attention, decode
+from tests.conftest import random_llama
 
 
 @pytest.fixture(scope="module")
 def gqa_model():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(
+    return random_llama(
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
@@ -22,8 +21,6 @@ def gqa_model():
         head_dim=16,
         vocab_size=500,
     )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def _counting(monkeypatch) -> list[int]:

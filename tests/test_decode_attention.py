@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import run_interpreted
+from tests.conftest import random_llama, run_interpreted
 
 # (batch, heads, kv heads, new positions, cache length, head dim)
 CASES = [(1, 8, 2, 1, 150, 32), (2, 8, 2, 3, 77, 64), (1, 4, 4, 1, 40, 16), (3, 16, 2, 2, 300, 32)]
@@ -84,11 +84,9 @@ def test_gpu_kernel_matches_reference(dtype) -> None:
 def _compiled_decode_tokens() -> dict:
     """A tiny fp16 GQA model decoding eager (SDPA on folded heads) and compiled with fullgraph
     (the kernel, interpreted): the same tokens, and the op in the traced step."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from qpipe import decode
 
-    cfg = LlamaConfig(
+    model = random_llama(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -96,9 +94,7 @@ def _compiled_decode_tokens() -> dict:
         num_key_value_heads=2,
         head_dim=16,
         vocab_size=300,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval().half()
+    ).half()
     ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(1))
     eager = decode.measure(model, {"input_ids": ids}, 4, compiled=False, repeats=1).tokens
     ops: list[str] = []

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qpipe import sensitivity as sens
 from qpipe.kernels import quantize_rtn
 from qpipe.kernels.int8_linear import Int8Linear
+from tests.conftest import random_llama
 
 
 def _tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return random_llama(
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=3,
@@ -22,7 +21,6 @@ def _tiny_llama() -> torch.nn.Module:
         vocab_size=512,
         initializer_range=0.2,  # large enough weights that one rounded layer shows in the KL
     )
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 def _layers(model) -> list[str]:

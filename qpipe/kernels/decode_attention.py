@@ -15,11 +15,11 @@ attend). Output [B, S, H, D] (transformers' attention output layout).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from qpipe.kernels.ops import interpreting
 
 
 @triton.jit
@@ -154,10 +154,6 @@ def _merge_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -195,7 +191,7 @@ def decode_attention(
         mask_u8, strides_m = query, (0, 0, 0)
     if key.stride(3) != 1 or value.stride(3) != 1 or query.stride(3) != 1:
         raise ValueError("decode_attention needs the head dimension contiguous")
-    interp = _interpreting()
+    interp = interpreting()
     _partial_kernel[(b * hkv, n_splits)](
         query, key, value, mask_u8, m_ws, l_ws, o_ws,
         query.stride(0), query.stride(1), query.stride(2),

@@ -13,7 +13,14 @@ new positions against a KV cache, [B, S, H, D] (``decode_attention.py``).
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter (TRITON_INTERPRET=1, the tests) runs our kernels."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @torch.library.custom_op("qpipe::w4a16_linear", mutates_args=())

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-import qpipe.kernels.ops  # noqa: F401  (registers torch.ops.qpipe.w4a16_linear)
 from qpipe.errors import BackendUnavailable
 from qpipe.kernels.intweights import IntWeights, num_groups, quantize_rtn
 from qpipe.kernels.layout import (
@@ -29,6 +27,7 @@ from qpipe.kernels.layout import (
     pack_w4,
     unpack_w4,
 )
+from qpipe.kernels.ops import interpreting  # (importing ops registers torch.ops.qpipe.*)
 
 KERNELS = ("torch", "triton")
 # Eager calls up to this many rows (decode batches) launch through a bound DirectLauncher.
@@ -280,7 +279,7 @@ class QuantLinear(torch.nn.Module):
 
     def _check_triton(self, x2: torch.Tensor) -> None:
         # Triton's CPU interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: tests.
-        interpreted = not x2.is_cuda and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        interpreted = not x2.is_cuda and interpreting()
         if not interpreted:
             reason = kernel_available("triton")
             if reason is None and not x2.is_cuda:

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qpipe.kernels.ops import interpreting
+
 X_PRESCALE = tl.constexpr(1.0 / 64.0)  # |x/64 * (q - z)| * 4 terms < 65504 for any fp16 x
 
 
@@ -295,15 +297,15 @@ def _row_operands(x_raw, inv, s2, WORD_SCALE: tl.constexpr):
     else:
         xt = xt * inv
         factor = s2 * (1.0 / inv)
-    p0, p1, p2, p3 = _x_pairs(xt, 1.0)
+    p0, p1, p2, p3 = _x_pairs(xt)
     return p0[None, :], p1[None, :], p2[None, :], p3[None, :], factor
 
 
 @triton.jit
-def _x_pairs(x, inv):
-    """fp32 [W, 8] -> four int32 [W]: fp16x2 pairs (x0,x1), (x2,x3), (x4,x5), (x6,x7) of each
-    word's columns, pre-scaled by ``inv`` (a power of two: exact)."""
-    h = (x * inv).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+def _x_pairs(x):
+    """fp32 [W, 8] (already scaled into fp16 range) -> four int32 [W]: fp16x2 pairs (x0,x1),
+    (x2,x3), (x4,x5), (x6,x7) of each word's columns."""
+    h = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     lo, hi = tl.split(tl.reshape(h, (h.shape[0], 4, 2)))  # even / odd columns
     pair = lo | (hi << 16)  # [W, 4]: pair p = (x_2p, x_2p+1)
     a, b = tl.split(tl.reshape(pair, (h.shape[0], 2, 2)))  # a: pairs 0, 2; b: pairs 1, 3
@@ -607,10 +609,6 @@ def _has_bf16x2(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 class _Workspace:
     """Per-device fp32 partial sums + int32 tickets, all zero between launches (see the
     module docstring). Grown (re-allocated zeroed) when a larger problem comes along, which
@@ -745,7 +743,8 @@ class DirectLauncher:
     the compiled kernel's C launcher. Valid while the inputs keep the specialization it was
     compiled for (contiguous, 16-byte aligned x), which ``__call__``'s caller checks.
     ``build`` returns None where this Triton's launcher does not take the call it expects
-    (checked against a normal launch, bit for bit), and the normal path runs instead.
+    (checked against a normal launch, to rounding: split-K adds in any order), and the
+    normal path runs instead.
     """
 
     refused: str | None = None  # why the last ``build`` returned None (diagnostics)
