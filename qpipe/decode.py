@@ -55,6 +55,10 @@ class DecodeTiming:
     decode_ms_per_token: float
     compile_s: float = 0.0
     tokens: list[int] = field(default_factory=list)
+    # the same decoder fed a reference continuation (``measure(reference=...)``): its greedy
+    # choice at every step of that history, and whether every batch row decoded like row 0
+    forced: list[int] = field(default_factory=list)
+    rows_identical: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +111,21 @@ class StaticDecoder:
         # A CUDA-graph replay reuses its output buffer: clone what must outlive the next step.
         return self._step(token, position).clone()
 
+    def forced(self, inputs: dict[str, torch.Tensor], reference: list[int]) -> list[int]:
+        """Row 0's greedy choice at each of ``len(reference)`` steps when every step is fed
+        the reference's token instead of its own: prefill, then ``step(reference[i])``. A
+        free-running comparison stops meaning anything after the first near-tie (the two
+        sequences no longer share a history); this one checks every step on the same one."""
+        batch, start = inputs["input_ids"].shape
+        first = self.prefill(inputs)
+        picks = [int(first[0, 0])]
+        fed = torch.tensor(reference[:-1], device=first.device, dtype=first.dtype)
+        position = torch.tensor([start], device=first.device, dtype=torch.long)
+        for token in fed:
+            picks.append(int(self.step(token.expand(batch, 1).contiguous(), position)[0, 0]))
+            position += 1
+        return picks
+
     def continue_from(self, token: torch.Tensor, start: int, count: int) -> list[torch.Tensor]:
         position = torch.tensor([start], device=token.device, dtype=torch.long)
         out = []
@@ -141,9 +160,11 @@ def measure(
     compiled: bool,
     repeats: int = 3,
     backend: str = "inductor",
+    reference: list[int] | None = None,
 ) -> DecodeTiming:
     """TTFT (prefill + first token) and decode tokens/s, medians over ``repeats`` after a
-    warm-up, for greedy decoding of ``new_tokens`` tokens."""
+    warm-up, for greedy decoding of ``new_tokens`` tokens. ``reference``: a continuation to
+    check the same decoder (the same compiled graph) against, step by step (``forced``)."""
     ids = inputs["input_ids"]
     batch, length = ids.shape
     device = ids.device
@@ -164,6 +185,8 @@ def measure(
             ttfts.append(t1 - t0)
             decodes.append(t2 - t1)
             tokens = [first, *rest]
+        forced = decoder.forced(inputs, reference) if reference else []
+    sequences = torch.cat(tokens, dim=1)
     ttft = statistics.median(ttfts)
     decode = max(statistics.median(decodes), 1e-9)
     steps = max(new_tokens - 1, 1)
@@ -177,7 +200,68 @@ def measure(
         decode_tok_s=batch * steps / decode,
         decode_ms_per_token=decode / steps * 1e3,
         compile_s=compile_s if compiled else 0.0,
-        tokens=torch.cat(tokens, dim=1)[0].tolist(),
+        tokens=sequences[0].tolist(),
+        forced=forced,
+        rows_identical=bool((sequences == sequences[:1]).all()),
+    )
+
+
+def reference_continuation(
+    model: Any, inputs: dict[str, torch.Tensor], new_tokens: int
+) -> tuple[list[int], list[float]]:
+    """transformers' own greedy ``generate`` (dynamic cache, its attention): row 0's tokens and,
+    at each step, the gap between its top two logits (0.0: an exact tie at the logits'
+    precision, where any other correct computation may pick the other token)."""
+    ids = inputs["input_ids"]
+    inputs = {"attention_mask": torch.ones_like(ids), **inputs}
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, ids.shape[1] :].tolist()
+    gaps = []
+    for step in out.logits:
+        top2 = step[0].float().topk(2).values
+        gaps.append(float(top2[0] - top2[1]))
+    return tokens, gaps
+
+
+@dataclass
+class Agreement:
+    """One decode path's greedy tokens against a reference continuation."""
+
+    positions: int
+    free_running: int  # equal tokens position by position, each path on its own history
+    first_divergence: int | None  # the first position where they differ (None: never)
+    gap_at_divergence: float | None  # the reference's top-2 logit gap there (0.0 = a tie)
+    forced: int  # equal tokens with the path fed the reference's history (no cascade)
+    forced_misses: list[int]  # positions where even the forced choice differs
+    forced_miss_gaps: list[float]  # the reference's top-2 gap at each of them
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def agreement(timing: DecodeTiming, reference: list[int], gaps: list[float]) -> Agreement:
+    n = min(len(reference), len(timing.tokens))
+    same = [a == b for a, b in zip(timing.tokens[:n], reference[:n], strict=True)]
+    first = same.index(False) if False in same else None
+    forced = timing.forced[:n]
+    misses = [i for i, (a, b) in enumerate(zip(forced, reference, strict=False)) if a != b]
+    return Agreement(
+        positions=n,
+        free_running=sum(same),
+        first_divergence=first,
+        gap_at_divergence=gaps[first] if first is not None and first < len(gaps) else None,
+        forced=len(forced) - len(misses),
+        forced_misses=misses,
+        forced_miss_gaps=[gaps[i] for i in misses if i < len(gaps)],
     )
 
 

@@ -85,6 +85,9 @@ class MemoryWindow:
     peak: int = 0
     reserved_peak: int = 0
     nvml_gb: float | None = None
+    # GPU: the loading phase's peak and what stays allocated after it (split_phases)
+    load_peak: int | None = None
+    loaded: int | None = None
     _sampler: threading.Thread | None = None
     _running: bool = False
 
@@ -124,8 +127,10 @@ class MemoryWindow:
     def stop(self) -> MemoryWindow:
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-            self.reserved_peak = torch.cuda.max_memory_reserved(self.device)
+            self.peak = max(torch.cuda.max_memory_allocated(self.device), self.load_peak or 0)
+            self.reserved_peak = max(
+                torch.cuda.max_memory_reserved(self.device), self.reserved_peak
+            )
             self.nvml_gb = nvml_process_used_gb(torch.device(self.device).index or 0)
             return self
         if self._sampler is not None:
@@ -142,14 +147,39 @@ class MemoryWindow:
         copies (a checkpoint's tensors next to the repacked ones) that the allocator keeps as
         free heap; the estimate prices a model that runs, so the running phase is measured
         from the model's own resident memory after that heap is given back. On GPU the
-        allocator's peak already is the right quantity; nothing changes there.
+        allocator's peak already is the right quantity and stays the window's; the two
+        phases are only kept apart for the report (``phases_gb``).
         """
-        if self.on_gpu or self._sampler is not None:
+        if self.on_gpu:
+            self._split_gpu()
+            return None
+        if self._sampler is not None:
             return None
         loading_peak = (_host_peak_bytes() or 0) - self.baseline
         _release_freed_heap()
         _reset_host_peak()
         return max(loading_peak, 0) / 1e9
+
+    def _split_gpu(self) -> None:
+        """The window's peak stays the larger of the two phases; each is kept apart too, so a
+        run says whether loading (transient copies) or running (activations, cache) set it."""
+        torch.cuda.synchronize(self.device)
+        self.load_peak = torch.cuda.max_memory_allocated(self.device)
+        self.reserved_peak = torch.cuda.max_memory_reserved(self.device)
+        self.loaded = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def phases_gb(self) -> dict[str, float]:
+        """GPU, after ``split_host_peak``: GB above the baseline at the loading peak, after
+        loading, and at the running peak."""
+        if self.load_peak is None or self.loaded is None:
+            return {}
+        run_peak = torch.cuda.max_memory_allocated(self.device)
+        return {
+            "mem.load_peak_gb": (self.load_peak - self.baseline) / 1e9,
+            "mem.loaded_gb": (self.loaded - self.baseline) / 1e9,
+            "mem.run_peak_gb": (run_peak - self.baseline) / 1e9,
+        }
 
     @property
     def used_gb(self) -> float:

@@ -21,9 +21,21 @@ import torch
 import torch.nn.functional as F
 
 from qpipe.errors import ConfigError
+from qpipe.models.source import source_kind
 from qpipe.textdata import read_text, token_ids
 
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+NOISE = (
+    "model.weights=random: perplexity and agreement would measure noise "
+    "(eval.quality_on_random=true measures them anyway)"
+)
+
+
+def noise_only(cfg: Any) -> bool:
+    """Quality of random weights is noise: the baseline and perplexity run only when asked."""
+    return source_kind(cfg.model) == "random" and not cfg.eval.get("quality_on_random", False)
 
 
 def eval_domains(ev: Mapping[str, Any]) -> list[tuple[str, str]]:

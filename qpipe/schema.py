@@ -110,6 +110,7 @@ class EvalSchema:
     prompts: Optional[list[str]] = None  # greedy continuations scored by BLEU
     image: Optional[str] = None  # VLMs: a picture's path; None = the built-in one
     image_decode: str = "eager"  # decode with the image in context: compiled | eager | both
+    quality_on_random: bool = False  # random weights: perplexity/agreement are noise, skipped
 
 
 @dataclass

@@ -120,12 +120,31 @@ def test_static_decoder_matches_generate_eager_and_compiled(tiny_llama_w4) -> No
         ref = model.generate(
             input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0
         )[0, 12:].tolist()
-    eager = decode.measure(model, {"input_ids": ids}, 5, compiled=False, repeats=1)
+    tokens, gaps = decode.reference_continuation(model, {"input_ids": ids}, 5)
+    assert tokens == ref and len(gaps) == 5 and min(gaps) >= 0.0
+    eager = decode.measure(model, {"input_ids": ids}, 5, compiled=False, repeats=1, reference=ref)
     compiled = decode.measure(
-        model, {"input_ids": ids}, 5, compiled=True, repeats=1, backend="aot_eager"
+        model, {"input_ids": ids}, 5, compiled=True, repeats=1, backend="aot_eager", reference=ref
     )
     assert eager.tokens == ref and compiled.tokens == ref
+    # stepped on the reference's history, the same graph gives the same choices
+    assert eager.forced == ref and compiled.forced == ref
     assert eager.batch == 2 and eager.decode_tok_s > 0 and compiled.compile_s > 0
+    found = decode.agreement(compiled, ref, gaps)
+    assert (found.free_running, found.forced, found.first_divergence) == (5, 5, None)
+
+
+def test_agreement_tells_a_cascade_from_wrong_steps() -> None:
+    """One tie at step 1 shifts a free-running sequence (every later position differs), while
+    the forced choices, each made on the reference's history, still agree but at the tie."""
+    from qpipe.decode import DecodeTiming, agreement
+
+    reference, gaps = [5, 7, 8, 9, 4], [1.0, 0.0, 2.0, 1.5, 3.0]
+    timing = DecodeTiming("compiled", 1, 12, 5, 1.0, 1.0, 1.0, 1.0)
+    timing.tokens, timing.forced = [5, 6, 7, 8, 9], [5, 6, 8, 9, 4]
+    found = agreement(timing, reference, gaps)
+    assert (found.free_running, found.first_divergence, found.gap_at_divergence) == (1, 1, 0.0)
+    assert (found.forced, found.forced_misses, found.forced_miss_gaps) == (4, [1], [0.0])
 
 
 def test_decode_modes_and_batch_sizes_follow_the_device() -> None:
@@ -137,8 +156,9 @@ def test_decode_modes_and_batch_sizes_follow_the_device() -> None:
     assert modes_for("both", "cuda") == ["eager", "compiled"]
     assert modes_for("both", "cpu") == ["eager"]
     cfg = compose_config()
-    assert decode_batch_sizes(cfg, "cuda") == [1, 4, 16]
+    assert decode_batch_sizes(cfg, "cuda") == [1]  # one compilation by default
     assert decode_batch_sizes(cfg, "cpu") == [1]
+    assert decode_batch_sizes(compose_config("eval.decode_batch_sizes=[1,16]"), "cuda") == [1, 16]
     with pytest.raises(ConfigError, match="eval.decode='fast'"):
         validate_config(compose_config("eval.decode=fast"))
     with pytest.raises(ConfigError, match="eval.decode_batch_sizes"):

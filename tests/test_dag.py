@@ -59,6 +59,9 @@ def test_builtin_pipelines() -> None:
     ):
         assert stage in default.order
     assert load_dag("estimate").order == ["env_check", "memory_budget"]
+    # fit: the default's memory stages, in the same order, without quality and speed
+    fit = load_dag("fit").order
+    assert fit == [s for s in default.order if s not in ("baseline", "benchmark")]
     with pytest.raises(
         PipelineError, match="not found in ./pipelines or the built-ins; known: default"
     ):

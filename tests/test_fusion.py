@@ -148,3 +148,23 @@ def test_act_order_siblings_fuse_only_with_one_permutation() -> None:
     torch.testing.assert_close(same.gate_proj(x), ref[0])
     torch.testing.assert_close(same.up_proj(x), ref[1])
     assert fuse_projections(mixed) == []
+
+
+def test_each_group_frees_its_siblings_before_the_next_is_fused(tiny_llama) -> None:
+    """At most one group's bytes exist twice: holding every original to the end doubled an 8B
+    model's q/k/v and gate/up at the load peak (2 GB the estimate did not know of)."""
+    import gc
+    import weakref
+
+    from qpipe.kernels.fusion import iter_fuse
+
+    model = copy.deepcopy(tiny_llama)
+    attn = model.model.layers[0].self_attn
+    first = [weakref.ref(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")]
+    last = weakref.ref(model.model.layers[-1].mlp.up_proj)
+    fusing = iter_fuse(model)
+    assert next(fusing) == "model.layers.0.self_attn.qkv_proj"
+    gc.collect()
+    assert all(ref() is None for ref in first)
+    assert last() is not None  # not fused yet
+    assert len(list(fusing)) == 2 * model.config.num_hidden_layers - 1

@@ -134,6 +134,7 @@ def test_a_cached_checkpoint_is_reused_and_loads(tmp_path) -> None:
         "eval=quick",
         "workload.context_len=64",
         "mlflow.experiment=cache",
+        "eval.quality_on_random=true",  # the perplexity below checks the reloaded weights
     )
     first = run_pipeline(compose_config(*overrides), tmp_path / "first")
     second = run_pipeline(compose_config(*overrides, "kernel=torch"), tmp_path / "second")

@@ -17,6 +17,8 @@ traces without a graph break.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from qpipe.kernels.quant_linear import QuantLinear
@@ -122,19 +124,33 @@ def concat(mods: list[QuantLinear]) -> QuantLinear:
     return fused
 
 
-def fuse_projections(model: torch.nn.Module) -> list[str]:
-    """Fuse every sibling group of QuantLinears in ``model`` in place; the fused modules'
-    names. Groups with a non-quantized member (an excluded layer) or differing settings are
-    left as they are."""
-    fused_names = []
-    for parent_name, parent in list(model.named_modules()):
+def iter_fuse(model: torch.nn.Module) -> Iterator[str]:
+    """Fuse the sibling groups one at a time, yielding each fused module's name once its
+    siblings are gone: at any moment at most one group's bytes exist twice. Walking parents by
+    name keeps no reference to a replaced sibling (a list of ``named_modules()`` would keep
+    every original alive to the end: the whole model's q/k/v and gate/up twice at the peak,
+    2 GB on an 8B model)."""
+    parents = [name for name, module in model.named_modules() if _has_siblings(module)]
+    for parent_name in parents:
+        parent = model.get_submodule(parent_name) if parent_name else model
         for fused_name, names in SIBLINGS:
             mods = [getattr(parent, n, None) for n in names]
             if any(m is None for m in mods) or hasattr(parent, fused_name) or not _fusable(mods):
                 continue
             owner = FusedProjections(concat(mods), names, tuple(m.out_features for m in mods))
+            del mods
             setattr(parent, fused_name, owner)
             for index, name in enumerate(names):
                 setattr(parent, name, ProjectionSlice(owner, index))
-            fused_names.append(f"{parent_name}.{fused_name}" if parent_name else fused_name)
-    return fused_names
+            yield f"{parent_name}.{fused_name}" if parent_name else fused_name
+
+
+def _has_siblings(module: torch.nn.Module) -> bool:
+    return any(all(hasattr(module, n) for n in names) for _, names in SIBLINGS)
+
+
+def fuse_projections(model: torch.nn.Module) -> list[str]:
+    """Fuse every sibling group of QuantLinears in ``model`` in place; the fused modules'
+    names. Groups with a non-quantized member (an excluded layer) or differing settings are
+    left as they are."""
+    return list(iter_fuse(model))

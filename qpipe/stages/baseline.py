@@ -8,6 +8,7 @@ with the reason, when the unquantized model would not fit (the budget's estimate
 from __future__ import annotations
 
 import gc
+import logging
 
 import torch
 
@@ -15,15 +16,20 @@ from qpipe.backends.none import load_hf
 from qpipe.config import resolve_device, resolve_dtype
 from qpipe.evaluate import eval_sentences, sentence_embeddings
 from qpipe.models import load_tokenizer, materialize
-from qpipe.quality import baseline_quality
+from qpipe.quality import NOISE, baseline_quality, noise_only
 from qpipe.stages.base import StageContext, StageResult
 from qpipe.textdata import read_text
+
+log = logging.getLogger("qpipe")
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     if not cfg.eval.baseline:
         return StageResult(outputs={"skipped": "eval.baseline=false"})
+    if noise_only(cfg):
+        log.info("baseline skipped: %s", NOISE)
+        return StageResult(outputs={"skipped": NOISE}, cacheable=False)
     fp_total = ctx.output("memory_budget", "options", {}).get("none")
     usable = ctx.output("memory_budget", "usable_gb")
     if fp_total is not None and usable is not None and fp_total > usable:

