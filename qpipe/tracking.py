@@ -25,6 +25,18 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def short_sqlite_uri(uri: str) -> str:
+    """``sqlite:///outputs/mlflow.db`` where the store lies under the current directory (the
+    command a user copies, short enough for one line), the URI unchanged otherwise."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return uri
+    try:
+        return prefix + str(Path(uri[len(prefix) :]).relative_to(Path.cwd()))
+    except ValueError:
+        return uri
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for key, sub in value.items():
@@ -96,4 +108,4 @@ class Tracker:
     def ui_hint(self) -> str:
         if self.tracking_uri.startswith(("http://", "https://")):
             return f"open {self.tracking_uri}"
-        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+        return f"mlflow ui --backend-store-uri {short_sqlite_uri(self.tracking_uri)}"
