@@ -91,7 +91,7 @@ def metrics_table(cfg: Any, report: Any) -> tuple[Table, bool]:
 def options_table(budget: Mapping[str, Any], chosen: str, hardware: str) -> Table:
     """Every quant option's estimate (peak + runtime) against the usable memory."""
     usable = float(budget["usable_gb"])
-    table = Table(title=f"estimated total GB (peak + runtime) per quant, {hardware}")
+    table = Table(title=f"estimated GB (peak + runtime) per quant option, {hardware}")
     table.add_column("quant")
     table.add_column("est. GB", justify="right")
     table.add_column(f"fits {number(usable)} usable", justify="center")
