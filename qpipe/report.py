@@ -243,7 +243,8 @@ TERMINAL_ORDER = (
     "bits",
 )
 QUALITY_LABELS = ("ppl", "ppl Δ%", "KL", "top-1", "BLEU", "Δ%")
-ERROR_MIN = 24  # the failure column gets at least this many characters, or is left out
+ERROR_MIN = 24  # the failure column gets at least this many characters (a third of a wide
+# terminal), or is left out
 
 
 def short_error(text: str, limit: int) -> str:
@@ -291,13 +292,17 @@ def _need(head: list[str], body: list[list[str]], i: int) -> int:
     return max([len(row[i]) for row in body] + [len(line) for line in lines]) + 3
 
 
+def _error_min(width: int) -> int:
+    return max(ERROR_MIN, width // 3)
+
+
 def _fit(head: list[str], body: list[list[str]], width: int) -> list[int]:
     """Indices of the columns that fit ``width`` characters, by ``TERMINAL_ORDER``; a header
     may wrap onto two lines, a cell never does; a failure gets at least ``ERROR_MIN``."""
     chosen, used = [], 1
     order = sorted(range(len(head)), key=lambda i: (_rank(head[i]), i))
     for i in order:
-        need = ERROR_MIN + 3 if head[i] == "failure" else _need(head, body, i)
+        need = _error_min(width) + 3 if head[i] == "failure" else _need(head, body, i)
         if used + need <= width:
             chosen.append(i)
             used += need
@@ -356,9 +361,7 @@ def verdict(runs: list[dict[str, Any]]) -> str:
         return "verdict: no finished run with measurements yet"
     line = "best: " + " · ".join(parts)
     if pts:
-        line += "; Pareto front (memory × ppl Δ): " + ", ".join(
-            pts[i].label for i in pareto_front(pts)
-        )
+        line += " · Pareto front: " + ", ".join(pts[i].label for i in pareto_front(pts))
     noise = sum(random_weights(r) for r in done)
     if noise:
         line += f"; quality ignored for {noise} random-weight runs"
