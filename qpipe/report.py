@@ -266,7 +266,8 @@ def _terminal_cells(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[st
             for i, name in enumerate(head):
                 if name.startswith(QUALITY_LABELS) and row[i] != "—":
                     row[i] = "noise"
-    keep = [i for i, name in enumerate(head) if any(row[i] != "—" for row in body)]
+    # Columns no run fills (or only with noise) are left out; the verdict says why.
+    keep = [i for i, name in enumerate(head) if any(row[i] not in ("—", "noise") for row in body)]
     return [head[i] for i in keep], [[row[i] for i in keep] for row in body]
 
 

@@ -40,12 +40,12 @@ def random_weights(model_cfg: Mapping[str, Any]) -> bool:
 
 
 def number(value: float, unit: str = "") -> str:
-    """``0.102 GB``, ``-9.7 %``, ``491 ms``: three significant figures, never ``5.022e+04``."""
+    """``0.102 GB``, ``21.24``, ``491 ms``: three or four figures, never ``5.022e+04``."""
     size = abs(value)
     if size >= 100 or value == int(value) and size >= 1:
         text = f"{value:,.0f}"
     elif size >= 10:
-        text = f"{value:.1f}"
+        text = f"{value:.2f}"
     elif size >= 0.01 or value == 0:
         text = f"{value:.3g}"
     else:

@@ -234,7 +234,7 @@ def test_report_without_a_sweep_says_it_lists_every_run(session: dict) -> None:
     text = " ".join(screen.getvalue().split())
     assert "every run of experiment loose (it has no sweep yet): 2 runs" in text
     # Random weights: perplexity is noise, marked so and kept out of the verdict.
-    assert "noise" in text and "quality ignored for 2 random-weight runs" in text
+    assert "ppl Δ%" not in text and "quality ignored for 2 random-weight runs" in text
 
 
 def test_report_help_is_whole() -> None:
@@ -325,8 +325,8 @@ def test_summary_labels_numbers_and_keeps_the_hint_whole(tmp_path) -> None:
     assert f"  {done.ui_hint}" in lines  # one line, whatever its length
     assert all(len(line) <= 80 for line in lines if "mlflow ui" not in line), lines
     text = screen.getvalue()
-    assert "peak, estimated (no runtime)" in text and "17.6 GB" in text
-    assert "peak + 0.55 GB runtime, est." in text and "18.1 GB" in text
+    assert "peak, estimated (no runtime)" in text and "17.55 GB" in text
+    assert "peak + 0.55 GB runtime, est." in text and "18.10 GB" in text
     assert "bnb_nf4" in text and "none (this run)" in text  # every option, nothing loaded
     # Random weights: perplexity is left out, and the summary says why.
     assert "perplexity" not in text and "random weights (model.weights=random)" in text
