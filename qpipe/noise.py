@@ -54,11 +54,21 @@ NOISE: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("tokenizers parallelism", r"Disabling tokenizer parallelism"),
         # transformers' save_pretrained after llm-compressor's dispatch: nothing is offloaded
         ("transformers offload", r"Attempting to save a model with offloaded modules"),
+        # torch.fx, while llm-compressor traces a model for GPTQ/AWQ: advice to library authors
+        ("torch.fx tracing", r"is_fx_tracing will return true for both"),
     )
 )
 
 # Loggers that print through a handler of their own and do not propagate to the root.
-LIBRARY_LOGGERS = ("transformers", "mlflow", "sqlalchemy.engine", "alembic", "huey", "autoround")
+LIBRARY_LOGGERS = (
+    "transformers",
+    "mlflow",
+    "sqlalchemy.engine",
+    "alembic",
+    "huey",
+    "autoround",
+    "torch",
+)
 
 _OWN = "qpipe"
 _active = False  # a run's terminal filter is in place
