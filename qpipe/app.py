@@ -15,29 +15,17 @@ from qpipe.dag import load_dag, pipeline_ref
 from qpipe.device_budget import device_table
 from qpipe.journal import JournaledTracker, RunJournal
 from qpipe.logrepeats import once_per_run
+from qpipe.noise import terminal_for_run
+from qpipe.progress import heartbeat
 from qpipe.runner import Runner, RunReport
 from qpipe.safety import policy_from, set_policy
 from qpipe.stale_runs import close_dead_runs, owner_tags
+from qpipe.summary import metrics_table, options_table, outputs_warning, random_weights
 from qpipe.tracking import Tracker
 from qpipe.tracking_uri import resolve_tracking_uri
 from qpipe.validate import validate_config
 
 log = logging.getLogger("qpipe")
-
-# The numbers a person looks at first, in this order.
-SUMMARY_METRICS = (
-    "mem.est_weights_gb",
-    "mem.est_peak_gb",
-    "mem.measured_peak_gb",
-    "mem.est_error_pct",
-    "quality.ppl",
-    "quality.ppl_delta_pct",
-    "quality.embed_cosine_mean",
-    "perf.ttft_ms",
-    "perf.prefill_tok_s",
-    "perf.decode_tok_s",
-    "time.quantize_s",
-)
 
 
 def stable_params(cfg: DictConfig) -> dict[str, str]:
@@ -50,6 +38,7 @@ def stable_params(cfg: DictConfig) -> dict[str, str]:
         "quant.group_size": cfg.quant.get("group_size"),
         "hardware": cfg.hardware.name,
         "pipeline": pipeline_ref(cfg),
+        "model.weights": "random" if random_weights(cfg.model) else "real",
         "workload.batch_size": cfg.workload.batch_size,
         "workload.context_len": cfg.workload.context_len,
     }
@@ -72,6 +61,14 @@ def run_pipeline(
     set_policy(policy_from(cfg.model))
     dag = load_dag(pipeline_ref(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Library output through logging: the terminal gets what matters, the log file all of it.
+    with terminal_for_run(log_file):
+        return _tracked_run(cfg, dag, run_dir, tags, log_file)
+
+
+def _tracked_run(
+    cfg: DictConfig, dag, run_dir: Path, tags: dict[str, str] | None, log_file: Path | None
+) -> RunReport:
     # Before the run opens: a tracking server that is down is one line in seconds.
     mlflow_tracker = Tracker(resolve_tracking_uri(cfg.mlflow), cfg.mlflow.experiment)
     close_dead_runs(mlflow_tracker.tracking_uri)
@@ -84,7 +81,8 @@ def run_pipeline(
     runner = Runner(cfg, dag, run_dir, tracker)
     report = RunReport(status="FAILED")
     try:
-        with once_per_run():
+        stage = lambda: getattr(getattr(runner, "report", None), "stage", None)  # noqa: E731
+        with once_per_run(), heartbeat(stage, hints=_slow_hints(cfg)):
             report = runner.run()
     except KeyboardInterrupt as interrupt:
         # Ctrl-C (or SIGTERM, see qpipe.signals): the run is KILLED in the stage it was in;
@@ -109,14 +107,13 @@ def run_pipeline(
     return report
 
 
-def summary_table(cfg: DictConfig, report: RunReport) -> Table:
-    table = Table(title=f"qpipe · {cfg.model.name} · quant={cfg.quant.name} · {report.status}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name in SUMMARY_METRICS:
-        if name in report.metrics:
-            table.add_row(name, f"{report.metrics[name]:.4g}")
-    return table
+def _slow_hints(cfg: DictConfig) -> dict[str, str]:
+    """What the first "still running" line of a long stage suggests."""
+    ev = cfg.get("eval")
+    if ev is None or int(ev.get("max_tokens", 0)) <= 1024:
+        return {}
+    quick = "eval=quick measures less, for a first look"
+    return {"baseline": quick, "benchmark": quick}
 
 
 def placement_table(placement: dict) -> Table:
@@ -130,16 +127,30 @@ def placement_table(placement: dict) -> Table:
 
 def print_summary(cfg: DictConfig, report: RunReport, console: Console | None = None) -> None:
     console = console or Console()
+    console.print(
+        f"qpipe · {cfg.model.name} · quant={cfg.quant.name} · {report.status}", highlight=False
+    )
     if report.metrics:
-        console.print(summary_table(cfg, report))
+        table, quality_left_out = metrics_table(cfg, report)
+        console.print(table)
+        if quality_left_out:
+            console.print(
+                "quality left out: random weights (model.weights=random) make it noise",
+                highlight=False,
+            )
     budget = report.results.get("memory_budget")
     if budget is not None and budget.outputs.get("placement"):
         console.print(placement_table(budget.outputs["placement"]))
+    if budget is not None and budget.outputs.get("options") and "load" not in report.results:
+        # Nothing was loaded (pipeline=estimate, or stopped by the budget): the options are
+        # the answer.
+        console.print(options_table(budget.outputs, cfg.quant.name, cfg.hardware.name))
     if budget is not None and budget.outputs.get("verdict"):
         console.print(f"memory budget: {budget.outputs['verdict']}", highlight=False)
     if report.error:
+        error = " ".join(report.error.split())  # one line, however the message was made
         console.print(
-            f"[red]✘ {report.failed_stage}: {escape(report.error)}[/red]",
+            f"[red]✘ {report.failed_stage}: {escape(error)}[/red]",
             highlight=False,
             soft_wrap=True,
         )
@@ -147,4 +158,8 @@ def print_summary(cfg: DictConfig, report: RunReport, console: Console | None = 
         console.print(
             f"[yellow]! {escape(report.tracking_offline)}[/yellow]", highlight=False, soft_wrap=True
         )
-    console.print(f"MLflow run {report.run_id} — to compare runs: {report.ui_hint}")
+    console.print(f"MLflow run {report.run_id}; to compare runs:", highlight=False)
+    console.print(f"  {report.ui_hint}", highlight=False, soft_wrap=True)  # copied as one line
+    warning = outputs_warning()
+    if warning:
+        console.print(f"[yellow]! {escape(warning)}[/yellow]", highlight=False, soft_wrap=True)

@@ -33,7 +33,12 @@ class DeviceVerdict:
         if self.placement is None:
             word = "fits" if self.fits else "does NOT fit"
             where = "in host memory" if device == "cpu" else f"on one {hardware} card{of}"
-            return f"{word} {where}: {single.total_gb:.2f} GB of {self.usable_gb:.2f} usable"
+            parts = f" (peak {single.peak_gb:.2f} + runtime {single.runtime_gb:.2f})"
+            parts = parts if single.runtime_gb > 0 else ""
+            return (
+                f"{word} {where}: {single.total_gb:.2f} GB estimated{parts} "
+                f"of {self.usable_gb:.2f} usable"
+            )
         gpus = self.placement.gpus
         used = [d for d in gpus if d.weights_gb > 0]
         where = f"{len(used)} × {hardware}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from qpipe.errors import ConfigError
 from qpipe.models.source import source_kind
+from qpipe.progress import steps
 from qpipe.textdata import read_text, token_ids
 
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -110,13 +111,15 @@ def measure(
     *,
     keep_top_k: int = 0,
     reference: Mapping[str, torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Score:
     """Score ``ids`` in non-overlapping windows of ``window`` tokens (each window from its own
     start, as ``qpipe.evaluate.perplexity``): perplexity, and optionally the top-k log-probs
-    (``keep_top_k``) and agreement with a reference made the same way (``reference``)."""
+    (``keep_top_k``) and agreement with a reference made the same way (``reference``).
+    ``progress(done)`` is called after each window."""
     score = Score()
     with torch.inference_mode():
-        for start in range(0, ids.numel() - 1, window):
+        for done, start in enumerate(range(0, ids.numel() - 1, window), 1):
             chunk = ids[start : start + window].unsqueeze(0).to(device)
             if chunk.numel() < 2:
                 break
@@ -141,7 +144,13 @@ def measure(
                 score.kld_sum += topk_kl(logprobs, ref_lp, ref_ids).sum().item()
                 score.top1_hits += int((logprobs.argmax(-1) == ref_ids[:, 0].long()).sum())
             score.tokens += n
+            if progress is not None:
+                progress(done)
     return score
+
+
+def _windows(ids: torch.Tensor, window: int) -> int:
+    return len(range(0, ids.numel() - 1, window))
 
 
 def continuations(
@@ -187,7 +196,8 @@ def baseline_quality(model, tokenizer, ev: Mapping[str, Any], device: str, workd
     full_bytes = 0
     for name, text in eval_domains(ev):
         ids = token_ids(tokenizer, read_text(text), int(ev.max_tokens))
-        score = measure(model, ids, int(ev.window), device, keep_top_k=top_k)
+        tick = steps(f"baseline: perplexity on {name}, windows", _windows(ids, int(ev.window)))
+        score = measure(model, ids, int(ev.window), device, keep_top_k=top_k, progress=tick)
         ppl[name] = score.ppl
         reference[name] = score.reference()
         full_bytes += score.tokens * model.config.get_text_config().vocab_size * 4
@@ -220,7 +230,8 @@ def quality_metrics(
     for i, (name, text) in enumerate(eval_domains(ev)):
         ids = token_ids(tokenizer, read_text(text), int(ev.max_tokens))
         ref = reference.get(name) if reference else None
-        score = measure(model, ids, int(ev.window), device, reference=ref)
+        tick = steps(f"perplexity on {name}, windows", _windows(ids, int(ev.window)))
+        score = measure(model, ids, int(ev.window), device, reference=ref, progress=tick)
         outputs["ppl_by_domain"][name] = score.ppl
         suffixes = ["", f".{name}"] if i == 0 else [f".{name}"]
         for s in suffixes:

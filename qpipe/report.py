@@ -1,6 +1,9 @@
-"""``python -m qpipe.report``: the comparison of runs — an experiment, a sweep (its MLflow parent
-run) — as a table, and as CSV / Markdown / HTML / a Pareto plot. A multirun's parent run holds
-the same files, made by the same functions, refreshed as its jobs finish.
+"""``python -m qpipe.report``: the comparison of runs — the latest sweep (its MLflow parent
+run), one sweep, or every run of an experiment — as a table as wide as the terminal, ending
+with a one-line verdict (which runs no other beats on memory and quality, and the best on
+memory, quality and speed); and as CSV / Markdown / HTML / a Pareto plot, every column whole.
+A multirun's parent run holds the same files, made by the same functions, refreshed as its
+jobs finish.
 
     python -m qpipe.report                              # the latest sweep of experiment qpipe
     python -m qpipe.report --experiment qpipe --all     # every run of the experiment
@@ -18,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from qpipe.pareto import Point, pareto_plot
+from qpipe.pareto import Point, pareto_front, pareto_plot
 from qpipe.tracking import default_tracking_uri
 
 PARENT_ROLE = "parent"  # tags.qpipe.role of a sweep's parent run
@@ -167,16 +171,23 @@ def html_table(runs: list[dict[str, Any]], title: str) -> str:
 
 
 def label(run: dict[str, Any], with_model: bool = False) -> str:
-    """``gptq w3``, ``bnb_nf4``, ``none``: what a point on the Pareto plot is."""
+    """``gptq-w3``, ``bnb_nf4``, ``none`` (as in the run's name): what a point on the Pareto
+    plot is."""
     name = str(run.get("params.quant") or run.get("tags.mlflow.runName") or run.get("run_id"))
     if run.get("params.quant.method") in ("gptq", "awq", "rtn"):
-        name += f" w{run.get('params.quant.bits')}"
+        name += f"-w{run.get('params.quant.bits')}"
     return f"{run.get('params.model')}/{name}" if with_model else name
 
 
+def random_weights(run: dict[str, Any]) -> bool:
+    """The run measured a model with random weights: its quality numbers are noise."""
+    return run.get("params.model.weights") == "random"
+
+
 def points(runs: list[dict[str, Any]]) -> list[Point]:
-    """Finished runs with a measured peak and a perplexity Δ, as Pareto points."""
-    done = [r for r in runs if r.get("status") == "FINISHED"]
+    """Finished runs with a measured peak and a perplexity Δ, as Pareto points (runs with
+    random weights left out: their perplexity is noise)."""
+    done = [r for r in runs if r.get("status") == "FINISHED" and not random_weights(r)]
     several_models = len({r.get("params.model") for r in done}) > 1
     return [
         Point(
@@ -207,40 +218,209 @@ def write_comparison(runs: list[dict[str, Any]], folder: Path, title: str) -> li
     return out
 
 
-def table(runs: list[dict[str, Any]], title: str) -> Table:
-    out = Table(title=title)
-    for name in header(runs):
-        out.add_column(name, justify="right")
-    for row in rows(runs):
-        out.add_row(*row)
-    return out
+# What the terminal shows first when it has no room for every column (the CSV/HTML hold all).
+TERMINAL_ORDER = (
+    "status",
+    "run",
+    "failure",
+    "measured peak GB",
+    "ppl Δ%",
+    "decode tok/s",
+    "est peak GB",
+    "ppl",
+    "KL",
+    "top-1",
+    "quantize s",
+    "loaded weights GB",
+    "est weights GB",
+    "est error %",
+    "TTFT ms",
+    "BLEU",
+    "kernel",
+    "device",
+    "model",
+    "quant",
+    "bits",
+)
+QUALITY_LABELS = ("ppl", "ppl Δ%", "KL", "top-1", "BLEU", "Δ%")
+ERROR_MIN = 24  # the failure column gets at least this many characters (a third of a wide
+# terminal), or is left out
 
 
-def main(argv: list[str] | None = None) -> None:
+def short_error(text: str, limit: int) -> str:
+    """One line of at most ``limit`` characters (the full text is in the CSV and HTML)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: max(limit - 1, 0)] + "…"
+
+
+def _terminal_cells(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows for the terminal: run names without the model when there is one model,
+    quality cells of random-weight runs as ``noise``, columns no run fills left out."""
+    head, body = header(runs), rows(runs)
+    models = {r.get("params.model") for r in runs}
+    at = head.index("run")
+    for run, row in zip(runs, body, strict=True):
+        if len(models) == 1 and row[at].startswith(f"{run.get('params.model')}/"):
+            row[at] = row[at].split("/", 1)[1]
+        if random_weights(run):
+            for i, name in enumerate(head):
+                if name.startswith(QUALITY_LABELS) and row[i] != "—":
+                    row[i] = "noise"
+    # Columns no run fills (or only with noise) are left out; the verdict says why.
+    keep = [i for i, name in enumerate(head) if any(row[i] not in ("—", "noise") for row in body)]
+    return [head[i] for i in keep], [[row[i] for i in keep] for row in body]
+
+
+def _rank(name: str) -> int:
+    if name.startswith("ppl ") and name != "ppl Δ%":  # other eval domains, after the first
+        return TERMINAL_ORDER.index("ppl") + 1
+    return TERMINAL_ORDER.index(name) if name in TERMINAL_ORDER else len(TERMINAL_ORDER)
+
+
+def _two_lines(name: str) -> str:
+    """A header on at most two lines, split where its longer line is shortest."""
+    words = name.split()
+    if len(words) < 2:
+        return name
+    splits = [(" ".join(words[:k]), " ".join(words[k:])) for k in range(1, len(words))]
+    top, bottom = min(splits, key=lambda pair: max(len(pair[0]), len(pair[1])))
+    return f"{top}\n{bottom}" if max(len(top), len(bottom)) < len(name) else name
+
+
+def _need(head: list[str], body: list[list[str]], i: int) -> int:
+    """Characters column ``i`` takes: its widest cell or header line, padding and a border."""
+    lines = _two_lines(head[i]).split("\n")
+    return max([len(row[i]) for row in body] + [len(line) for line in lines]) + 3
+
+
+def _error_min(width: int) -> int:
+    return max(ERROR_MIN, width // 3)
+
+
+def _fit(head: list[str], body: list[list[str]], width: int) -> list[int]:
+    """Indices of the columns that fit ``width`` characters, by ``TERMINAL_ORDER``; a header
+    may wrap onto two lines, a cell never does; a failure gets at least ``ERROR_MIN``."""
+    chosen, used = [], 1
+    order = sorted(range(len(head)), key=lambda i: (_rank(head[i]), i))
+    for i in order:
+        need = _error_min(width) + 3 if head[i] == "failure" else _need(head, body, i)
+        if used + need <= width:
+            chosen.append(i)
+            used += need
+    return sorted(chosen, key=lambda i: (head[i] == "failure", _rank(head[i]), i))
+
+
+def table(runs: list[dict[str, Any]], title: str, width: int = 250) -> tuple[Table, list[str]]:
+    """The comparison as wide as ``width``; and the labels of the columns left out."""
+    head, body = _terminal_cells(runs)
+    keep = _fit(head, body, width)
+    out = Table(title=title, title_justify="left")
+    failure = head.index("failure") if "failure" in head else None
+    room = width - 1 - sum(_need(head, body, i) for i in keep if i != failure) - 3
+    for i in keep:
+        name = head[i]
+        if i == failure:
+            out.add_column(name, justify="left", no_wrap=True, max_width=room)
+        else:
+            justify = "left" if name in ("run", "status") else "right"
+            out.add_column(_two_lines(name), justify=justify, no_wrap=True)
+    for row in body:
+        cells = [short_error(row[i], room) if i == failure else row[i] for i in keep]
+        out.add_row(*(escape(c) for c in cells))
+    return out, [head[i] for i in range(len(head)) if i not in keep]
+
+
+def verdict(runs: list[dict[str, Any]]) -> str:
+    """One line: the Pareto front of measured peak memory against perplexity loss, and the
+    best run on memory, quality and decode speed."""
+    several = len({r.get("params.model") for r in runs}) > 1
+    done = [r for r in runs if r.get("status") == "FINISHED"]
+    pts = points(runs)
+    parts = []
+    memory = [r for r in done if r.get("metrics.mem.measured_peak_gb") is not None]
+    if memory:
+        best = min(
+            memory,
+            key=lambda r: (
+                r["metrics.mem.measured_peak_gb"],
+                r.get("metrics.quality.ppl_delta_pct") or 0.0,
+            ),
+        )
+        parts.append(
+            f"memory {label(best, several)} ({best['metrics.mem.measured_peak_gb']:.3g} GB)"
+        )
+    if pts:
+        best_q = min(pts, key=lambda p: p.quality_loss)
+        parts.append(f"quality {best_q.label} ({best_q.quality_loss:+.1f} %)")
+    speed = [r for r in done if r.get("metrics.perf.decode_tok_s") is not None]
+    if speed:
+        best = max(speed, key=lambda r: r["metrics.perf.decode_tok_s"])
+        parts.append(
+            f"speed {label(best, several)} ({best['metrics.perf.decode_tok_s']:.3g} tok/s)"
+        )
+    if not parts:
+        return "verdict: no finished run with measurements yet"
+    line = "best: " + " · ".join(parts)
+    if pts:
+        line += " · Pareto front: " + ", ".join(pts[i].label for i in pareto_front(pts))
+    noise = sum(random_weights(r) for r in done)
+    if noise:
+        line += f"; quality ignored for {noise} random-weight runs"
+    return line
+
+
+def main(argv: list[str] | None = None, console: Console | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m qpipe.report", description=__doc__.split("\n")[0]
+        prog="python -m qpipe.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--experiment", default="qpipe")
-    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--experiment", default="qpipe", help="MLflow experiment (default qpipe)")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: sqlite under outputs/)"
+    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--sweep", default=None, help="the runs of this qpipe.sweep tag")
     which.add_argument("--parent", default=None, help="the children of this parent run id")
     which.add_argument("--all", action="store_true", help="every run of the experiment")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.csv/.md/.html/.png")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write the runs (every param/metric) as JSON"
+    )
+    parser.add_argument(
+        "--markdown", type=Path, default=None, help="write the whole table as Markdown"
+    )
     args = parser.parse_args(argv)
-    title = f"experiment {args.experiment}"
+    console = console or Console()
+    what = f"every run of experiment {args.experiment}"
     parent = args.parent
-    if not (args.sweep or parent or args.all):
+    if args.sweep:
+        what = f"sweep {args.sweep} of experiment {args.experiment}"
+    elif parent:
+        what = f"the sweep of parent run {parent}"
+    elif not args.all:
         latest = latest_sweep(args.experiment, args.tracking_uri)
         parent = latest["run_id"] if latest else None
         if latest:
-            title = f"sweep {latest.get('tags.qpipe.sweep')} · {title}"
+            axes = latest.get("tags.qpipe.sweep_axes") or ""
+            what = f"latest sweep {latest.get('tags.qpipe.sweep')} of experiment {args.experiment}"
+            what += f" ({axes})" if axes else ""
+        else:
+            what += " (it has no sweep yet)"
     runs = load_runs(args.experiment, args.tracking_uri, args.sweep, parent)
-    if args.sweep:
-        title = f"sweep {args.sweep} · {title}"
-    Console(width=250).print(table(runs, f"qpipe · {title}"))
+    title = f"{what}: {len(runs)} runs"
+    models = sorted({str(r.get("params.model")) for r in runs})
+    if len(models) == 1:
+        title += f", model {models[0]}"
+    shown, hidden = table(runs, f"qpipe · {title}", console.width)
+    if runs:
+        console.print(shown)
+    else:
+        console.print(f"qpipe · {title}", highlight=False)
+    if hidden:
+        where = "--out (CSV/HTML)" if not args.out else str(args.out.with_suffix(".csv"))
+        console.print(f"not shown at this width: {', '.join(hidden)} — all in {where}", style="dim")
+    console.print(verdict(runs), highlight=False)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         import tempfile

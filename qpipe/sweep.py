@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,33 @@ def sweep_key(experiment: str, overrides: list[str], axes: dict[str, Any]) -> st
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def swept_axes(overrides: list[str], preset: dict[str, Any]) -> dict[str, list[str]]:
+    """What the sweep varies: each key with its values, from the preset's sweeper params with
+    the command line's values over them (as Hydra's basic sweeper merges them); keys with a
+    single value are fixed, not axes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    values: dict[str, list[str]] = {}
+    lines = [f"{k}={v}" for k, v in preset.items()] + list(overrides)
+    for override in parser.parse_overrides(lines):
+        if override.is_sweep_override():
+            values[override.key_or_group] = list(override.sweep_string_iterator())
+        else:
+            values[override.key_or_group] = [override.get_value_element_as_str()]
+    return {k: v for k, v in values.items() if len(v) > 1}
+
+
+def runs_page(tracking_uri: str, experiment_id: str) -> str:
+    """The MLflow UI page that lists the experiment's runs (not MLflow 3's GenAI overview):
+    on a tracking server its own address, else where ``mlflow ui`` serves by default."""
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+UI_ADDRESS = "http://127.0.0.1:5000"  # mlflow ui's default host and port
+
+
 def _q(value: str) -> str:
     return value.replace("'", "\\'")
 
@@ -70,6 +98,7 @@ class Sweep:
     key: str
     label: str
     parent_id: str = ""
+    experiment_id: str = ""
     resumed: bool = False
     outcomes: list[JobOutcome] = field(default_factory=list)
 
@@ -99,10 +128,11 @@ class Sweep:
             client.update_run(sweep.parent_id, status="RUNNING")
             log.info("resuming sweep %s (parent run %s)", sweep.label, sweep.parent_id)
         else:
-            axes_text = " ".join(f"{k}={v}" for k, v in axes.items())
+            swept = swept_axes(overrides, axes)
+            axes_text = " ".join(f"{k}={','.join(v)}" for k, v in swept.items())
             run = client.create_run(
                 experiment_id,
-                run_name=f"sweep {sweep.label}",
+                run_name=f"sweep {axes_text or 'of one job'} ({sweep.label})"[:250],
                 tags={
                     "qpipe.role": PARENT_ROLE,
                     "qpipe.sweep": sweep.label,
@@ -112,6 +142,15 @@ class Sweep:
                 },
             )
             sweep.parent_id = run.info.run_id
+            # The axes as params, so the parent says what was swept in the runs table.
+            params = {f"sweep.{k}": ",".join(v)[:6000] for k, v in swept.items()}
+            params["sweep.jobs"] = str(math.prod(len(v) for v in swept.values()))
+            fixed = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in swept]
+            if fixed:
+                params["sweep.fixed"] = " ".join(fixed)[:6000]
+            for name, value in params.items():
+                client.log_param(sweep.parent_id, name, value)
+        sweep.experiment_id = experiment_id
         return sweep
 
     def client(self) -> Any:
@@ -202,12 +241,18 @@ class Sweep:
         if skipped:
             done += f" ({skipped} finished in an earlier attempt, not rerun)"
         console.print(f"sweep {self.label}: {done}; parent MLflow run {self.parent_id}")
-        if not failed:
-            return 0
-        console.print(f"[red]✘ {len(failed)} of {len(self.outcomes)} jobs failed:[/red]")
-        for o in failed:
-            console.print(f"  #{o.num} {o.overrides}: {o.error}", highlight=False, soft_wrap=True)
-        return 1
+        if failed:
+            console.print(f"[red]✘ {len(failed)} of {len(self.outcomes)} jobs failed:[/red]")
+            for o in failed:
+                error = " ".join(str(o.error).split())
+                console.print(f"  #{o.num} {o.overrides}: {error}", highlight=False, soft_wrap=True)
+        # Last, each on a line of its own (copied whole): how to look at it.
+        ui = Tracker.hint_for(self.tracking_uri)
+        console.print("compare the jobs (python -m qpipe.report prints the table here):")
+        console.print(f"  {ui}", highlight=False, soft_wrap=True)
+        page = runs_page(self.tracking_uri, self.experiment_id)
+        console.print(f"  {page}", highlight=False, soft_wrap=True)
+        return 1 if failed else 0
 
 
 def current() -> Sweep | None:

@@ -11,6 +11,7 @@ from typing import Any
 from qpipe.paths import outputs_root
 from qpipe.store_lock import store_lock
 
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's experiment type, read by its UI
 HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -23,6 +24,18 @@ def default_tracking_uri() -> str:
     root = outputs_root()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def short_sqlite_uri(uri: str) -> str:
+    """``sqlite:///outputs/mlflow.db`` where the store lies under the current directory (the
+    command a user copies, short enough for one line), the URI unchanged otherwise."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return uri
+    try:
+        return prefix + str(Path(uri[len(prefix) :]).relative_to(Path.cwd()))
+    except ValueError:
+        return uri
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -55,7 +68,13 @@ class Tracker:
                 if self.tracking_uri.startswith("sqlite:"):
                     location = (outputs_root() / "mlartifacts").as_uri()
                 mlflow.create_experiment(experiment, artifact_location=location)
-            mlflow.set_experiment(experiment)
+            found = mlflow.set_experiment(experiment)
+            if EXPERIMENT_KIND not in found.tags:
+                # MLflow 3's UI opens an experiment of no kind on its GenAI overview (traces);
+                # qpipe's are runs to compare.
+                mlflow.MlflowClient().set_experiment_tag(
+                    found.experiment_id, EXPERIMENT_KIND, "custom_model_development"
+                )
         self.run_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str]) -> str:
@@ -94,6 +113,11 @@ class Tracker:
         self._mlflow.end_run(status=status)
 
     def ui_hint(self) -> str:
-        if self.tracking_uri.startswith(("http://", "https://")):
-            return f"open {self.tracking_uri}"
-        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+        return self.hint_for(self.tracking_uri)
+
+    @staticmethod
+    def hint_for(tracking_uri: str) -> str:
+        """The command (or address) that shows this store's runs."""
+        if tracking_uri.startswith(("http://", "https://")):
+            return f"open {tracking_uri}"
+        return f"mlflow ui --backend-store-uri {short_sqlite_uri(tracking_uri)}"

@@ -92,6 +92,17 @@ def test_failing_jobs_run_the_rest_and_fail_the_command(tmp_path: Path) -> None:
     assert status == ["FAILED", "FINISHED"]  # the bad job is listed in the parent too
     failed = next(r for r in children if r.info.status == "FAILED")
     assert "quant.bits=5 is not valid" in failed.data.tags["qpipe.failure"]
+    # Issue 24: the parent says what was swept; the sweep ends with how to look at it.
+    parent = parents[0]
+    assert parent.info.run_name.startswith("sweep quant.bits=5,4 (")
+    assert parent.data.params["sweep.quant.bits"] == "5,4"
+    assert parent.data.params["sweep.jobs"] == "2"
+    assert parent.data.tags["qpipe.sweep_axes"] == "quant.bits=5,4"
+    exp = client(tmp_path).get_experiment_by_name("failing")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs
+    last = [line.strip() for line in proc.stdout.splitlines() if line.strip()][-2:]
+    assert last[0].startswith("mlflow ui --backend-store-uri sqlite:///")
+    assert last[1] == f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
 
 
 @pytest.mark.slow

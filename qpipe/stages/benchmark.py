@@ -50,6 +50,13 @@ def _decode_speeds(cfg, model, tokenizer, text: str, device: str) -> tuple[dict,
         for b in batches
     }
     for mode in modes:
+        log.info(
+            "decode timing: %s, batch %s, %d × %d new tokens",
+            mode,
+            "/".join(str(b) for b in batches),
+            int(ev.repeats),
+            int(ev.max_new_tokens),
+        )
         try:
             speeds[mode] = {
                 b: decode.measure(

@@ -1,0 +1,246 @@
+"""``python -m qpipe.cache``: what ``outputs/cache`` holds, how big it is, and clearing it.
+
+    python -m qpipe.cache                            # every cache entry, its size, whether a run uses it
+    python -m qpipe.cache clear --unreferenced       # what no run's record mentions
+    python -m qpipe.cache clear --all                # everything (also writes in progress)
+    python -m qpipe.cache clear --unreferenced --dry-run   # say what would go, delete nothing
+
+Entries are the cached stage results (``stages/<stage>/<key>``: quantized checkpoints, the
+baseline's reference, sensitivity rankings), model copies made from GGUF or random weights
+(``models/``), tokenizers (``tokenizers/``), and the libraries' own caches that a run keeps
+under outputs (matplotlib, Triton, TorchInductor, Hugging Face modules: one entry each).
+
+A run references a cache entry when its record — the JSON a run writes in its folder
+(``runs/``, ``multirun/``) and logs to MLflow (``mlartifacts/``) — names the entry's path.
+Library caches are never "unreferenced": only ``--all`` clears them.
+
+Anything whose name contains ``.partial`` is a write in progress (or one a killed process
+left): it is listed as such, never counted as an entry, and cleared only by ``--all`` or, by
+``--unreferenced``, once it is older than ``PARTIAL_STALE_H`` hours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from qpipe.paths import outputs_root
+
+PARTIAL = ".partial"
+PARTIAL_STALE_H = 24.0  # a write in progress this old has no writer left
+RESULT_KINDS = ("stages", "models", "tokenizers")  # run results: what runs can reference
+RECORD_FOLDERS = ("runs", "multirun", "mlartifacts")
+_REFERENCE = re.compile(r"cache/(stages/[^/\"\\\s]+/[^/\"\\\s]+|[^/\"\\\s]+/[^/\"\\\s]+)")
+
+
+@dataclass
+class Entry:
+    path: Path
+    kind: str  # a stage's name (quantize, baseline, ...), "model", "tokenizer", "library"
+    name: str  # relative to the cache folder
+    size: int
+    mtime: float
+    partial: bool = False
+    referenced: bool | None = None  # None: not a run result (library caches)
+
+
+def tree_size(path: Path) -> tuple[int, float]:
+    """Bytes under ``path`` (links not followed) and the newest modification time."""
+    if not path.is_dir() or path.is_symlink():
+        info = path.lstat()
+        return info.st_size, info.st_mtime
+    total, newest = 0, path.lstat().st_mtime
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(folder, name))
+            except OSError:  # removed while we looked (a writer finishing)
+                continue
+            total += info.st_size
+            newest = max(newest, info.st_mtime)
+    return total, newest
+
+
+def _entry(cache: Path, path: Path, kind: str) -> Entry:
+    size, mtime = tree_size(path)
+    return Entry(path, kind, str(path.relative_to(cache)), size, mtime, PARTIAL in path.name)
+
+
+def entries(cache: Path) -> list[Entry]:
+    """Every entry and every write in progress under ``cache``."""
+    out: list[Entry] = []
+    if not cache.is_dir():
+        return out
+    for top in sorted(cache.iterdir()):
+        if PARTIAL in top.name:
+            out.append(_entry(cache, top, "?"))
+        elif top.name == "stages" and top.is_dir():
+            for stage in sorted(p for p in top.iterdir()):
+                if not stage.is_dir():
+                    out.append(_entry(cache, stage, "stage"))
+                    continue
+                out.extend(_entry(cache, p, stage.name) for p in sorted(stage.iterdir()))
+        elif top.name in RESULT_KINDS and top.is_dir():
+            kind = top.name.rstrip("s")
+            out.extend(_entry(cache, p, kind) for p in sorted(top.iterdir()))
+        else:
+            out.append(_entry(cache, top, "library"))
+    return out
+
+
+def referenced_names(root: Path) -> set[str]:
+    """Cache paths (relative to ``cache/``, cut to an entry) that a run record names."""
+    names: set[str] = set()
+    for folder in RECORD_FOLDERS:
+        base = root / folder
+        if not base.is_dir():
+            continue
+        for record in base.rglob("*.json"):
+            try:
+                text = record.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            if "cache/" in text:
+                names.update(_REFERENCE.findall(text))
+    return names
+
+
+def survey(root: Path | None = None) -> list[Entry]:
+    """Entries of ``<root>/cache``, each marked referenced or not (library caches: None)."""
+    root = root or outputs_root()
+    found = entries(root / "cache")
+    names = referenced_names(root)
+    for entry in found:
+        if entry.kind != "library" and not entry.partial:
+            entry.referenced = entry.name in names
+    return found
+
+
+def removable(found: list[Entry], everything: bool, now: float | None = None) -> list[Entry]:
+    """What ``clear`` removes: everything, or the run results no record references and the
+    writes in progress older than ``PARTIAL_STALE_H``."""
+    if everything:
+        return list(found)
+    now = time.time() if now is None else now
+    stale = now - PARTIAL_STALE_H * 3600
+    return [
+        e
+        for e in found
+        if (e.partial and e.mtime < stale) or (not e.partial and e.referenced is False)
+    ]
+
+
+def human(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def _age(mtime: float) -> str:
+    seconds = max(time.time() - mtime, 0)
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400 * 2:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def listing(root: Path, found: list[Entry], console: Console) -> None:
+    cache = root / "cache"
+    done = [e for e in found if not e.partial]
+    writing = [e for e in found if e.partial]
+    total = sum(e.size for e in found)
+    console.print(
+        f"{cache}: {human(total)} in {len(done)} entries"
+        + (f" (+{len(writing)} in progress)" if writing else ""),
+        highlight=False,
+    )
+    if not found:
+        return
+    table = Table()
+    table.add_column("kind", no_wrap=True)
+    table.add_column("entry", overflow="fold")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("in use", no_wrap=True)
+    table.add_column("age", justify="right", no_wrap=True)
+    for e in sorted(done, key=lambda e: -e.size) + writing:
+        used = {True: "yes", False: "no", None: "—"}[e.referenced]
+        if e.partial:
+            used = "writing"
+        table.add_row(e.kind, Path(e.name).name, human(e.size), used, _age(e.mtime))
+    console.print(table)
+    console.print(
+        "in use: a run's record names it (run folders, MLflow artifacts); "
+        "writing: a write in progress, or left by a killed run",
+        style="dim",
+    )
+    unused = human(sum(e.size for e in removable(found, everything=False)))
+    console.print("to clear:", highlight=False)
+    console.print(
+        f"  python -m qpipe.cache clear --unreferenced   # {unused}: what no run uses",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"  python -m qpipe.cache clear --all            # {human(total)}: everything",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def clear(found: list[Entry], everything: bool, dry_run: bool, console: Console) -> int:
+    """Remove what ``removable`` picks; the bytes it freed (or would free)."""
+    freed = 0
+    for e in removable(found, everything):
+        console.print(f"{'would remove' if dry_run else 'removing'} {e.name} ({human(e.size)})")
+        if not dry_run:
+            if e.path.is_dir() and not e.path.is_symlink():
+                shutil.rmtree(e.path, ignore_errors=True)
+            else:
+                e.path.unlink(missing_ok=True)
+        freed += e.size
+    verb = "would free" if dry_run else "freed"
+    console.print(f"{verb} {human(freed)}", highlight=False)
+    return freed
+
+
+def main(argv: list[str] | None = None, console: Console | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m qpipe.cache",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--all", action="store_true", help="clear everything")
+    what.add_argument(
+        "--unreferenced", action="store_true", help="clear what no run references (and old writes)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    parser.add_argument(
+        "--outputs", type=Path, default=None, help="the outputs folder (default: QPIPE_OUTPUTS)"
+    )
+    args = parser.parse_args(argv)
+    console = console or Console()
+    root = (args.outputs or outputs_root()).resolve()
+    found = survey(root)
+    if args.action == "list":
+        listing(root, found, console)
+        return
+    if not (args.all or args.unreferenced):
+        parser.error("clear needs --all or --unreferenced")
+    clear(found, args.all, args.dry_run, console)
+
+
+if __name__ == "__main__":
+    main()
