@@ -43,7 +43,24 @@ def normalize_overrides(args: list[str]) -> list[str]:
         if match and match["group"] in groups:
             arg = arg[1:]
         out.append(arg)
-    return _force_keys_of_swept_groups(out, groups)
+    return _force_keys_of_swept_groups(_force_schema_keys(out, groups), groups)
+
+
+def _force_schema_keys(args: list[str], groups: set[str]) -> list[str]:
+    """``model=tiny_llama model.path=/my/copy``: a setting the schema knows (qpipe/schema.py)
+    that the chosen option's YAML leaves out is set all the same (``++``), instead of Hydra's
+    "Key 'path' is not in struct"; a key the schema lacks keeps Hydra's meaning (and its
+    error), and the typed schema still checks every value."""
+    from qpipe.schema import schema_leaf
+
+    out = []
+    for arg in args:
+        m = _ASSIGN.match(arg)
+        key = m["key"] if m else ""
+        if "." in key and key.split(".", 1)[0] in groups and schema_leaf(key.split(".")):
+            arg = "++" + arg
+        out.append(arg)
+    return out
 
 
 _ASSIGN = re.compile(r"^(?P<key>[\w/.]+)=(?P<value>.*)$")
