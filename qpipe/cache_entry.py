@@ -26,7 +26,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from qpipe.errors import QpipeError
+
 log = logging.getLogger("qpipe")
+
+
+class CacheLockError(QpipeError):
+    """A cache entry's lock file cannot be made (a folder in its place, a read-only cache)."""
+
 
 _HELD: dict[str, int] = {}  # entries this process holds the lock of (re-entrant)
 
@@ -43,8 +50,15 @@ def entry_lock(entry: Path) -> Iterator[None]:
         finally:
             _HELD[key] -= 1
         return
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(entry.with_name(entry.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    lock = entry.with_name(entry.name + ".lock")
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise CacheLockError(
+            f"cannot lock the cache entry {entry} ({err.strerror or err}: {err.filename or lock}"
+            "); remove what is in the way, or move QPIPE_OUTPUTS"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

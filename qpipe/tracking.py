@@ -77,6 +77,8 @@ class Tracker:
                         location = (outputs_root() / "mlartifacts").as_uri()
                     mlflow.create_experiment(experiment, artifact_location=location)
                 mlflow.set_experiment(experiment)
+        except QpipeError:
+            raise
         except Exception as err:  # MLflow's own refusal (a store it won't open, a bad name)
             raise TrackingRefused(refusal(self.tracking_uri, experiment, err)) from None
         self.run_id: str | None = None
