@@ -16,8 +16,21 @@ import sys
 import warnings
 from pathlib import Path
 
-from qpipe.paths import contain_library_caches
+from qpipe.errors import QpipeError
+from qpipe.paths import check_outputs_root, contain_library_caches
 
+
+def _outputs_usable() -> None:
+    """Before anything imports TorchInductor, Triton or matplotlib: each makes its cache
+    under the outputs folder, and fails with a long traceback where it cannot."""
+    try:
+        check_outputs_root()
+    except QpipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+_outputs_usable()
 contain_library_caches()  # before transformers, triton and matplotlib read their settings
 
 import hydra  # noqa: E402
@@ -30,7 +43,6 @@ from rich.markup import escape  # noqa: E402
 from qpipe import searchpath, signals, sweep  # noqa: E402
 from qpipe.app import print_summary, run_pipeline  # noqa: E402
 from qpipe.config import CONF_DIR, normalize_overrides  # noqa: E402
-from qpipe.errors import QpipeError  # noqa: E402
 from qpipe.gpu_slots import parallel_jobs, pin_job, visible_gpu_count  # noqa: E402
 
 log = logging.getLogger("qpipe")
@@ -74,6 +86,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    _outputs_usable()
     sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
     signals.install()
     searchpath.register()  # ./conf before the built-ins

@@ -19,6 +19,7 @@ import torch
 
 from qpipe.errors import ConfigError, WeightsUnavailable
 from qpipe.paths import data_file
+from qpipe.textdata import read_utf8
 
 BUILTIN = "calib"  # a folder of qpipe/data: one text per domain
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -43,7 +44,8 @@ def _local_path(dataset: str) -> Path | None:
 
 
 def validate_calib(calib: Mapping[str, Any]) -> None:
-    """One-line ConfigError for a bad ``calib`` value (cheap: reads no text)."""
+    """One-line ConfigError for a bad ``calib`` value (cheap: reads local data once, to check
+    it decodes, and never the hub)."""
     for key in ("num_samples", "seq_len"):
         value = calib.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -56,6 +58,8 @@ def validate_calib(calib: Mapping[str, Any]) -> None:
                 f"calib.dataset={dataset!r} is a folder with no {'/'.join(TEXT_SUFFIXES)} "
                 f"files; give {_VALID_DATASET}"
             )
+        if path is not None:
+            read_local(path, calib.get("text_column") or "text")
         return
     name = calib.get("text_file") or BUILTIN
     if not data_file(name).exists():
@@ -96,11 +100,11 @@ def read_local(path: Path, column: str = "text") -> list[str]:
     runs are reproducible); a ``.jsonl`` gives the ``column`` field of each line; any other
     file is one UTF-8 text."""
     if path.is_dir():
-        texts = [p.read_text(encoding="utf-8") for p in _text_files(path)]
+        texts = [read_utf8(p, "calib.dataset") for p in _text_files(path)]
     elif path.suffix in JSONL_SUFFIXES:
         texts = _jsonl_texts(path, column)
     else:
-        texts = [path.read_text(encoding="utf-8")]
+        texts = [read_utf8(path, "calib.dataset")]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ConfigError(f"calibration data {str(path)!r} holds no text; give {_VALID_DATASET}")
@@ -109,7 +113,7 @@ def read_local(path: Path, column: str = "text") -> list[str]:
 
 def _jsonl_texts(path: Path, column: str) -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_utf8(path, "calib.dataset").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -6,6 +6,7 @@ instead of a library's message from whichever stage first touches the folder."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import struct
 from collections.abc import Callable
@@ -248,6 +249,30 @@ def inspect_checkpoint(folder: Path, model_class: str = "AutoModelForCausalLM") 
     _PASSED.add(key)
 
 
+def check_model_type(folder: Path, config: dict[str, Any]) -> None:
+    """The architecture must be one this transformers builds (a folder's own code, auto_map,
+    was refused or allowed above)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if config.get("auto_map") or model_type in CONFIG_MAPPING_NAMES:
+        return
+    path = folder / "config.json"
+    if not isinstance(model_type, str) or not model_type:
+        raise CheckpointError(
+            f"{path} has no model_type: transformers cannot tell the architecture (add e.g. "
+            '"model_type": "llama")'
+        )
+    close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING_NAMES), n=3)
+    hint = f" (close: {', '.join(close)})" if close else ""
+    raise CheckpointError(
+        f"{path}: model_type {model_type!r} is not an architecture transformers "
+        f"{transformers.__version__} knows{hint}; fix config.json, or use a transformers that "
+        "has it"
+    )
+
+
 def _inspect(folder: Path, model_class: str) -> None:
     pol = policy()
     config = read_config(folder)
@@ -257,6 +282,7 @@ def _inspect(folder: Path, model_class: str) -> None:
             f"{', '.join(sorted(config['auto_map']))}); qpipe runs no code from checkpoints "
             "unless model.trust_remote_code=true"
         )
+    check_model_type(folder, config)
     if (config.get("quantization_config") or {}).get("quant_method") == "qpipe-w4":
         _check_qpipe_w4(folder, config)
     tensors: dict[str, tuple[str, Any]] = {}

@@ -43,7 +43,53 @@ def normalize_overrides(args: list[str]) -> list[str]:
         if match and match["group"] in groups:
             arg = arg[1:]
         out.append(arg)
-    return _force_keys_of_swept_groups(out, groups)
+    return _force_keys_of_swept_groups(_force_schema_keys(out, groups), groups)
+
+
+def _force_schema_keys(args: list[str], groups: set[str]) -> list[str]:
+    """``model=tiny_llama model.path=/my/copy``: a setting the schema knows (qpipe/schema.py)
+    that the chosen option's YAML leaves out is set all the same (``++``), instead of Hydra's
+    "Key 'path' is not in struct"; a key the schema lacks keeps Hydra's meaning (and its
+    error), keys the option has stay as written, and the typed schema checks every value."""
+    from qpipe.schema import schema_leaf
+
+    chosen = {}
+    for arg in args:
+        m = _ASSIGN.match(arg)
+        if m and m["key"] in groups and not _is_sweep(m["value"]):
+            chosen[m["key"]] = m["value"]
+    out = []
+    for arg in args:
+        m = _ASSIGN.match(arg)
+        key = m["key"] if m else ""
+        group, _, rest = key.partition(".")
+        if rest and group in groups and schema_leaf(key.split(".")):
+            option = _option_yaml(group, chosen.get(group))
+            if option is not None and OmegaConf.select(option, rest, default=_MISSING) is _MISSING:
+                arg = "++" + arg
+        out.append(arg)
+    return out
+
+
+_MISSING = object()
+
+
+def _option_yaml(group: str, name: str | None) -> DictConfig | None:
+    """The YAML of one option of a group (the user's ``./conf`` first, then the built-ins;
+    the default option when ``name`` is None); None when it cannot be told."""
+    if name is None:
+        defaults = OmegaConf.load(CONF_DIR / "config.yaml").defaults
+        name = next((d[group] for d in defaults if isinstance(d, DictConfig) and group in d), None)
+    if not name:
+        return None
+    for folder in (Path.cwd() / "conf", CONF_DIR):
+        path = folder / group / f"{name}.yaml"
+        if path.is_file():
+            try:
+                return OmegaConf.load(path)
+            except Exception:  # Hydra will say what is wrong with the file
+                return None
+    return None
 
 
 _ASSIGN = re.compile(r"^(?P<key>[\w/.]+)=(?P<value>.*)$")

@@ -31,6 +31,7 @@ import yaml
 
 from qpipe.config import PIPELINES_DIR
 from qpipe.errors import ConfigError
+from qpipe.textdata import read_utf8
 
 
 class PipelineError(ConfigError):
@@ -109,6 +110,16 @@ def _check_user_stage(name: str, module: str) -> None:
             f"stage {name!r} uses {module!r}, which cannot be imported ({err}); a user stage "
             "is a module importable from the working directory with run(ctx) -> StageResult"
         ) from None
+    except (Exception, SystemExit) as err:  # its own code failed: a syntax error, a raise
+        where = ""
+        if isinstance(err, SyntaxError) and err.filename:
+            where = f" at {err.filename}:{err.lineno}"
+        detail = str(err.msg if isinstance(err, SyntaxError) else err).splitlines()
+        raise PipelineError(
+            f"stage {name!r} uses {module!r}, whose import failed{where}: "
+            f"{type(err).__name__}: {detail[0] if detail else ''}; fix the module (a user "
+            "stage's import must run without errors)"
+        ) from None
     if not callable(getattr(code, "run", None)):
         raise PipelineError(
             f"stage {name!r} uses {module!r}, which has no run(ctx) function; a stage module "
@@ -183,7 +194,7 @@ def load_dag(name_or_path: str) -> Dag:
     path."""
     path = find_pipeline(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_utf8(path, f"pipeline={name_or_path!r}"))
     except yaml.YAMLError as err:
         raise PipelineError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     return parse_dag(data, source=path.name)

@@ -38,7 +38,7 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _per_card(value: Any, key: str) -> list[float] | None:
+def per_card(value: Any, key: str) -> list[float] | None:
     """A number (every card) or a list (one per card) as a list; None stays None."""
     if value is None:
         return None
@@ -57,7 +57,7 @@ def validate_placement(cfg: DictConfig) -> None:
         raise ConfigError(f"hardware.count={count!r} is not valid; use a number of GPUs or auto")
     if count != "auto" and count < 1:
         raise ConfigError(f"hardware.count={count} must be ≥ 1 (or auto)")
-    memory = _per_card(hw.get("memory_gb"), "hardware.memory_gb")
+    memory = per_card(hw.get("memory_gb"), "hardware.memory_gb")
     if memory and len(memory) > 1 and count != "auto" and len(memory) != count:
         raise ConfigError(
             f"hardware.memory_gb lists {len(memory)} cards but hardware.count={count}; "
@@ -72,7 +72,7 @@ def validate_placement(cfg: DictConfig) -> None:
         raise ConfigError(
             f"placement.device_map={strategy!r} is not valid; use one of: {', '.join(DEVICE_MAPS)}"
         )
-    _per_card(placement.get("max_memory_gb"), "placement.max_memory_gb")
+    per_card(placement.get("max_memory_gb"), "placement.max_memory_gb")
     per_job = placement.get("gpus_per_job", 1)
     if not isinstance(per_job, int) or isinstance(per_job, bool) or per_job < 0:
         raise ConfigError(
@@ -99,7 +99,7 @@ def resolve_cards(cfg: DictConfig, device: str, detected_gb: float | None) -> Ca
     ``detected_gb`` the memory env_check found (the GPU's, or the host's on CPU)."""
     hw = cfg.hardware
     count = hw.get("count", 1)
-    memory = _per_card(hw.get("memory_gb"), "hardware.memory_gb")
+    memory = per_card(hw.get("memory_gb"), "hardware.memory_gb")
     if memory is None:
         memory = _detected_gpus(device) if hw.name == "auto" else []
         if not memory:  # CPU, or a GPU env_check saw and torch can't list here
@@ -110,7 +110,7 @@ def resolve_cards(cfg: DictConfig, device: str, detected_gb: float | None) -> Ca
         memory = memory * (1 if count == "auto" else int(count))
     headroom = 1 - float(hw.headroom_pct) / 100
     usable = [m * headroom for m in memory]
-    caps = _per_card((cfg.get("placement") or {}).get("max_memory_gb"), "placement.max_memory_gb")
+    caps = per_card((cfg.get("placement") or {}).get("max_memory_gb"), "placement.max_memory_gb")
     if caps:
         caps = caps * len(memory) if len(caps) == 1 else caps
         if len(caps) != len(memory):

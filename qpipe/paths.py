@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
 def outputs_root() -> Path:
     """The outputs folder: ``$QPIPE_OUTPUTS`` or ``./outputs``, made absolute once."""
     return Path(os.environ.get("QPIPE_OUTPUTS", "outputs")).resolve()
+
+
+def check_outputs_root() -> None:
+    """ConfigError (one line) when the outputs folder cannot be made or written in. Checked
+    first, before matplotlib, Triton or TorchInductor try to make their caches there (their
+    failure is a long traceback from an import)."""
+    from qpipe.errors import ConfigError
+
+    given = os.environ.get("QPIPE_OUTPUTS")
+    name = f"QPIPE_OUTPUTS={given!r}" if given is not None else "the outputs folder ./outputs"
+    root = outputs_root()
+    try:
+        (root / "cache").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root / "cache", prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        blocker = next((p for p in (root / "cache", root, *root.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            why = f"{blocker} is a file, not a folder"
+        else:
+            why = f"{err.strerror or err}: {err.filename or root}"
+        raise ConfigError(
+            f"{name} cannot be qpipe's outputs folder ({why}); point QPIPE_OUTPUTS at a folder "
+            "qpipe may create and write in"
+        ) from None
 
 
 def cache_dir(*parts: str) -> Path:

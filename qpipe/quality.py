@@ -57,8 +57,8 @@ def eval_domains(ev: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def validate_eval_texts(ev: Mapping[str, Any]) -> None:
     """One-line ConfigError for a missing eval text or bad domain name (before heavy work)."""
-    for _, text in eval_domains(ev):
-        read_text(text)
+    for index, (name, text) in enumerate(eval_domains(ev)):
+        read_text(text, "eval.text" if index == 0 else f"eval.extra_texts.{name}")
     if int(ev.get("top_k", 32)) < 1:
         raise ConfigError(f"eval.top_k={ev.get('top_k')} must be ≥ 1")
 

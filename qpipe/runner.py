@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qpipe.cache_entry import entry_lock, new_partial, publish
 from qpipe.dag import Dag, StageSpec, stage_function
 from qpipe.diskspace import disk_errno, free_bytes, gb, guarded_write
 from qpipe.errors import QpipeError
@@ -104,8 +105,7 @@ class Runner:
         text = json.dumps(record, indent=2)
         with guarded_write(partial, len(text.encode()), "the cache record"):
             (partial / "result.json").write_text(text)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        publish(partial, final)
         return result
 
     @staticmethod
@@ -134,24 +134,29 @@ class Runner:
 
         key = self._cache_key(spec)
         final = cache_dir("stages", spec.name) / key
-        cached = self._load_cached(final)
-        if cached is not None:
-            log.info("%s: reusing cached result %s", spec.name, final)
-            cached.params[f"cache.{spec.name}"] = "hit"
-            return cached
-        partial = final.with_name(key + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        try:
-            result = run(StageContext(self.cfg, inputs, partial))
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        if not result.cacheable:  # it had nothing to do: no result to reuse
-            shutil.rmtree(partial, ignore_errors=True)
-            return result
-        result.params[f"cache.{spec.name}"] = "miss"
-        return self._store_cached(partial, final, result)
+        # One writer per key (qpipe.cache_entry): a run that finds another process computing
+        # the same result waits for it and reuses it instead of computing it beside it.
+        with entry_lock(final):
+            cached = self._load_cached(final)
+            if cached is not None:
+                log.info("%s: reusing cached result %s", spec.name, final)
+                cached.params[f"cache.{spec.name}"] = "hit"
+                return cached
+            partial = new_partial(final)
+            try:
+                result = run(StageContext(self.cfg, inputs, partial))
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            if not result.cacheable:  # it had nothing to do: no result to reuse
+                shutil.rmtree(partial, ignore_errors=True)
+                return result
+            result.params[f"cache.{spec.name}"] = "miss"
+            try:
+                return self._store_cached(partial, final, result)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
 
     def _log_stage(self, name: str, result: StageResult, seconds: float) -> None:
         if self.tracker is None:

@@ -197,6 +197,14 @@ def _known_keys(schema: type, path: list[str]) -> list[str]:
     return [f.name for f in fields(schema)]
 
 
+def schema_leaf(path: list[str]) -> bool:
+    """Whether ``path`` (``["model", "path"]``) names a plain value of the schema."""
+    *parents, leaf = path
+    if leaf not in _known_keys(QpipeSchema, parents):
+        return False
+    return not _known_keys(QpipeSchema, path)
+
+
 def check_schema(cfg: DictConfig, stage_keys: set[str] = frozenset()) -> None:
     """Raise ConfigError (one line) when ``cfg`` has a key the schema lacks or a value of the
     wrong type. ``stage_keys``: top-level keys that belong to the pipeline's own stages (their

@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from qpipe.errors import QpipeError
+
 
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (None for servers and other stores)."""
@@ -27,8 +29,19 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        blocker = next((p for p in path.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            why = f"{blocker} is a file, not a folder"
+        else:
+            why = f"{err.strerror or err}: {err.filename or str(path) + '.lock'}"
+        raise QpipeError(
+            f"cannot lock the MLflow store {path} ({why}); fix mlflow.tracking_uri or remove "
+            "what is in the way"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

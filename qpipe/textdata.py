@@ -10,16 +10,32 @@ from qpipe.errors import ConfigError
 from qpipe.paths import data_file
 
 
-def read_text(name_or_path: str) -> str:
+def read_utf8(path: Path, what: str) -> str:
+    """A file qpipe reads as text, decoded as UTF-8; one ConfigError line naming the file and
+    the setting it came from (``what``) when it is not text, or cannot be read."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot read {path} ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{what}: {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+            f"{err.start}); give a UTF-8 text file"
+        ) from None
+
+
+def read_text(name_or_path: str, key: str = "eval.text") -> str:
     """A built-in text by file name (``qpipe/data``) or any UTF-8 file by path."""
     path = data_file(name_or_path)
     if not path.is_file():
         path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise ConfigError(
-            f"eval.text={name_or_path!r} is neither a built-in text (eval_gpl3.txt) nor a file"
+            f"{key}={name_or_path!r} is neither a built-in text (eval_gpl3.txt) nor a file"
         )
-    return path.read_text(encoding="utf-8")
+    return read_utf8(path, f"{key}={name_or_path!r}")
 
 
 def token_ids(tokenizer, text: str, count: int) -> torch.Tensor:

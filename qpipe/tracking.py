@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qpipe.errors import QpipeError
 from qpipe.paths import outputs_root
 from qpipe.store_lock import store_lock
 
@@ -38,6 +39,25 @@ def short_sqlite_uri(uri: str) -> str:
         return uri
 
 
+class TrackingRefused(QpipeError):
+    """MLflow refuses the configured store or experiment."""
+
+
+STORE_HINT = "use sqlite:///path/to/mlflow.db, http(s)://host:port, or null (outputs/mlflow.db)"
+
+
+def refusal(uri: str, experiment: str, err: Exception) -> str:
+    """MLflow's refusal as one line: its first sentence, the URI, and what would work."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    first = text.split(". ")[0].rstrip(".")
+    if len(first) > 300:
+        first = first[:300] + "…"
+    return (
+        f"MLflow refuses mlflow.tracking_uri={uri} (mlflow.experiment={experiment!r}): "
+        f"{type(err).__name__}: {first}; {STORE_HINT}"
+    )
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for key, sub in value.items():
@@ -60,21 +80,26 @@ class Tracker:
             # (its record stays in the run folder, see qpipe.journal). The user's settings win.
             for name, value in HTTP_LIMITS.items():
                 os.environ.setdefault(name, value)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with store_lock(self.tracking_uri):  # parallel sweep jobs: one creator at a time
-            if mlflow.get_experiment_by_name(experiment) is None:
-                # Artifacts go beside the store, not into ./mlruns of the current directory.
-                location = None
-                if self.tracking_uri.startswith("sqlite:"):
-                    location = (outputs_root() / "mlartifacts").as_uri()
-                mlflow.create_experiment(experiment, artifact_location=location)
-            found = mlflow.set_experiment(experiment)
-            if EXPERIMENT_KIND not in found.tags:
-                # MLflow 3's UI opens an experiment of no kind on its GenAI overview (traces);
-                # qpipe's are runs to compare.
-                mlflow.MlflowClient().set_experiment_tag(
-                    found.experiment_id, EXPERIMENT_KIND, "custom_model_development"
-                )
+        try:
+            mlflow.set_tracking_uri(self.tracking_uri)
+            with store_lock(self.tracking_uri):  # parallel sweep jobs: one creator at a time
+                if mlflow.get_experiment_by_name(experiment) is None:
+                    # Artifacts go beside the store, not into ./mlruns of the current directory.
+                    location = None
+                    if self.tracking_uri.startswith("sqlite:"):
+                        location = (outputs_root() / "mlartifacts").as_uri()
+                    mlflow.create_experiment(experiment, artifact_location=location)
+                found = mlflow.set_experiment(experiment)
+                if EXPERIMENT_KIND not in found.tags:
+                    # MLflow 3's UI opens an experiment of no kind on its GenAI overview
+                    # (traces); qpipe's are runs to compare.
+                    mlflow.MlflowClient().set_experiment_tag(
+                        found.experiment_id, EXPERIMENT_KIND, "custom_model_development"
+                    )
+        except QpipeError:
+            raise
+        except Exception as err:  # MLflow's own refusal (a store it won't open, a bad name)
+            raise TrackingRefused(refusal(self.tracking_uri, experiment, err)) from None
         self.run_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str]) -> str:

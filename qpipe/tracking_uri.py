@@ -11,16 +11,19 @@ from __future__ import annotations
 import logging
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
 from qpipe.errors import ConfigError, QpipeError
-from qpipe.tracking import default_tracking_uri
+from qpipe.tracking import STORE_HINT, default_tracking_uri
 
 log = logging.getLogger("qpipe")
 
 FALLBACKS = (None, "local")
+# The tracking stores MLflow opens (its registry's schemes; mysql+pymysql:// and the like too).
+SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "uc")
 PROBE_TIMEOUT_S = 3.0
 
 
@@ -57,6 +60,12 @@ def resolve_tracking_uri(mlflow_cfg: Mapping[str, Any]) -> str:
     if fallback not in FALLBACKS:
         raise ConfigError(f"mlflow.fallback={fallback!r} is not valid; use null or local")
     uri = mlflow_cfg.get("tracking_uri") or default_tracking_uri()
+    scheme = urllib.parse.urlsplit(str(uri)).scheme
+    if len(scheme) > 1 and scheme.split("+")[0] not in SCHEMES:  # (one letter: a Windows drive)
+        raise ConfigError(
+            f"mlflow.tracking_uri={uri!r}: MLflow has no tracking store for {scheme}://; "
+            f"{STORE_HINT}"
+        )
     reason = unreachable_reason(uri)
     if reason is None:
         return uri

@@ -28,7 +28,12 @@ def validate_config(cfg: DictConfig) -> None:
     kernel = resolve_kernel(cfg, device)
     if kernel == "triton" and not device.startswith("cuda"):
         raise ConfigError("kernel=triton needs a CUDA device; use kernel=torch (or auto) on CPU")
-    source_kind(cfg.model)
+    if source_kind(cfg.model) == "path":  # the user's folder: its config.json, before any run
+        from qpipe.checkpoints import check_model_type, read_config
+        from qpipe.models.source import checked_folder
+
+        folder = checked_folder(cfg.model.path)
+        check_model_type(folder, read_config(folder))
     model_class(cfg.model)
     task = cfg.model.get("task", "causal-lm")
     if task not in ("causal-lm", "image-text-to-text", "feature-extraction"):
@@ -63,6 +68,7 @@ def validate_config(cfg: DictConfig) -> None:
         if int(w[key]) < 1:
             raise ConfigError(f"workload.{key}={w[key]} must be ≥ 1")
     validate_placement(cfg)
+    _check_ranges(cfg)
     if "sensitivity" in cfg:
         for key in ("samples", "seq_len"):
             if int(cfg.sensitivity[key]) < 1:
@@ -85,3 +91,68 @@ def validate_config(cfg: DictConfig) -> None:
             )
         if int(cfg.eval.max_new_tokens) < 2:
             raise ConfigError("eval.max_new_tokens must be ≥ 2 to time decoding")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _at_least(key: str, value: object, low: float, what: str = "a number") -> None:
+    if not _number(value) or value < low:
+        raise ConfigError(f"{key}={value!r} is not valid; use {what} ≥ {low:g}")
+
+
+_RANDOM_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """The numbers and names the typed schema lets through but no stage could use (a
+    negative overhead, a headroom of 100 % or more, a seed numpy refuses)."""
+    hw = cfg.hardware
+    if hw.get("runtime_overhead_gb") is not None:
+        _at_least("hardware.runtime_overhead_gb", hw.runtime_overhead_gb, 0, "a number of GB")
+    pct = hw.get("headroom_pct", 5.0)
+    if not _number(pct) or not 0 <= pct < 100:
+        raise ConfigError(
+            f"hardware.headroom_pct={pct!r} is not valid; use a percentage in [0, 100)"
+        )
+    for key, value in (("seed", cfg.get("seed", 0)), ("model.seed", cfg.model.get("seed", 0))):
+        if not _number(value) or not 0 <= value < 2**32:
+            raise ConfigError(f"{key}={value!r} is not valid; use an integer in [0, 2**32)")
+    model = cfg.model
+    if source_kind(model) == "random":
+        dtype = model.get("random_dtype", "bfloat16")
+        if dtype not in _RANDOM_DTYPES:
+            raise ConfigError(
+                f"model.random_dtype={dtype!r} is not valid; use {', '.join(_RANDOM_DTYPES)}"
+            )
+        _check_borrowed_tokenizer(model.get("tokenizer"))
+    if not str(cfg.mlflow.experiment).strip():
+        raise ConfigError("mlflow.experiment='' is not valid; name the experiment")
+    quant = cfg.quant
+    if quant.method == "bnb" or "threshold" in quant:
+        threshold = quant.get("threshold", 6.0)
+        if not _number(threshold) or threshold <= 0:
+            raise ConfigError(f"quant.threshold={threshold!r} is not valid; use a number > 0")
+    if quant.get("weights_gb") is not None and (
+        not _number(quant.weights_gb) or quant.weights_gb <= 0
+    ):
+        raise ConfigError(f"quant.weights_gb={quant.weights_gb!r} is not valid; use GB > 0")
+
+
+def _check_borrowed_tokenizer(name: object) -> None:
+    """``model.tokenizer`` of a random-weight model: qwen, a tokenizer folder, or a model."""
+    if name in (None, "", "qwen"):
+        return
+    from pathlib import Path
+
+    from qpipe.config import CONF_DIR
+
+    text = str(name)
+    if Path(text).expanduser().is_dir() or (CONF_DIR / "model" / f"{text}.yaml").is_file():
+        return
+    models = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    raise ConfigError(
+        f"model.tokenizer={text!r} is neither a tokenizer folder nor a model ({', '.join(models)}"
+        ", qwen)"
+    )

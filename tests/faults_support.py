@@ -147,6 +147,7 @@ class FaultRecord:
 class FaultLog:
     faults: list[FaultRecord] = field(default_factory=list)
     bad_configs: list[dict[str, Any]] = field(default_factory=list)
+    bad_inputs: list[dict[str, Any]] = field(default_factory=list)
     gpu_note: str = (
         "CUDA out-of-memory needs a GPU: bench/gpu_oom.py writes bench/results/oom_*.json"
     )
@@ -194,6 +195,18 @@ class FaultLog:
             },
             "faults": [asdict(r) for r in self.faults],
             "bad_config": {**counts, "cases": self.bad_configs},
+            "bad_input": {
+                "tried": len(self.bad_inputs),
+                "one_line_error": len(self.bad_inputs),  # each asserted: exit ≠ 0, one line
+                "before_the_run_opened": sum(
+                    c["when"] == "before the run opened" for c in self.bad_inputs
+                ),
+                "kinds": {
+                    kind: sum(c["kind"] == kind for c in self.bad_inputs)
+                    for kind in dict.fromkeys(c["kind"] for c in self.bad_inputs)
+                },
+                "cases": self.bad_inputs,
+            },
             "not_here": self.gpu_note,
         }
         (folder / "faults.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -234,5 +247,24 @@ def markdown(data: dict[str, Any]) -> str:
     for c in bc["cases"]:
         msg = c["message"].replace("|", "\\|")
         lines.append(f"| `{' '.join(c['overrides'])}` | {c['exit']} | {c['verdict']} | {msg} |")
+    bi = data.get("bad_input")
+    if bi and bi["tried"]:
+        kinds = ", ".join(f"{n} {k}" for k, n in bi["kinds"].items())
+        lines += [
+            "",
+            f"Bad inputs (files, paths, URIs, numbers, user code, concurrency): {bi['tried']} "
+            f"tried ({kinds}), {bi['one_line_error']} refused with one line, exit ≠ 0 and no "
+            f"traceback; {bi['before_the_run_opened']} of them before the run opened, the "
+            "others FAILED in the stage that met them.",
+            "",
+            "| input | kind | overrides | exit | when | message |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in bi["cases"]:
+            msg = c["message"].replace("|", "\\|")
+            shown = " ".join(c["overrides"]).replace(str(REPO), ".").replace("|", "\\|")
+            lines.append(
+                f"| {c['input']} | {c['kind']} | `{shown}` | {c['exit']} | {c['when']} | {msg} |"
+            )
     lines += ["", data["not_here"], ""]
     return "\n".join(lines)

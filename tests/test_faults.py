@@ -27,7 +27,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from qpipe.app import run_pipeline
-from qpipe.checkpoints import inspect_checkpoint
+from qpipe.checkpoints import INDEX, inspect_checkpoint
+from qpipe.dag import load_dag
 from qpipe.diskspace import ensure_space, free_bytes
 from qpipe.errors import CheckpointError, DiskFull, UnsafeCheckpoint
 from qpipe.models import load_tokenizer, materialize
@@ -694,3 +695,221 @@ def test_checkpoint_code_and_pickles_do_not_run_unless_allowed(tiny_ready, tmp_p
             lost="nothing",
             kept=True,
         )
+
+
+# -- bad inputs of every kind: files, paths, URIs, numbers, user code, concurrency ---------
+
+_YAML_LIST, _NOT_JSON, _NO_TEXT = "- a\n- b\n", '{"text": 1', '{"body": "x"}\n'
+_BINARY = bytes(range(128, 256)) * 8  # no UTF-8 decoder takes 0x80 as a first byte
+
+
+def _llama_folder(tmp: Path, name: str = "user_model") -> Path:
+    return _small_llama(tmp / name)
+
+
+def _binary_file(tmp: Path, name: str = "binary.txt") -> Path:
+    path = tmp / name
+    path.write_bytes(_BINARY)
+    return path
+
+
+def _text_file(tmp: Path, name: str, text: str) -> Path:
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+def _user_stage(tmp: Path, package: str, body: str) -> list[str]:
+    """A pipeline whose stage is the user's module ``<package>.stage`` (in the working
+    directory, ``tmp``)."""
+    (tmp / package).mkdir()
+    (tmp / package / "__init__.py").write_text("")
+    (tmp / package / "stage.py").write_text(body)
+    dag = tmp / "user.yaml"
+    dag.write_text(
+        f"name: user\nstages:\n  env_check: {{}}\n  mine: {{uses: {package}.stage, "
+        "needs: [env_check]}\n"
+    )
+    return [f"pipeline={dag}"]
+
+
+def _config_json(tmp: Path, **changes: object) -> Path:
+    folder = _llama_folder(tmp)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _locked_entry_is_a_folder(tmp: Path) -> list[str]:
+    """A cached stage whose lock file (``<key>.lock`` beside the entry) is a folder."""
+    from qpipe.runner import Runner
+
+    dag = tmp / "cached.yaml"
+    dag.write_text(
+        "name: cached\nstages:\n  env_check: {}\n  memory_budget: {needs: [env_check]}\n"
+        "  baseline: {needs: [memory_budget], cache: [model, eval, dtype, device, seed]}\n"
+    )
+    overrides = ["model=tiny_llama", "eval=quick", "eval.max_tokens=33", f"pipeline={dag}"]
+    cfg = compose_config(*overrides)
+    spec = load_dag(str(dag)).stages["baseline"]
+    key = Runner(cfg, load_dag(str(dag)), tmp, None)._cache_key(spec)
+    lock = Path(os.environ["QPIPE_OUTPUTS"]) / "cache" / "stages" / "baseline" / f"{key}.lock"
+    lock.mkdir(parents=True, exist_ok=True)
+    return overrides[1:]
+
+
+# (name, kind, how to make it: tmp -> overrides, what the one line must contain)
+BAD_INPUTS = [
+    # files
+    ("eval.text is a binary file", "file",
+     lambda t: [f"eval.text={_binary_file(t)}"], "is not UTF-8 text"),
+    ("eval.text is a folder", "file", lambda t: [f"eval.text={t}"], "nor a file"),
+    ("an extra eval text is a binary file", "file",
+     lambda t: [f"eval.extra_texts.pydocs={_binary_file(t)}"], "eval.extra_texts.pydocs"),
+    ("the pipeline file is binary", "file",
+     lambda t: [f"pipeline={_binary_file(t, 'dag.yaml')}"], "is not UTF-8 text"),
+    ("the pipeline file is a YAML list", "file",
+     lambda t: [f"pipeline={_text_file(t, 'dag.yaml', _YAML_LIST)}"], "dag.yaml"),
+    ("the pipeline file is empty", "file",
+     lambda t: [f"pipeline={_text_file(t, 'dag.yaml', '')}"], "dag.yaml"),
+    ("the pipeline file is not YAML", "file",
+     lambda t: [f"pipeline={_text_file(t, 'dag.yaml', 'stages: [a: {')}"], "not valid YAML"),
+    ("calib.dataset is a binary file", "file",
+     lambda t: ["quant=gptq", f"calib.dataset={_binary_file(t, 'calib.bin')}"], "calib.bin"),
+    ("calib.dataset: a JSONL line is not JSON", "file",
+     lambda t: ["quant=gptq", f"calib.dataset={_text_file(t, 'c.jsonl', _NOT_JSON)}"],
+     "c.jsonl:1 is not valid JSON"),
+    ("calib.dataset: a JSONL without the text field", "file",
+     lambda t: ["quant=gptq", f"calib.dataset={_text_file(t, 'c.jsonl', _NO_TEXT)}"],
+     "no text field"),
+    ("calib.dataset: a folder holding a binary .txt", "file",
+     lambda t: ["quant=awq", f"calib.dataset={_binary_file(t, 'x.txt').parent}"], "x.txt"),
+    ("calib.dataset is an empty text file", "file",
+     lambda t: ["quant=gptq", f"calib.dataset={_text_file(t, 'empty.txt', '  ')}"],
+     "holds no text"),
+    ("model.path: config.json is binary", "file",
+     lambda t: [f"model.path={_binary_file(_llama_folder(t), 'config.json').parent}"],
+     "config.json is not valid JSON"),
+    ("model.path: config.json has a model_type transformers does not know", "file",
+     lambda t: [f"model.path={_config_json(t, model_type='lama2')}"], "'lama2' is not an"),
+    ("model.path: config.json has no model_type", "file",
+     lambda t: [f"model.path={_config_json(t, model_type=None)}"], "has no model_type"),
+    ("model.path: the shard index is binary", "file",
+     lambda t: [f"model.path={_binary_file(_llama_folder(t), INDEX).parent}"],
+     "is not a valid shard index"),
+    # paths
+    ("model.path is a file", "path",
+     lambda t: [f"model.path={_binary_file(t)}"], "is not a folder"),
+    ("model.path is a folder without config.json", "path",
+     lambda t: [f"model.path={t}"], "no config.json"),
+    ("model.path does not exist", "path",
+     lambda t: [f"model.path={t / 'nowhere'}"], "is not a folder"),
+    ("model.tokenizer names nothing", "path",
+     lambda t: [f"model.tokenizer={t / 'no_tokenizer'}"], "model.tokenizer="),
+    ("QPIPE_OUTPUTS is a file", "path",
+     lambda t: [f"+_outputs={_binary_file(t)}"], "is a file, not a folder"),
+    ("QPIPE_OUTPUTS lies under a file", "path",
+     lambda t: [f"+_outputs={_binary_file(t) / 'outputs'}"], "is a file, not a folder"),
+    # URIs
+    ("mlflow.tracking_uri MLflow refuses (file store)", "uri",
+     lambda t: ["mlflow.tracking_uri=file:///proc/nope"], "MLflow refuses"),
+    ("mlflow.tracking_uri of an unknown scheme", "uri",
+     lambda t: ["mlflow.tracking_uri=foo://bar"], "no tracking store for foo://"),
+    ("mlflow.tracking_uri: sqlite under a file", "uri",
+     lambda t: [f"mlflow.tracking_uri=sqlite:///{_binary_file(t)}/mlflow.db"], "mlflow.db"),
+    ("mlflow.tracking_uri: nothing listens there", "uri",
+     lambda t: [f"mlflow.tracking_uri=http://127.0.0.1:{_free_port()}"], "is unreachable"),
+    ("mlflow.fallback unknown", "uri", lambda t: ["mlflow.fallback=maybe"], "mlflow.fallback"),
+    ("mlflow.experiment empty", "uri", lambda t: ["mlflow.experiment="], "mlflow.experiment"),
+    # numbers
+    ("negative runtime overhead", "number",
+     lambda t: ["hardware.runtime_overhead_gb=-100"], "hardware.runtime_overhead_gb=-100"),
+    ("headroom over 100 %", "number", lambda t: ["hardware.headroom_pct=150"], "[0, 100)"),
+    ("negative headroom", "number", lambda t: ["hardware.headroom_pct=-5"], "[0, 100)"),
+    ("a card of 0 GB in the list", "number",
+     lambda t: ["hardware.count=2", "hardware.memory_gb=[8.59,0]"], "hardware.memory_gb"),
+    ("three cards listed for two", "number",
+     lambda t: ["hardware.count=2", "hardware.memory_gb=[8,8,8]"], "lists 3 cards"),
+    ("negative offload", "number", lambda t: ["hardware.offload_gb=-1"], "hardware.offload_gb"),
+    ("negative cap per GPU", "number",
+     lambda t: ["placement.max_memory_gb=-3"], "placement.max_memory_gb"),
+    ("negative seed", "number", lambda t: ["seed=-1"], "seed=-1"),
+    ("bnb int8 threshold below 0", "number",
+     lambda t: ["quant=bnb_int8", "quant.threshold=-1"], "quant.threshold"),
+    ("GPTQ dampening above 1", "number",
+     lambda t: ["quant=gptq", "quant.dampening=2"], "quant.dampening"),
+    ("AWQ grid of 1 point", "number", lambda t: ["quant=awq", "quant.n_grid=1"], "quant.n_grid"),
+    ("no calibration samples", "number",
+     lambda t: ["quant=gptq", "calib.num_samples=0"], "calib.num_samples"),
+    ("negative keep_top_k", "number",
+     lambda t: ["exclude.by=sensitivity", "exclude.keep_top_k=-1"], "exclude.keep_top_k"),
+    ("eval.top_k of 0", "number", lambda t: ["eval.top_k=0"], "eval.top_k"),
+    ("negative context", "number", lambda t: ["workload.context_len=-5"], "context_len"),
+    ("an unknown random dtype", "number",
+     lambda t: ["model.random_dtype=int8"], "model.random_dtype"),
+    ("a negative weights cap for quant=auto", "number",
+     lambda t: ["quant=auto", "quant.weights_gb=-1"], "quant.weights_gb"),
+    # user code
+    ("user stage with a syntax error", "user code",
+     lambda t: _user_stage(t, "pkg_syntax", "def run(ctx)\n    pass\n"), "SyntaxError"),
+    ("user stage raising at import", "user code",
+     lambda t: _user_stage(t, "pkg_raise", "raise RuntimeError('no GPU here')\n"),
+     "RuntimeError: no GPU here"),
+    ("user stage calling sys.exit at import", "user code",
+     lambda t: _user_stage(t, "pkg_exit", "import sys\nsys.exit(3)\n"), "SystemExit"),
+    ("user stage importing what is not installed", "user code",
+     lambda t: _user_stage(t, "pkg_missing", "import not_installed_anywhere\n"),
+     "not_installed_anywhere"),
+    ("user stage without run()", "user code",
+     lambda t: _user_stage(t, "pkg_norun", "x = 1\n"), "has no run(ctx)"),
+    ("user stage whose run() raises", "user code",
+     lambda t: _user_stage(t, "pkg_fails", "def run(ctx):\n    raise ValueError('bad')\n"),
+     "ValueError: bad"),
+    # concurrency
+    ("a cache entry's lock file is a folder", "concurrency",
+     _locked_entry_is_a_folder, "cannot lock the cache entry"),
+    ("the MLflow store's lock file is a folder", "concurrency",
+     lambda t: [f"mlflow.tracking_uri=sqlite:///{(t / 'store.db.lock').mkdir() or t}/store.db"],
+     "cannot lock the MLflow store"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "make", "expect"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input_is_one_line(name, kind, make, expect, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # user stages are found in the working directory
+    overrides = make(tmp_path)
+    base = ["model=tiny_llama", "pipeline=estimate", "mlflow.experiment=bad_input"]
+    outputs = next((o.split("=", 1)[1] for o in overrides if o.startswith("+_outputs=")), None)
+    overrides = [o for o in overrides if not o.startswith("+_outputs=")]
+    args = [*base, *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
+    start = time.perf_counter()
+    if outputs is None:
+        code, text = _cli_in_process(args)
+    else:  # the outputs folder is the process's environment: its own process
+        proc = run_qpipe(None, args, env_for(Path(outputs)))
+        code, text = proc.returncode, proc.output
+    seconds = time.perf_counter() - start
+    assert code not in (0, None), text[-3000:]
+    line = _one_line(text)
+    assert expect in line, line
+    opened = (tmp_path / "run" / "run.json").exists()
+    LOG.bad_inputs.append(
+        {
+            "input": name,
+            "kind": kind,
+            "overrides": overrides,
+            "exit": code,
+            "when": "in a stage (the run FAILED)" if opened else "before the run opened",
+            "message": line.replace(str(tmp_path), "…").replace(
+                os.environ["QPIPE_OUTPUTS"], "outputs"
+            )[:300],
+            "seconds": round(seconds, 2),
+        }
+    )

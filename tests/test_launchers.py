@@ -165,22 +165,34 @@ def test_submitit_local_runs_the_sweep_in_its_own_processes(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_joblib_runs_jobs_in_parallel_on_one_fresh_sqlite_store(tmp_path) -> None:
-    # A fresh outputs folder: the parallel workers race to create the store and experiment.
+def test_joblib_sweep_of_four_jobs_shares_one_baseline_on_a_fresh_outputs_folder(
+    tmp_path,
+) -> None:
+    # A fresh outputs folder: the four workers race to create the store and the experiment,
+    # and to compute the baseline (and the model folder, the tokenizer) all four need.
+    dag = tmp_path / "baseline.yaml"
+    dag.write_text(
+        "name: estimate_baseline\nstages:\n  env_check: {}\n"
+        "  memory_budget: {needs: [env_check]}\n"
+        "  baseline: {needs: [memory_budget], cache: [model, eval, dtype, device, seed]}\n"
+    )
     proc = _sweep(
         tmp_path,
         "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "model=tiny_llama",
-        "pipeline=estimate",
-        "quant=none,bnb_nf4",
+        "hydra.launcher.n_jobs=4",
+        *_TINY_EVAL,
+        f"pipeline={dag}",
+        "quant=none,bnb_nf4,bnb_int8,rtn",
         "mlflow.experiment=joblib",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "n_jobs=2" in proc.stdout + proc.stderr
+    assert "n_jobs=4" in proc.stdout + proc.stderr
     runs = _runs(tmp_path, "joblib")
-    assert sorted(runs["params.quant"]) == ["bnb_nf4", "none"]
+    assert sorted(runs["params.quant"]) == ["bnb_int8", "bnb_nf4", "none", "rtn"]
     assert set(runs["status"]) == {"FINISHED"}
+    assert sorted(runs["params.cache.baseline"]) == ["hit", "hit", "hit", "miss"]
+    entries = _cache_entries(tmp_path / "out")
+    assert all(len(names) == 1 for names in entries.values()), entries
     assert _integrity(tmp_path) == "ok"
 
 
@@ -206,3 +218,80 @@ def test_a_job_is_pinned_through_cuda_visible_devices(tmp_path) -> None:
     assert result["cpu"] == {}
     assert result["tags"] == {"qpipe.gpus": "3"} and result["visible"] == "3"
     assert result["device"] == "cuda"
+
+
+# -- caches shared by processes running at once (qpipe.cache_entry) ---------------------
+
+# The cached stages of the default DAG, cheap: baseline perplexity, an RTN checkpoint, loaded.
+_SHARED_DAG = """name: shared_caches
+stages:
+  env_check: {}
+  memory_budget: {needs: [env_check]}
+  exclude_layers: {needs: [memory_budget]}
+  pad_align: {needs: [exclude_layers]}
+  baseline:
+    needs: [memory_budget]
+    cache: [model, eval, dtype, device, seed]
+  quantize:
+    needs: [memory_budget, pad_align]
+    cache: [model, quant, calib, exclude, pad_align, seed, dtype, device]
+  load: {needs: [quantize]}
+"""
+_TINY_EVAL = (
+    "model=tiny_llama",
+    "eval=quick",
+    "eval.max_tokens=32",
+    "eval.window=32",
+    "eval.extra_texts=null",
+    "eval.prompts=null",
+)
+
+
+def _cache_entries(out: Path) -> dict[str, list[str]]:
+    """Every cache folder's entries (lock files aside), partial and stale ones included."""
+    cache = out / "cache"
+    folders = [cache / "models", cache / "tokenizers", *sorted((cache / "stages").iterdir())]
+    return {
+        f.name: sorted(p.name for p in f.iterdir() if p.suffix != ".lock")
+        for f in folders
+        if f.is_dir()
+    }
+
+
+@pytest.mark.slow
+def test_four_identical_runs_at_once_all_finish_with_one_cache_entry_each(tmp_path) -> None:
+    """The same command started four times at the same moment on a fresh outputs folder: one
+    process makes each cache entry (model folder, tokenizer, baseline, checkpoint), the others
+    wait for it and reuse it; all four FINISH."""
+    dag = tmp_path / "shared.yaml"
+    dag.write_text(_SHARED_DAG)
+    out = tmp_path / "out"
+    env = {**os.environ, "QPIPE_OUTPUTS": str(out), "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    args = [*_TINY_EVAL, "quant=rtn", f"pipeline={dag}", "mlflow.experiment=four"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "qpipe", *args, f"hydra.run.dir={tmp_path / f'run{i}'}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        for i in range(4)
+    ]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    for proc, text in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, text[-3000:]
+    runs = _runs(tmp_path, "four")
+    assert list(runs["status"]) == ["FINISHED"] * 4
+    # Each result was computed once and reused three times: the others waited for it.
+    for stage in ("baseline", "quantize"):
+        assert sorted(runs[f"params.cache.{stage}"]) == ["hit", "hit", "hit", "miss"]
+    entries = _cache_entries(out)
+    assert all(len(names) == 1 for names in entries.values()), entries
+    assert {"models", "tokenizers", "baseline", "quantize"} <= set(entries)
+    from qpipe.runner import Runner
+
+    for stage in ("baseline", "quantize"):  # whole: every file matches its manifest
+        assert Runner._load_cached(out / "cache" / "stages" / stage / entries[stage][0])
+    assert _integrity(tmp_path) == "ok"

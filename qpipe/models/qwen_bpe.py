@@ -152,5 +152,6 @@ def qwen_tokenizer() -> PreTrainedTokenizerBase:
         build,
         needed=4 * source.stat().st_size,
         marker="tokenizer.json",
+        what="the tokenizer",
     )
     return AutoTokenizer.from_pretrained(folder)

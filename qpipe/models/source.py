@@ -20,6 +20,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from qpipe.cache_entry import entry_lock, new_partial, publish
 from qpipe.checkpoints import inspect_checkpoint
 from qpipe.diskspace import guarded_write
 from qpipe.errors import ConfigError, WeightsUnavailable
@@ -142,8 +143,10 @@ def _read_config(model_cfg: DictConfig) -> PretrainedConfig:
         raise _hub_error(model_cfg, err) from None
 
 
-def _checked_folder(path: str) -> Path:
+def checked_folder(path: str) -> Path:
     folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"model.path={path!r} is not a folder; give a Hugging Face folder")
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model.path={path!r} is not a Hugging Face folder (no config.json)")
     return folder
@@ -157,23 +160,26 @@ def _cache_key(model_cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _save_atomically(target: Path, write: Any, needed: int, marker: str = "config.json") -> Path:
-    """Write a folder under a temporary name and rename it: a half-written folder is never
-    mistaken for a finished one (``marker``: the file a finished one has), and one stopped by
-    an error, Ctrl-C or a full disk is removed."""
+def _save_atomically(
+    target: Path, write: Any, needed: int, marker: str = "config.json", what: str = "the weights"
+) -> Path:
+    """Write a folder under a name unique to this writer and rename it into place, holding
+    the folder's lock (qpipe.cache_entry): a half-written folder is never mistaken for a
+    finished one (``marker``: the file a finished one has), one stopped by an error, Ctrl-C or
+    a full disk is removed, and a process that finds another one writing it waits for it."""
     if (target / marker).is_file():
         return target
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with guarded_write(tmp, needed, f"the weights of {target.name}"):
-            write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with entry_lock(target):
+        if (target / marker).is_file():  # another process finished it while we waited
+            return target
+        tmp = new_partial(target)
+        try:
+            with guarded_write(tmp, needed, f"{what} of {target.name}"):
+                write(tmp)
+            publish(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return target
 
 
@@ -191,10 +197,10 @@ def materialize(model_cfg: DictConfig) -> Path:
     kind = source_kind(model_cfg)
     if kind in ("path", "package"):
         if kind == "path":
-            folder = _checked_folder(model_cfg.path)
+            folder = checked_folder(model_cfg.path)
         else:
             spec = model_cfg.package_folder
-            folder = _checked_folder(str(_package_dir(model_cfg, spec.package) / spec.subdir))
+            folder = checked_folder(str(_package_dir(model_cfg, spec.package) / spec.subdir))
         # A folder qpipe did not write is checked before anything reads it.
         inspect_checkpoint(folder, model_cfg.get("model_class", "AutoModelForCausalLM"))
         return folder
@@ -268,9 +274,29 @@ def load_tokenizer(model_cfg: DictConfig, folder: Path | None = None) -> PreTrai
     if borrowed:
         from qpipe.config import load_model_group
 
-        return load_tokenizer(load_model_group(borrowed))
+        lender = load_model_group(borrowed)
+        if source_kind(lender) == "gguf":  # its tokenizer alone, not its dequantised weights
+            return _gguf_tokenizer(lender)
+        return load_tokenizer(lender)
     folder = folder or materialize(model_cfg)
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code())
+
+
+def _gguf_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of a GGUF model, read from the file once and cached under
+    ``outputs/cache/tokenizers`` (a borrowed tokenizer needs none of the weights)."""
+    folder, file = _gguf_location(model_cfg)
+    size = (folder / file).stat().st_size
+    key = hashlib.sha256(f"{file}:{size}:{transformers.__version__}".encode()).hexdigest()[:12]
+
+    def write(out: Path) -> None:
+        AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(out)
+
+    target = cache_dir("tokenizers") / f"{model_cfg.name}-gguf-{key}"
+    _save_atomically(
+        target, write, needed=64 * 2**20, marker="tokenizer_config.json", what="the tokenizer"
+    )
+    return AutoTokenizer.from_pretrained(target)
 
 
 def check_weights_reachable(model_cfg: DictConfig) -> None:

@@ -9,7 +9,7 @@ from qpipe.config import CONF_DIR, load_group, resolve_device, resolve_dtype, re
 from qpipe.device_budget import mappable_reason, plan_devices, quantize_on_gpu
 from qpipe.errors import ConfigError
 from qpipe.exclusion import plan_precision
-from qpipe.hardware import resolve_cards
+from qpipe.hardware import per_card, resolve_cards
 from qpipe.memory import Estimate, VisionDims, Workload, arch_dims, build_inventory, estimate
 from qpipe.models import load_config
 from qpipe.models.processor import is_vlm, vision_dims
@@ -27,8 +27,9 @@ def _workload(cfg) -> Workload:
 
 def _capacity_gb(ctx: StageContext) -> float:
     hw = ctx.cfg.hardware
-    if hw.memory_gb is not None:
-        return float(hw.memory_gb)
+    cards = per_card(hw.memory_gb, "hardware.memory_gb")
+    if cards:  # one number for every card, or a list: the first card (a one-card plan's)
+        return cards[0]
     return ctx.output("env_check", "gpu_memory_gb") or ctx.output("env_check", "host_memory_gb")
 
 
