@@ -83,6 +83,7 @@ class HardwareSchema:
     headroom_pct: float = 5.0
     count: Any = 1  # GPUs: auto | a number
     offload_gb: float = 0.0  # host memory that may hold what no GPU has room for
+    l2_mb: Optional[float] = None  # the card's L2 (sizes the kernel tuner's cold copies)
 
 
 @dataclass

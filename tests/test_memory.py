@@ -124,3 +124,42 @@ def test_kv_cache_formula_matches_transformers_cache(tiny_llama) -> None:
     )
     dims = arch_dims(load_config(cfg))
     assert kv_cache_bytes(dims, Workload(batch_size=2, context_len=100), 4) == measured
+
+
+def test_qpipe_kernels_runtime_costs_on_the_internvl_plan() -> None:
+    """Measured on an H200 (bench/results/memory_smollm2_h200.md): fused gate/up hold one more
+    [s, I] at the MLP; the first run of a 4-bit shape tunes it on cold copies of its weights
+    (about three L2s, at most 31 copies); LLM.int8 holds int8 inputs and an int32 product."""
+    from qpipe.kernels.tuning import cold_copy_count, tuning_transient_bytes
+    from qpipe.memory import KernelFacts, quantized_matmuls
+
+    model_cfg = load_group("model", "internvl")
+    config = load_config(model_cfg)
+    inv = build_inventory(config, model_cfg.model_class)
+    exclude = OmegaConf.to_container(compose_config().exclude)
+    plan = plan_precision(inv, exclude, True)
+    rtn = {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False}
+    fused = dict(quantized_matmuls(inv, plan, rtn, 2, fused=True))
+    apart = dict(quantized_matmuls(inv, plan, rtn, 2, fused=False))
+    assert (24576, 4096) in fused and (24576, 4096) not in apart  # gate + up as one
+    assert (6144, 4096) in fused and (4096, 4096) in apart  # q + k + v as one
+    assert len(quantized_matmuls(inv, plan, rtn, 2, fused=True)) == 36 * 4
+    l2 = 60 * 2**20
+    gate_up = fused[(24576, 4096)]
+    assert cold_copy_count(gate_up, l2) == 4  # 3 extra copies of a 52.7 MB weight
+    o_proj = fused[(4096, 4096)]  # 8.8 MB: 21 extra copies, the most held at once
+    assert cold_copy_count(o_proj, l2) == 22
+    assert tuning_transient_bytes(list(fused.values()), l2) == 21 * o_proj
+    assert cold_copy_count(1000, l2) == 32 and tuning_transient_bytes([], l2) == 0
+
+    dims, work = arch_dims(config), Workload(batch_size=1, context_len=2048)
+    plain = estimate(inv, plan, rtn, dims, work, 2)
+    tuned = estimate(inv, plan, rtn, dims, work, 2, kernels=KernelFacts(True, 21 * o_proj))
+    extra_mlp = 2048 * config.text_config.intermediate_size * 2
+    assert tuned.peak_gb - plain.peak_gb == pytest.approx((extra_mlp + 21 * o_proj) / 1e9)
+    assert tuned.kernel_tuning_gb == pytest.approx(21 * o_proj / 1e9)
+
+    int8 = estimate(inv, plan, {"method": "bnb", "bits": 8}, dims, work, 2)
+    nf4 = estimate(inv, plan, {"method": "bnb", "bits": 4}, dims, work, 2)
+    widest = 2048 * (4096 + 4 * 12288)  # gate/up: int8 [s, 4096] + int32 [s, 12288]
+    assert int8.activations_gb - nf4.activations_gb == pytest.approx(widest / 1e9)

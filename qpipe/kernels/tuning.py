@@ -135,11 +135,23 @@ def _time_cold(
     return times[len(times) // 2] * 1000.0 / len(copies)
 
 
+def cold_copy_count(nbytes: int, l2_bytes: int) -> int:
+    """How many copies of a layer's weights (the original among them) the tuner times
+    across: together about three L2s, so weights stream from HBM as in a real decoder."""
+    return max(1, min(32, -(-3 * l2_bytes // max(nbytes, 1))))
+
+
+def tuning_transient_bytes(layer_bytes: list[int], l2_bytes: int) -> int:
+    """The most the tuner holds beside the model at once: the extra copies of one layer
+    (the memory estimate carries it for a process that has not tuned these shapes yet)."""
+    return max(((cold_copy_count(b, l2_bytes) - 1) * b for b in layer_bytes), default=0)
+
+
 def _cold_copies(qweight, scales, zeros) -> list:
     """Enough copies of the weights to outrun the L2 (the originals first)."""
     nbytes = qweight.numel() * 4 + scales.numel() * scales.element_size()
     l2 = getattr(torch.cuda.get_device_properties(qweight.device), "L2_cache_size", 50 << 20)
-    n = max(1, min(32, -(-3 * l2 // max(nbytes, 1))))
+    n = cold_copy_count(nbytes, l2)
     extra = [
         (qweight.clone(), scales.clone(), None if zeros is None else zeros.clone())
         for _ in range(n - 1)
@@ -163,6 +175,10 @@ class Tuner:
         if self._path and Path(self._path).is_file():
             for key, cfg in json.loads(Path(self._path).read_text()).items():
                 self.best[key] = KernelConfig(**cfg)
+
+    def has_tuned(self, n: int, k: int) -> bool:
+        """Whether this process already chose a configuration for an [n, k] weight."""
+        return any(f"|n{n}|k{k}|" in key for key in self.best)
 
     @staticmethod
     def key(x: torch.Tensor, n: int, k: int, group_size: int, has_z: bool) -> str:

@@ -3,11 +3,13 @@
 from qpipe.memory.estimator import (
     ArchDims,
     Estimate,
+    KernelFacts,
     VisionDims,
     Workload,
     adamw_training_gb,
     arch_dims,
     estimate,
+    quantized_matmuls,
     weights_gb,
 )
 from qpipe.memory.inventory import Inventory, build_inventory, inventory_of
@@ -16,6 +18,7 @@ __all__ = [
     "ArchDims",
     "Estimate",
     "Inventory",
+    "KernelFacts",
     "VisionDims",
     "Workload",
     "adamw_training_gb",
@@ -23,5 +26,6 @@ __all__ = [
     "build_inventory",
     "estimate",
     "inventory_of",
+    "quantized_matmuls",
     "weights_gb",
 ]

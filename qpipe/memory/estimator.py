@@ -164,6 +164,19 @@ def vision_activation_bytes(v: VisionDims, dtype_bytes: int) -> int:
     return pixels + max(layer, projector)
 
 
+@dataclass(frozen=True)
+class KernelFacts:
+    """What qpipe's own kernels add while the model runs (the memory_budget stage fills it in
+    from ``kernels/``): the estimator stays a pure function of what it is handed."""
+
+    # q/k/v and gate/up as one matmul each (kernels/fusion.py): the MLP's fused [s, 2I]
+    # output lives until the product is made, one more [s, I] than three separate matmuls
+    fused_projections: bool = False
+    # the autotuner's cold copies of one layer's weights (kernels/tuning.py), made the first
+    # time a layer shape runs in the process: during the workload's prefill or first step
+    tuning_bytes: int = 0
+
+
 @dataclass
 class Workload:
     mode: str = "inference"  # inference | finetune
@@ -193,6 +206,7 @@ class Estimate:
     image_tokens: int = 0  # of the context, for VLMs with an image in it
     image_kv_cache_gb: float = 0.0  # the image tokens' share of kv_cache_gb
     vision_activations_gb: float = 0.0  # encoding the image (activations_gb includes it)
+    kernel_tuning_gb: float = 0.0  # the autotuner's cold weight copies (KernelFacts)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,20 +226,31 @@ def kv_cache_bytes(dims: ArchDims, workload: Workload, dtype_bytes: int) -> int:
     )
 
 
-def activation_bytes(dims: ArchDims, workload: Workload, dtype_bytes: int) -> int:
+def activation_bytes(
+    dims: ArchDims, workload: Workload, dtype_bytes: int, fused_mlp: bool = False
+) -> int:
     """Largest transient of one forward over the whole prompt (inference), or the activations
-    kept for backward (fine-tuning)."""
+    kept for backward (fine-tuning). ``fused_mlp``: gate and up as one matmul (KernelFacts)."""
     b, s, h = workload.batch_size, workload.context_len, dims.hidden
     if workload.mode == "finetune":
         per_layer = s * b * h * (34 + 5 * dims.heads * s / h)
         return int(dims.layers * per_layer)
     q_dim = dims.heads * dims.head_dim
     kv_dim = dims.kv_heads * dims.head_dim
-    mlp = b * s * (3 * dims.intermediate + 2 * h) * dtype_bytes
+    widths = 4 if fused_mlp else 3  # act(gate), up, their product (+ the fused pair's half)
+    mlp = b * s * (widths * dims.intermediate + 2 * h) * dtype_bytes
     attention = b * s * (2 * h + 2 * q_dim + 2 * kv_dim) * dtype_bytes
     logits_rows = b if dims.decoder else 0  # generate keeps only the last position's logits
     logits = logits_rows * dims.vocab * 4
     return max(mlp, attention) + logits
+
+
+def int8_matmul_bytes(shape: tuple[int, ...], workload: Workload) -> int:
+    """bitsandbytes' int8 matmul (LLM.int8) over the prompt: the activations quantized to
+    int8 [tokens, in] and the int32 product [tokens, out] before it is scaled back."""
+    out_f, in_f = shape
+    tokens = workload.batch_size * workload.context_len
+    return tokens * (in_f + 4 * out_f)
 
 
 def estimate(
@@ -238,6 +263,7 @@ def estimate(
     runtime_gb: float = 0.0,
     device: str = "cuda",
     vision: VisionDims | None = None,
+    kernels: KernelFacts | None = None,
 ) -> Estimate:
     """The memory a run needs, module by module, for this plan and workload; ``vision``: an
     image in the context (its tokens count in ``workload.context_len``)."""
@@ -262,8 +288,13 @@ def estimate(
         by_role[module.role] = by_role.get(module.role, 0.0) + (payload + extra) / GB
 
     weights = quantized_bytes + high_bytes + overhead
+    kernels = kernels or KernelFacts()
     kv = kv_cache_bytes(dims, workload, dtype_bytes)
-    act = activation_bytes(dims, workload, dtype_bytes)
+    act = activation_bytes(dims, workload, dtype_bytes, kernels.fused_projections)
+    int8 = quant.get("method") == "bnb" and int(quant.get("bits") or 0) == 8
+    if workload.mode == "inference" and int8 and targets:
+        shapes = [m.weight_shape for m in inventory.modules if m.name in targets]
+        act += max(int8_matmul_bytes(shape, workload) for shape in shapes)
     image_tokens = image_kv = vision_act = 0
     if vision is not None and workload.mode == "inference":
         image_tokens = vision.image_tokens
@@ -280,7 +311,8 @@ def estimate(
         # fp32 master weights + gradients + AdamW moments replace the inference weights.
         optimizer = adamw_training_gb(inventory.total_params) * GB - weights
         kv = 0
-    peak = weights + buffers + kv + act + optimizer
+    tuning = kernels.tuning_bytes if workload.mode == "inference" else 0
+    peak = weights + buffers + kv + act + optimizer + tuning
     return Estimate(
         weights_gb=weights / GB,
         weights_quantized_gb=quantized_bytes / GB,
@@ -299,4 +331,36 @@ def estimate(
         image_tokens=image_tokens,
         image_kv_cache_gb=image_kv / GB,
         vision_activations_gb=vision_act / GB,
+        kernel_tuning_gb=tuning / GB,
     )
+
+
+# Sibling projections that qpipe's load stage fuses into one matmul (kernels/fusion.py).
+SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def quantized_matmuls(
+    inventory: Inventory, plan: PrecisionPlan, quant: dict[str, Any], dtype_bytes: int, fused: bool
+) -> list[tuple[tuple[int, int], int]]:
+    """((out, in), bytes as loaded) of every quantized matmul the model will run: each target
+    Linear, or with ``fused`` each sibling group whose members are all quantized as one."""
+    targets = set(plan.targets)
+    by_name = {m.name: m for m in inventory.modules if m.name in targets}
+    out: list[tuple[tuple[int, int], int]] = []
+    done: set[str] = set()
+    for name in by_name:
+        if name in done:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        group = [name]
+        for siblings in SIBLING_GROUPS if fused else ():
+            names = [f"{parent}.{s}" if parent else s for s in siblings]
+            if leaf in siblings and all(n in by_name for n in names):
+                group = names
+        shapes = [by_name[n].weight_shape for n in group]
+        shape = (sum(sh[0] for sh in shapes), shapes[0][1])
+        bits = plan.bits.get(name)
+        q = quant if bits is None else {**quant, "bits": bits}
+        out.append((shape, quantized_linear_bytes(shape, q, dtype_bytes)))
+        done.update(group)
+    return out

@@ -3,6 +3,7 @@ the chosen precision plan and for every other quant option, against the hardware
 
 from __future__ import annotations
 
+import torch
 from omegaconf import OmegaConf
 
 from qpipe.config import CONF_DIR, load_group, resolve_device, resolve_dtype, resolve_kernel
@@ -10,7 +11,17 @@ from qpipe.device_budget import mappable_reason, plan_devices, quantize_on_gpu
 from qpipe.errors import ConfigError
 from qpipe.exclusion import plan_precision
 from qpipe.hardware import per_card, resolve_cards
-from qpipe.memory import Estimate, VisionDims, Workload, arch_dims, build_inventory, estimate
+from qpipe.kernels.tuning import TUNER, tuning_transient_bytes
+from qpipe.memory import (
+    Estimate,
+    KernelFacts,
+    VisionDims,
+    Workload,
+    arch_dims,
+    build_inventory,
+    estimate,
+    quantized_matmuls,
+)
 from qpipe.models import load_config
 from qpipe.models.processor import is_vlm, vision_dims
 from qpipe.plots import memory_breakdown
@@ -43,6 +54,27 @@ def _runtime_gb(ctx: StageContext, device: str) -> float:
     return float(measured) if measured is not None else 0.55
 
 
+def _l2_bytes(cfg, device: str) -> int:
+    if cfg.hardware.get("l2_mb") is not None:
+        return int(float(cfg.hardware.l2_mb) * 2**20)
+    if cfg.hardware.name == "auto" and device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    return 50 * 2**20  # an H100's: the size of the datacenter cards qpipe's kernels target
+
+
+def _kernel_facts(cfg, quant: dict, plan, inventory, dtype_bytes: int, device: str) -> KernelFacts:
+    """What the load stage's fusion and the 4-bit kernel's autotuner add to this run."""
+    # 4-bit gptq/awq/rtn load as QuantLinear, the only layers fusion and the tuner touch
+    quantlinear = quant["method"] in ("gptq", "awq", "rtn") and int(quant.get("bits") or 0) == 4
+    fused = quantlinear and bool(cfg.get("fuse_projections", True))
+    if not quantlinear or not device.startswith("cuda") or resolve_kernel(cfg, device) != "triton":
+        return KernelFacts(fused_projections=fused)
+    matmuls = quantized_matmuls(inventory, plan, quant, dtype_bytes, fused)
+    # a process that already tuned these shapes (a sweep's later jobs) makes no copies
+    fresh = [b for (n, k), b in matmuls if not TUNER.has_tuned(n, k)]
+    return KernelFacts(fused, tuning_transient_bytes(fresh, _l2_bytes(cfg, device)))
+
+
 def _image_cost(cfg, config) -> VisionDims | None:
     """VLMs run their workload with ``eval.image`` in the context (see validate_vram)."""
     if not is_vlm(config) or "eval" not in cfg:
@@ -65,6 +97,7 @@ def _metrics(est: Estimate) -> dict[str, float]:
         "mem.est_quant_overhead_gb": est.quant_overhead_gb,
         "mem.est_kv_cache_gb": est.kv_cache_gb,
         "mem.est_activations_gb": est.activations_gb,
+        "mem.est_kernel_tuning_gb": est.kernel_tuning_gb,
         "mem.est_runtime_gb": est.runtime_gb,
         "mem.est_peak_gb": est.peak_gb,
         "mem.est_total_gb": est.total_gb,
@@ -103,8 +136,10 @@ def run(ctx: StageContext) -> StageResult:
     vision = _image_cost(cfg, config)
 
     def price(quant: dict) -> Estimate:
+        plan = rules(quant)
+        kernels = _kernel_facts(cfg, quant, plan, inventory, dtype_bytes, device)
         return estimate(
-            inventory, rules(quant), quant, dims, workload, dtype_bytes, runtime, device, vision
+            inventory, plan, quant, dims, workload, dtype_bytes, runtime, device, vision, kernels
         )
 
     capacity = _capacity_gb(ctx)
