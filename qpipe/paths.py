@@ -26,15 +26,20 @@ def check_outputs_root() -> None:
         with tempfile.NamedTemporaryFile(dir=root / "cache", prefix=".write-probe-"):
             pass
     except OSError as err:
-        blocker = next((p for p in (root / "cache", root, *root.parents) if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            why = f"{blocker} is a file, not a folder"
-        else:
-            why = f"{err.strerror or err}: {err.filename or root}"
+        why = unwritable_reason(err, root / "cache", root)
         raise ConfigError(
             f"{name} cannot be qpipe's outputs folder ({why}); point QPIPE_OUTPUTS at a folder "
             "qpipe may create and write in"
         ) from None
+
+
+def unwritable_reason(err: OSError, path: Path, fallback: Path | str) -> str:
+    """Why ``path`` could not be made or written, in a few words: a file standing where a
+    folder must be (the usual cause), else the OS's own reason."""
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"{blocker} is a file, not a folder"
+    return f"{err.strerror or err}: {err.filename or fallback}"
 
 
 def cache_dir(*parts: str) -> Path:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qpipe.errors import QpipeError
+from qpipe.paths import unwritable_reason
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -33,11 +34,7 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        blocker = next((p for p in path.parents if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            why = f"{blocker} is a file, not a folder"
-        else:
-            why = f"{err.strerror or err}: {err.filename or str(path) + '.lock'}"
+        why = unwritable_reason(err, path.parent, f"{path}.lock")
         raise QpipeError(
             f"cannot lock the MLflow store {path} ({why}); fix mlflow.tracking_uri or remove "
             "what is in the way"
