@@ -244,6 +244,7 @@ _TINY_EVAL = (
     "eval.window=32",
     "eval.extra_texts=null",
     "eval.prompts=null",
+    "eval.quality_on_random=true",  # these tests are about the baseline's cache entry
 )
 
 
