@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from qpipe.app import run_pipeline
-from qpipe.config import CONF_DIR, normalize_overrides
+from qpipe.config.compose import CONF_DIR, normalize_overrides
 
 CARDS = ("rtx4060_8gb", "rtx3060_12gb", "t4_16gb")
 

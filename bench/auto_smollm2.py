@@ -30,10 +30,10 @@ from hydra import compose, initialize_config_dir
 
 from qpipe.app import run_pipeline
 from qpipe.backends import get_backend
-from qpipe.config import CONF_DIR, normalize_overrides, resolve_device, resolve_dtype
-from qpipe.evaluate import perplexity
+from qpipe.config.compose import CONF_DIR, normalize_overrides, resolve_device, resolve_dtype
+from qpipe.corpora.texts import read_text, token_ids
+from qpipe.evaluation.harness import perplexity
 from qpipe.models import load_tokenizer
-from qpipe.textdata import read_text, token_ids
 
 HERE = Path(__file__).resolve().parent
 DAG = HERE / "auto_dag.yaml"
@@ -122,9 +122,9 @@ def prior_agreement(sensitivity: dict) -> float:
     the measured KL per layer."""
     import numpy as np
 
+    from qpipe.evaluation.sensitivity import prior_sensitivity
     from qpipe.memory import build_inventory
     from qpipe.models import load_config
-    from qpipe.sensitivity import prior_sensitivity
 
     cfg = compose_config()
     inventory = build_inventory(load_config(cfg.model), cfg.model.model_class)

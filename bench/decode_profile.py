@@ -27,8 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_decode  # noqa: E402
 
-from qpipe import decode  # noqa: E402
-from qpipe.attention import grouped_attention  # noqa: E402
+from qpipe.evaluation import decode  # noqa: E402
+from qpipe.evaluation.attention import grouped_attention  # noqa: E402
 
 KINDS = (
     ("w4a16", r"_gemv_kernel|_mm_kernel"),
@@ -117,7 +117,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
     result = e2e_decode.result_header(
-        "bench/decode_profile.py (qpipe.decode.StaticDecoder, torch.profiler)",
+        "bench/decode_profile.py (qpipe.evaluation.decode.StaticDecoder, torch.profiler)",
         args=vars(args),
         variants=[],
     )

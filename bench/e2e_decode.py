@@ -1,6 +1,6 @@
 """End-to-end greedy decoding, the way people deploy it: bf16 vs bitsandbytes nf4 vs qpipe W4
 (RTN, QuantLinear on the Triton kernels; with and without the lm_head quantized), one harness
-(``qpipe.decode``: static KV cache, compiled + CUDA-graph step; the same loop eager beside it),
+(``qpipe.evaluation.decode``: static KV cache, compiled + CUDA-graph step; the same loop eager beside it),
 one process, one GPU.
 
     python bench/e2e_decode.py --out DIR [--variants bf16,nf4,w4,w4_head] [--batches 1,4,16]
@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qpipe import decode  # noqa: E402
-from qpipe.config import load_model_group  # noqa: E402
-from qpipe.exclusion import plan_precision  # noqa: E402
+from qpipe.config.compose import load_model_group  # noqa: E402
+from qpipe.evaluation import decode  # noqa: E402
 from qpipe.memory import Workload, arch_dims, estimate, inventory_of  # noqa: E402
+from qpipe.memory.exclusion import plan_precision  # noqa: E402
 from qpipe.models.source import load_config  # noqa: E402
 
 QUANT = {
@@ -380,7 +380,9 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
     batches = [int(b) for b in args.batches.split(",")]
     eager_batches = [int(b) for b in args.eager_batches.split(",")]
-    result = result_header("bench/e2e_decode.py (qpipe.decode.measure)", args=vars(args), rows=[])
+    result = result_header(
+        "bench/e2e_decode.py (qpipe.evaluation.decode.measure)", args=vars(args), rows=[]
+    )
     for variant in args.variants.split(","):
         plan = [(m, batches if m == "compiled" else eager_batches) for m in args.modes.split(",")]
         result["rows"] += run_variant(variant, plan, args)

@@ -20,9 +20,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from qpipe.backends import get_backend
-from qpipe.config import CONF_DIR
+from qpipe.config.compose import CONF_DIR
+from qpipe.corpora.texts import read_text, token_ids
 from qpipe.models import load_tokenizer, materialize
-from qpipe.textdata import read_text, token_ids
 
 WINDOW = 1024
 

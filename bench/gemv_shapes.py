@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_decode  # noqa: E402
+from kernel_bench import n_copies, rel_err, time_calls  # noqa: E402
 
 from qpipe.kernels import QuantLinear, triton_w4a16  # noqa: E402
-from qpipe.kernels.bench import n_copies, rel_err, time_calls  # noqa: E402
 from qpipe.kernels.intweights import quantize_rtn  # noqa: E402
 from qpipe.kernels.tuning import candidates  # noqa: E402
 
@@ -99,9 +99,7 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = e2e_decode.result_header(
-        "bench/gemv_shapes.py (qpipe.kernels.bench.time_calls)", rows=[]
-    )
+    result = e2e_decode.result_header("bench/gemv_shapes.py (kernel_bench.time_calls)", rows=[])
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         for m in (int(v) for v in args.ms.split(",")):

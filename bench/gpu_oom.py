@@ -69,7 +69,7 @@ time.sleep(3600)
 
 PREPARE = """
 from hydra import compose, initialize_config_dir
-from qpipe.config import CONF_DIR
+from qpipe.config.compose import CONF_DIR
 from qpipe.models import load_tokenizer, materialize
 with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
     for layers in (36, 2):

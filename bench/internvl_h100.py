@@ -223,7 +223,7 @@ def markdown(rows: list[dict[str, Any]], device: dict[str, Any]) -> str:
         "**Weights are random: perplexity is noise, shown only to prove the path runs; memory"
         " and speed are real.** Peak = torch allocator peak over load + the"
         " workload; NVML = the process's device memory (CUDA context included). Decode tok/s: batch"
-        " 1, 32 new tokens, qpipe's static-cache loop (`qpipe/decode.py`), compiled = "
+        " 1, 32 new tokens, qpipe's static-cache loop (`qpipe/evaluation/decode.py`), compiled = "
         "torch.compile + CUDA graphs; text prompt 512 tokens, image prompt = the picture + the"
         " question.",
         "",

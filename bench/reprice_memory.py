@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import e2e_decode  # noqa: E402
 
-from qpipe.config import resolve_dtype  # noqa: E402
+from qpipe.config.compose import resolve_dtype  # noqa: E402
 from qpipe.stages import memory_budget  # noqa: E402
 from tests.conftest import compose_config  # noqa: E402
 
@@ -46,8 +46,8 @@ def reprice(row: dict, hardware: str, tuned: bool) -> dict:
     cfg = compose_config(*overrides)
     from omegaconf import OmegaConf
 
-    from qpipe.exclusion import plan_precision
     from qpipe.memory import arch_dims, build_inventory, estimate
+    from qpipe.memory.exclusion import plan_precision
     from qpipe.models import load_config
 
     config = load_config(cfg.model)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qpipe.envinfo import library_versions
+from qpipe.devices.envinfo import library_versions
 from qpipe.report import latest_sweep, load_runs, write_comparison
 
 TABLE = (

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from qpipe.errors import QpipeError
-from qpipe.paths import check_outputs_root, contain_library_caches
+from qpipe.store.paths import check_outputs_root, contain_library_caches
 
 
 def _outputs_usable() -> None:
@@ -40,10 +40,12 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
-from qpipe import searchpath, signals, sweep  # noqa: E402
+from qpipe import sweep  # noqa: E402
 from qpipe.app import print_summary, run_pipeline  # noqa: E402
-from qpipe.config import CONF_DIR, normalize_overrides  # noqa: E402
-from qpipe.gpu_slots import parallel_jobs, pin_job, visible_gpu_count  # noqa: E402
+from qpipe.config import searchpath  # noqa: E402
+from qpipe.config.compose import CONF_DIR, normalize_overrides  # noqa: E402
+from qpipe.console import signals  # noqa: E402
+from qpipe.devices.gpu_slots import parallel_jobs, pin_job, visible_gpu_count  # noqa: E402
 
 log = logging.getLogger("qpipe")
 

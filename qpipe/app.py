@@ -10,20 +10,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from qpipe.config import resolve_device
+from qpipe.config.compose import resolve_device
+from qpipe.config.safety import policy_from, set_policy
+from qpipe.console.logrepeats import once_per_run
+from qpipe.console.noise import terminal_for_run
+from qpipe.console.progress import heartbeat
+from qpipe.console.summary import metrics_table, options_table, outputs_warning, random_weights
 from qpipe.dag import load_dag, pipeline_ref
-from qpipe.device_budget import device_table
-from qpipe.journal import JournaledTracker, RunJournal
-from qpipe.logrepeats import once_per_run
-from qpipe.noise import terminal_for_run
-from qpipe.progress import heartbeat
+from qpipe.devices.budget import device_table
+from qpipe.preflight import validate_config
 from qpipe.runner import Runner, RunReport
-from qpipe.safety import policy_from, set_policy
-from qpipe.stale_runs import close_dead_runs, owner_tags
-from qpipe.summary import metrics_table, options_table, outputs_warning, random_weights
-from qpipe.tracking import Tracker
-from qpipe.tracking_uri import resolve_tracking_uri
-from qpipe.validate import validate_config
+from qpipe.tracking.journal import JournaledTracker, RunJournal
+from qpipe.tracking.runs import Tracker
+from qpipe.tracking.stale_runs import close_dead_runs, owner_tags
+from qpipe.tracking.uri import resolve_tracking_uri
 
 log = logging.getLogger("qpipe")
 
@@ -85,7 +85,7 @@ def _tracked_run(
         with once_per_run(), heartbeat(stage, hints=_slow_hints(cfg)):
             report = runner.run()
     except KeyboardInterrupt as interrupt:
-        # Ctrl-C (or SIGTERM, see qpipe.signals): the run is KILLED in the stage it was in;
+        # Ctrl-C (or SIGTERM, see qpipe.console.signals): the run is KILLED in the stage it was in;
         # the runner has already removed that stage's partial output.
         report = getattr(runner, "report", report)
         report.status, report.failed_stage = "KILLED", report.stage

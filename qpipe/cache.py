@@ -32,7 +32,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from qpipe.paths import outputs_root
+from qpipe.store.paths import outputs_root
 
 PARTIAL = ".partial"
 PARTIAL_STALE_H = 24.0  # a write in progress this old has no writer left

@@ -29,9 +29,9 @@ from typing import Any
 
 import yaml
 
-from qpipe.config import PIPELINES_DIR
+from qpipe.config.compose import PIPELINES_DIR
+from qpipe.corpora.texts import read_utf8
 from qpipe.errors import ConfigError
-from qpipe.textdata import read_utf8
 
 
 class PipelineError(ConfigError):

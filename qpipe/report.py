@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from qpipe.pareto import Point, pareto_front, pareto_plot
-from qpipe.tracking import default_tracking_uri
+from qpipe.plots.pareto import Point, pareto_front, pareto_plot
+from qpipe.tracking.runs import default_tracking_uri
 
 PARENT_ROLE = "parent"  # tags.qpipe.role of a sweep's parent run
 

@@ -15,16 +15,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from qpipe.cache_entry import entry_lock, new_partial, publish
 from qpipe.dag import Dag, StageSpec, stage_function
-from qpipe.diskspace import disk_errno, free_bytes, gb, guarded_write
+from qpipe.devices.oom import describe as describe_oom
+from qpipe.devices.oom import is_out_of_memory, release_memory
 from qpipe.errors import QpipeError
-from qpipe.integrity import build_manifest, manifest_problem
-from qpipe.oom import describe as describe_oom
-from qpipe.oom import is_out_of_memory, release_memory
-from qpipe.paths import cache_dir
 from qpipe.stages.base import StageContext, StageResult
-from qpipe.tracking import Tracker
+from qpipe.store.diskspace import disk_errno, free_bytes, gb, guarded_write
+from qpipe.store.entry import entry_lock, new_partial, publish
+from qpipe.store.integrity import build_manifest, manifest_problem
+from qpipe.store.paths import cache_dir
+from qpipe.tracking.runs import Tracker
 
 log = logging.getLogger("qpipe")
 
@@ -134,7 +134,7 @@ class Runner:
 
         key = self._cache_key(spec)
         final = cache_dir("stages", spec.name) / key
-        # One writer per key (qpipe.cache_entry): a run that finds another process computing
+        # One writer per key (qpipe.store.entry): a run that finds another process computing
         # the same result waits for it and reuses it instead of computing it beside it.
         with entry_lock(final):
             cached = self._load_cached(final)

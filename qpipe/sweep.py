@@ -31,8 +31,8 @@ from rich.console import Console
 
 from qpipe.errors import QpipeError
 from qpipe.report import PARENT_ROLE, load_runs, write_comparison
-from qpipe.tracking import Tracker
-from qpipe.tracking_uri import resolve_tracking_uri
+from qpipe.tracking.runs import Tracker
+from qpipe.tracking.uri import resolve_tracking_uri
 
 log = logging.getLogger("qpipe")
 

@@ -17,8 +17,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from qpipe.journal import RECORD, RunJournal
-from qpipe.tracking import _flatten
+from qpipe.tracking.journal import RECORD, RunJournal
+from qpipe.tracking.runs import _flatten
 
 
 def _target_run(client: MlflowClient, data: dict) -> tuple[str, bool]:

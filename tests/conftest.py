@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from qpipe.config import CONF_DIR, normalize_overrides
+from qpipe.config.compose import CONF_DIR, normalize_overrides
 
 
 def random_llama(**config: object):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpipe import attention, decode
+from qpipe.evaluation import attention, decode
 from tests.conftest import random_llama
 
 

@@ -10,12 +10,12 @@ import torch
 
 from qpipe.app import run_pipeline
 from qpipe.backends.qlinear_loader import load_checkpoint
-from qpipe.evaluate import perplexity
+from qpipe.corpora.texts import read_text, token_ids
+from qpipe.evaluation.harness import perplexity
 from qpipe.kernels import QuantLinear
 from qpipe.kernels.int8_linear import Int8Linear
 from qpipe.kernels.int_linear import IntLinear
 from qpipe.models import load_tokenizer
-from qpipe.textdata import read_text, token_ids
 from tests.conftest import compose_config
 
 # The default pipeline up to the loaded model: the test scores it itself, on 1024 tokens.

@@ -9,13 +9,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from qpipe.app import run_pipeline
-from qpipe.bitplan import layer_bytes, plan_for_budget, solve_knapsack, validate_auto
 from qpipe.errors import ConfigError, DoesNotFit
-from qpipe.exclusion import plan_precision, validate_exclude
+from qpipe.evaluation.sensitivity import prior_sensitivity
 from qpipe.memory import Workload, arch_dims, build_inventory
+from qpipe.memory.bitplan import layer_bytes, plan_for_budget, solve_knapsack, validate_auto
+from qpipe.memory.exclusion import plan_precision, validate_exclude
 from qpipe.models import load_config
-from qpipe.sensitivity import prior_sensitivity
-from qpipe.validate import validate_config
+from qpipe.preflight import validate_config
 from tests.conftest import compose_config
 
 GB = 1e9

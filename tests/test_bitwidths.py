@@ -11,7 +11,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from omegaconf import OmegaConf
 
 from qpipe.backends import QuantizeRequest, get_backend
-from qpipe.config import load_group, resolve_kernel
+from qpipe.config.compose import load_group, resolve_kernel
 from qpipe.kernels.formats import _unpack_dense
 from qpipe.kernels.int_linear import IntLinear, pack_dense
 from qpipe.kernels.intweights import IntWeights

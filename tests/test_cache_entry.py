@@ -1,4 +1,4 @@
-"""Cache entries under concurrency (qpipe.cache_entry), with real processes: writers of one key
+"""Cache entries under concurrency (qpipe.store.entry), with real processes: writers of one key
 take turns, a waiting writer reuses the finished entry, a killed writer's partial folder is
 never published and is cleared by the next writer. The whole-pipeline versions (four identical
 runs at once, a joblib sweep sharing a baseline) are in tests/test_launchers.py."""
@@ -14,7 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from qpipe.cache_entry import entry_lock, new_partial, publish
+from qpipe.store.entry import entry_lock, new_partial, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ _WRITER = textwrap.dedent(
     """
     import json, os, sys, time
     from pathlib import Path
-    from qpipe.cache_entry import entry_lock, new_partial, publish
+    from qpipe.store.entry import entry_lock, new_partial, publish
     entry, hold = Path(sys.argv[1]), float(sys.argv[2])
     with entry_lock(entry):
         if (entry / "done.json").is_file():

@@ -1,5 +1,5 @@
 """QuantLinear under torch.compile: one custom op, no graph breaks, the same numbers; and the
-static-cache decode loop (qpipe.decode) giving the tokens transformers' own greedy search gives.
+static-cache decode loop (qpipe.evaluation.decode) giving the tokens transformers' own greedy search gives.
 
 On CPU the Triton kernel runs through Triton's interpreter, which must be switched on before
 triton is imported: those cases run in a child process (like test_kernels_triton.py)."""
@@ -112,7 +112,7 @@ def tiny_llama_w4():
 
 
 def test_static_decoder_matches_generate_eager_and_compiled(tiny_llama_w4) -> None:
-    from qpipe import decode
+    from qpipe.evaluation import decode
 
     model = tiny_llama_w4
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -137,7 +137,7 @@ def test_static_decoder_matches_generate_eager_and_compiled(tiny_llama_w4) -> No
 def test_agreement_tells_a_cascade_from_wrong_steps() -> None:
     """One tie at step 1 shifts a free-running sequence (every later position differs), while
     the forced choices, each made on the reference's history, still agree but at the tie."""
-    from qpipe.decode import DecodeTiming, agreement
+    from qpipe.evaluation.decode import DecodeTiming, agreement
 
     reference, gaps = [5, 7, 8, 9, 4], [1.0, 0.0, 2.0, 1.5, 3.0]
     timing = DecodeTiming("compiled", 1, 12, 5, 1.0, 1.0, 1.0, 1.0)
@@ -148,10 +148,10 @@ def test_agreement_tells_a_cascade_from_wrong_steps() -> None:
 
 
 def test_decode_modes_and_batch_sizes_follow_the_device() -> None:
-    from qpipe.config import decode_batch_sizes
-    from qpipe.decode import modes_for
+    from qpipe.config.compose import decode_batch_sizes
     from qpipe.errors import ConfigError
-    from qpipe.validate import validate_config
+    from qpipe.evaluation.decode import modes_for
+    from qpipe.preflight import validate_config
 
     assert modes_for("both", "cuda") == ["eager", "compiled"]
     assert modes_for("both", "cpu") == ["eager"]
@@ -191,8 +191,8 @@ def test_untied_lm_head_is_quantized_when_not_excluded(tmp_path) -> None:
     # the load stage ran q/k/v and gate/up of every layer as one matmul each
     assert report.metrics["load.fused_projections"] == 2 * 4
     tied = compose_config("model=tiny_llama", "model.config.tie_word_embeddings=true")
-    from qpipe.exclusion import plan_precision
     from qpipe.memory import build_inventory
+    from qpipe.memory.exclusion import plan_precision
     from qpipe.models.source import load_config
 
     inventory = build_inventory(load_config(tied.model), "AutoModelForCausalLM")

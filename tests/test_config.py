@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from qpipe.config import defaulted_groups, normalize_overrides
+from qpipe.config.compose import defaulted_groups, normalize_overrides
 from qpipe.errors import ConfigError
-from qpipe.validate import validate_config
+from qpipe.preflight import validate_config
 from tests.conftest import compose_config
 
 

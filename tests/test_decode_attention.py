@@ -84,7 +84,7 @@ def test_gpu_kernel_matches_reference(dtype) -> None:
 def _compiled_decode_tokens() -> dict:
     """A tiny fp16 GQA model decoding eager (SDPA on folded heads) and compiled with fullgraph
     (the kernel, interpreted): the same tokens, and the op in the traced step."""
-    from qpipe import decode
+    from qpipe.evaluation import decode
 
     model = random_llama(
         hidden_size=64,

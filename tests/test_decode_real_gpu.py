@@ -32,7 +32,7 @@ PROMPT, NEW = 512, 32
 def smollm2_bf16():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qpipe.config import load_model_group
+    from qpipe.config.compose import load_model_group
     from qpipe.models import materialize
 
     folder = materialize(load_model_group("smollm2"))
@@ -61,8 +61,8 @@ def _w4(model):
 @pytest.mark.parametrize("weights", ["bf16", "w4"])
 @pytest.mark.parametrize("batch", [1, 16])
 def test_compiled_and_eager_follow_generate_on_real_weights(smollm2_bf16, weights, batch) -> None:
-    from qpipe import decode
-    from qpipe.textdata import read_text, token_ids
+    from qpipe.corpora.texts import read_text, token_ids
+    from qpipe.evaluation import decode
 
     model, tokenizer = smollm2_bf16
     if weights == "w4":

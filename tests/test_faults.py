@@ -27,14 +27,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from qpipe.app import run_pipeline
-from qpipe.checkpoints import INDEX, inspect_checkpoint
+from qpipe.config.safety import LoadPolicy, set_policy
 from qpipe.dag import load_dag
-from qpipe.diskspace import ensure_space, free_bytes
 from qpipe.errors import CheckpointError, DiskFull, UnsafeCheckpoint
 from qpipe.models import load_tokenizer, materialize
-from qpipe.safety import LoadPolicy, set_policy
-from qpipe.stale_runs import close_dead_runs
-from qpipe.tracking import default_tracking_uri
+from qpipe.models.checkpoints import INDEX, inspect_checkpoint
+from qpipe.store.diskspace import ensure_space, free_bytes
+from qpipe.tracking.runs import default_tracking_uri
+from qpipe.tracking.stale_runs import close_dead_runs
 from tests.conftest import compose_config, save_random_llama
 from tests.faults_support import (
     QUANTIZE_LOAD_DAG,

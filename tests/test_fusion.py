@@ -101,7 +101,7 @@ def test_gpu_fused_triton_model_compiled_decode_follows_eager(tiny_llama) -> Non
     eager model's top token or one nearly tied with it: checked on the same history (the eager
     model run once over prompt + compiled tokens), since a random model's near-ties make
     free-running greedy sequences part after the first one."""
-    from qpipe import decode
+    from qpipe.evaluation import decode
 
     model = copy.deepcopy(tiny_llama).to("cuda", torch.bfloat16)
     for m in model.modules():

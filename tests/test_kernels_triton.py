@@ -98,7 +98,8 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _run_interpreted_cases() -> None:
     """Child process: TRITON_INTERPRET=1 is already set; print one JSON line per case."""
-    from qpipe.kernels.triton_w4a16 import WORKSPACE, KernelConfig, w4a16_matmul
+    from qpipe.kernels.triton_w4a16 import WORKSPACE, KernelConfig
+    from qpipe.kernels.tuning import w4a16_matmul
 
     for i, (name, m, n, k, gs, sym, act, dt, cfg, bias, inf) in enumerate(CASES):
         ql, x = _build_case(m, n, k, gs, sym, act, getattr(torch, dt), bias, inf, seed=i)
@@ -181,7 +182,8 @@ def test_gpu_quant_linear_matches_torch_path(m, variant):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 2, 4, 5])
 def test_gpu_every_config_kind_and_split(dtype, m):
-    from qpipe.kernels.triton_w4a16 import WORKSPACE, KernelConfig, w4a16_matmul
+    from qpipe.kernels.triton_w4a16 import WORKSPACE, KernelConfig
+    from qpipe.kernels.tuning import w4a16_matmul
 
     ql, x = _build_case(m, 264, 576, 32, False, False, dtype, True, None, seed=m)
     ql, x = ql.cuda(), x.cuda()
@@ -232,7 +234,8 @@ def test_gpu_large_activations_never_overflow(dtype, amplitude, m, xscale, monke
     activations: a power of two per word, or per row for bf16) and the tensor-core kernel,
     with and without split-K."""
     from qpipe.kernels import triton_w4a16
-    from qpipe.kernels.triton_w4a16 import KernelConfig, w4a16_matmul
+    from qpipe.kernels.triton_w4a16 import KernelConfig
+    from qpipe.kernels.tuning import w4a16_matmul
 
     monkeypatch.setattr(triton_w4a16, "XSCALE", xscale)
     ql, x = _large_activation_case(dtype, amplitude, m, seed=m)
@@ -253,7 +256,8 @@ def test_gpu_tiny_activations_keep_their_precision(dtype):
     """Activations so small that a fixed 1/64 pre-scale would push them below fp16's normal
     range: the per-word scale brings each word to [1, 2) first, so the GEMV stays as exact
     as for unit inputs."""
-    from qpipe.kernels.triton_w4a16 import KernelConfig, w4a16_matmul
+    from qpipe.kernels.triton_w4a16 import KernelConfig
+    from qpipe.kernels.tuning import w4a16_matmul
 
     ql, x = _build_case(1, 256, 1024, 128, False, False, dtype, False, None, seed=7)
     # fp16: 1e-4 (x / 64 would be subnormal); bf16: 1e-6 (x / 64 would underflow fp16)
@@ -271,7 +275,8 @@ def test_gpu_tiny_activations_keep_their_precision(dtype):
 def test_gpu_eager_direct_launcher_is_used_and_exact(m):
     """Eager decode-sized calls go through a bound DirectLauncher on this Triton, and give
     the normal launch's bits; a moved module drops its launchers."""
-    from qpipe.kernels.triton_w4a16 import DirectLauncher, w4a16_matmul
+    from qpipe.kernels.triton_w4a16 import DirectLauncher
+    from qpipe.kernels.tuning import w4a16_matmul
 
     ql, x = _build_case(m, 768, 1024, 128, False, False, torch.bfloat16, True, None, seed=m)
     ql, x = ql.cuda(), x.cuda()
@@ -291,7 +296,8 @@ def test_gpu_eager_direct_launcher_is_used_and_exact(m):
 @pytest.mark.gpu
 def test_gpu_fp16_output_beyond_range_is_inf_not_garbage():
     """A true result beyond fp16's range rounds to inf (IEEE), with the right sign."""
-    from qpipe.kernels.triton_w4a16 import KernelConfig, w4a16_matmul
+    from qpipe.kernels.triton_w4a16 import KernelConfig
+    from qpipe.kernels.tuning import w4a16_matmul
 
     ql, x = _large_activation_case(torch.float16, 3e4, 1, seed=5)
     ql.scales.mul_(4.0)  # true outputs now reach 1.2e5

@@ -17,15 +17,15 @@ import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qpipe.config import CONF_DIR
-from qpipe.gpu_slots import claim, parallel_jobs, visible_gpus
+from qpipe.config.compose import CONF_DIR
+from qpipe.devices.gpu_slots import claim, parallel_jobs, visible_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
 _JOB = textwrap.dedent(
     """
     import json, sys, time
-    from qpipe.gpu_slots import claim
+    from qpipe.devices.gpu_slots import claim
     slot = claim(int(sys.argv[1]), poll_s=0.05)
     start = time.time()
     time.sleep(float(sys.argv[2]))
@@ -203,7 +203,7 @@ def test_a_job_is_pinned_through_cuda_visible_devices(tmp_path) -> None:
         """
         import json, os
         from omegaconf import OmegaConf
-        from qpipe.gpu_slots import pin_job
+        from qpipe.devices.gpu_slots import pin_job
         cpu = OmegaConf.create({"device": "cpu", "placement": {"gpus_per_job": 1}})
         cfg = OmegaConf.create({"device": "auto", "placement": {"gpus_per_job": 1}})
         print(json.dumps({"cpu": pin_job(cpu), "tags": pin_job(cfg), "device": cfg.device,
@@ -220,7 +220,7 @@ def test_a_job_is_pinned_through_cuda_visible_devices(tmp_path) -> None:
     assert result["device"] == "cuda"
 
 
-# -- caches shared by processes running at once (qpipe.cache_entry) ---------------------
+# -- caches shared by processes running at once (qpipe.store.entry) ---------------------
 
 # The cached stages of the default DAG, cheap: baseline perplexity, an RTN checkpoint, loaded.
 _SHARED_DAG = """name: shared_caches

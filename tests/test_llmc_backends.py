@@ -14,16 +14,16 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qpipe.align import plan_alignment
 from qpipe.backends import QuantizeRequest, get_backend
+from qpipe.backends.align import plan_alignment
 from qpipe.backends.llmc import build_recipe, recipe_yaml, validate_kernel
-from qpipe.calib import load_calib_texts, token_windows
-from qpipe.config import load_group, load_model_group
+from qpipe.config.compose import load_group, load_model_group
+from qpipe.corpora.calibration import load_calib_texts, token_windows
 from qpipe.errors import ConfigError, WeightsUnavailable
 from qpipe.kernels import QuantLinear, quantize_rtn
 from qpipe.kernels.int_linear import IntLinear
 from qpipe.models import materialize
-from qpipe.paths import data_file
+from qpipe.store.paths import data_file
 from tests.conftest import save_random_llama
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from qpipe.backends import QuantizeRequest, get_backend
-from qpipe.logrepeats import once_per_run
+from qpipe.console.logrepeats import once_per_run
 from tests.conftest import save_random_llama
 
 CAST = "MatMul8bitLt: inputs will be cast"

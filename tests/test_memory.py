@@ -9,9 +9,8 @@ from omegaconf import OmegaConf
 
 from qpipe.backends.bnb import BnbBackend
 from qpipe.backends.none import load_hf
-from qpipe.config import load_group
-from qpipe.exclusion import plan_precision
-from qpipe.measure import tensor_bytes
+from qpipe.config.compose import load_group
+from qpipe.devices.measure import tensor_bytes
 from qpipe.memory import (
     Workload,
     adamw_training_gb,
@@ -21,6 +20,7 @@ from qpipe.memory import (
     weights_gb,
 )
 from qpipe.memory.estimator import kv_cache_bytes
+from qpipe.memory.exclusion import plan_precision
 from qpipe.models import load_config, materialize
 from tests.conftest import compose_config
 

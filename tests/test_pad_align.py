@@ -9,8 +9,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from qpipe.align import plan_alignment
 from qpipe.backends import QuantizeRequest, get_backend
+from qpipe.backends.align import plan_alignment
 from qpipe.errors import ConfigError
 from qpipe.kernels import QuantLinear, quantize_rtn
 from qpipe.stages import pad_align

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from qpipe.app import run_pipeline
-from qpipe.tracking import default_tracking_uri
+from qpipe.tracking.runs import default_tracking_uri
 from tests.conftest import compose_config
 
 

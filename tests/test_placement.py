@@ -9,12 +9,12 @@ from omegaconf import OmegaConf
 
 from qpipe.app import run_pipeline
 from qpipe.errors import ConfigError
-from qpipe.exclusion import plan_precision
 from qpipe.memory import Workload, arch_dims, build_inventory
 from qpipe.memory.estimator import activation_bytes, kv_cache_bytes
+from qpipe.memory.exclusion import plan_precision
 from qpipe.memory.placement import device_of, meta_model, plan_placement
 from qpipe.models import load_config
-from qpipe.validate import validate_config
+from qpipe.preflight import validate_config
 from tests.conftest import compose_config
 
 INTERNVL = ("model=internvl", "model.weights=random", "pipeline=estimate")
@@ -282,7 +282,7 @@ def test_a_capped_gpu_offloads_to_host_memory_and_finishes(tmp_path) -> None:
 
 
 def test_a_map_over_gpus_this_machine_lacks_is_refused_before_loading() -> None:
-    from qpipe.device_memory import device_map_for
+    from qpipe.devices.peak_memory import device_map_for
 
     placement = {
         "device_map": {"model": "cuda:0", "lm_head": "cuda:1"},
@@ -302,10 +302,10 @@ def test_offloaded_modules_decode_the_same_tokens_and_are_counted(tmp_path) -> N
     model, and the load metrics count the weights the hooks stream in."""
     from accelerate import dispatch_model
 
-    from qpipe import decode
     from qpipe.backends.none import load_hf
-    from qpipe.device_memory import loaded_weights_metrics
-    from qpipe.measure import tensor_bytes
+    from qpipe.devices.measure import tensor_bytes
+    from qpipe.devices.peak_memory import loaded_weights_metrics
+    from qpipe.evaluation import decode
     from qpipe.models import materialize
 
     folder = materialize(compose_config("model=tiny_llama").model)

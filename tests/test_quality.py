@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from qpipe.calib import BUILTIN, load_calib_texts, validate_calib
+from qpipe.corpora.calibration import BUILTIN, load_calib_texts, validate_calib
 from qpipe.errors import ConfigError
-from qpipe.paths import data_file
-from qpipe.quality import bleu, eval_domains, measure, topk_kl, validate_eval_texts
+from qpipe.evaluation.quality import bleu, eval_domains, measure, topk_kl, validate_eval_texts
+from qpipe.store.paths import data_file
 from tests.conftest import save_random_llama
 
 DATA = data_file("")

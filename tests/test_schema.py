@@ -1,13 +1,13 @@
-"""The typed config schema (qpipe/schema.py) knows every key the built-in configs set: a key
+"""The typed config schema (qpipe/config/schema.py) knows every key the built-in configs set: a key
 added to a YAML file without its schema entry would refuse every run that selects it."""
 
 from __future__ import annotations
 
 import pytest
 
-from qpipe.config import CONF_DIR
+from qpipe.config.compose import CONF_DIR
+from qpipe.config.schema import check_schema
 from qpipe.errors import ConfigError
-from qpipe.schema import check_schema
 from tests.conftest import compose_config
 
 OPTIONS = [

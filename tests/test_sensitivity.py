@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpipe import sensitivity as sens
+from qpipe.evaluation import sensitivity as sens
 from qpipe.kernels import quantize_rtn
 from qpipe.kernels.int8_linear import Int8Linear
+from qpipe.memory.bitplan import predicted_loss
 from tests.conftest import random_llama
 
 
@@ -51,9 +52,9 @@ def test_8_bit_loss_is_predicted_from_the_layers_own_rounding_error() -> None:
     # Uniform rounding: error power ~ step^2, the 8-bit step is 15/255 of the 4-bit one.
     assert ratio == pytest.approx((15 / 255) ** 2, rel=0.3)
     entry = {"kl": 0.2, "noise_ratio_8": ratio}
-    assert sens.predicted_loss(entry, 4) == 0.2
-    assert sens.predicted_loss(entry, 8) == pytest.approx(0.2 * ratio)
-    assert sens.predicted_loss(entry, 16) == 0.0
+    assert predicted_loss(entry, 4) == 0.2
+    assert predicted_loss(entry, 8) == pytest.approx(0.2 * ratio)
+    assert predicted_loss(entry, 16) == 0.0
 
 
 def test_int8_linear_matches_its_dequantized_weight() -> None:
@@ -88,7 +89,7 @@ def test_keep_top_k_runs_through_the_pipeline_on_smollm2(tmp_path, outputs_dir) 
     from hydra import compose, initialize_config_dir
 
     from qpipe.app import run_pipeline
-    from qpipe.config import CONF_DIR
+    from qpipe.config.compose import CONF_DIR
 
     dag = tmp_path / "rank.yaml"
     dag.write_text(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from qpipe.pareto import Point, pareto_front
+from qpipe.plots.pareto import Point, pareto_front
 from qpipe.report import PARENT_ROLE
 
 ROOT = Path(__file__).resolve().parents[1]

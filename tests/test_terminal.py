@@ -20,11 +20,11 @@ from rich.logging import RichHandler
 
 from qpipe import cache as cache_cli
 from qpipe import report
-from qpipe.noise import NOISE, quiet_progress_bars, terminal_for_run
-from qpipe.pareto import Point, pareto_figure
-from qpipe.progress import heartbeat
+from qpipe.console.noise import NOISE, quiet_progress_bars, terminal_for_run
+from qpipe.console.progress import heartbeat
+from qpipe.plots.pareto import Point, pareto_figure
 from qpipe.sweep import runs_page, swept_axes
-from qpipe.tracking import Tracker
+from qpipe.tracking.runs import Tracker
 
 LONG_ERROR = (
     "quantize: RuntimeError: Cannot access accelerator device when none is available\n"
@@ -384,7 +384,7 @@ def test_cache_command_lists_and_clears(tmp_path) -> None:
 def test_pareto_labels_and_legend_cover_no_point() -> None:
     import matplotlib.pyplot as plt
 
-    from qpipe.pareto import _marker_box
+    from qpipe.plots.pareto import _marker_box
 
     # The bit-width sweep on SmolLM2: 4- and 8-bit runs crowd one corner.
     pts = [

@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from qpipe.errors import QpipeError
-from qpipe.tracking_uri import resolve_tracking_uri, unreachable_reason
+from qpipe.tracking.uri import resolve_tracking_uri, unreachable_reason
 
 
 def free_port() -> int:

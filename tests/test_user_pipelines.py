@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from transformers import AutoTokenizer
 
-from qpipe.config import load_model_group
+from qpipe.config.compose import load_model_group
 from qpipe.dag import PipelineError, load_dag
 from qpipe.models import materialize
 from tests.conftest import save_random_llama

@@ -16,16 +16,10 @@ from transformers import AutoModelForImageTextToText
 
 from qpipe.app import run_pipeline
 from qpipe.backends import QuantizeRequest, get_backend
-from qpipe.calib import load_calib_texts
-from qpipe.config import load_group, load_model_group
+from qpipe.config.compose import load_group, load_model_group
+from qpipe.corpora.calibration import load_calib_texts
 from qpipe.errors import ConfigError
-from qpipe.exclusion import plan_precision
-from qpipe.kernels import QuantLinear
-from qpipe.memory import Workload, arch_dims, build_inventory, estimate
-from qpipe.models import load_config, load_tokenizer, materialize
-from qpipe.models.processor import build_processor, load_processor, tokens_per_tile, vision_dims
-from qpipe.tracking import default_tracking_uri
-from qpipe.vision import (
+from qpipe.evaluation.vision import (
     benchmark_with_image,
     builtin_image,
     image_benchmark,
@@ -33,6 +27,12 @@ from qpipe.vision import (
     image_prompt,
     load_image,
 )
+from qpipe.kernels import QuantLinear
+from qpipe.memory import Workload, arch_dims, build_inventory, estimate
+from qpipe.memory.exclusion import plan_precision
+from qpipe.models import load_config, load_tokenizer, materialize
+from qpipe.models.processor import build_processor, load_processor, tokens_per_tile, vision_dims
+from qpipe.tracking.runs import default_tracking_uri
 from tests.conftest import compose_config
 
 CLASS = "AutoModelForImageTextToText"

@@ -22,7 +22,7 @@ class QuantizeRequest:
     quant: the ``quant`` config group as a plain dict (method, bits, group_size, ...).
     skip_modules: module names that stay in high precision (from exclude_layers).
     targets: module names of the Linear layers to quantize (from exclude_layers).
-    pad_plan: the pad_align stage's outputs (schema in ``qpipe/align.py``).
+    pad_plan: the pad_align stage's outputs (schema in ``qpipe/backends/align.py``).
     calib_texts: calibration texts (GPTQ/AWQ); empty for methods that need none.
     calib_seq_len / calib_samples: calibration shape.
     keep_in_host: leave the model in host memory and let the library copy one layer at a time

@@ -11,7 +11,7 @@ import torch
 
 from qpipe.backends.base import QuantizeRequest, QuantizeResult
 from qpipe.backends.none import load_hf
-from qpipe.config import dtype_from_name
+from qpipe.config.compose import dtype_from_name
 from qpipe.errors import ConfigError
 
 _QUANT_TYPES = ("nf4", "fp4")

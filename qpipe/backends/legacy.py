@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from qpipe.backends.qlinear_loader import Extractor
 from qpipe.errors import ConfigError
 from qpipe.kernels import IntWeights, from_autoawq, from_autogptq
+from qpipe.kernels.formats import Extractor
 
 
 def _bits(qcfg: Mapping[str, Any], method: str) -> int:

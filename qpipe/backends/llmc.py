@@ -22,9 +22,10 @@ from typing import Any
 import torch
 import yaml
 
-from qpipe.align import module_group_size, plan_alignment
+from qpipe.backends.align import module_group_size, plan_alignment
 from qpipe.backends.base import QuantizeRequest, QuantizeResult
-from qpipe.calib import (
+from qpipe.config.safety import trust_remote_code
+from qpipe.corpora.calibration import (
     BUILTIN,
     builtin_texts,
     load_calib_texts,
@@ -32,7 +33,6 @@ from qpipe.calib import (
     token_windows,
 )
 from qpipe.errors import BackendUnavailable, ConfigError
-from qpipe.safety import trust_remote_code
 
 CT_FORMAT = "compressed-tensors"
 # Group sizes our formats accept: compressed-tensors takes any divisor of K, but qpipe's
@@ -152,7 +152,7 @@ def validate_kernel(quant: Mapping[str, Any], kernel: str) -> None:
 
 
 def calibration_texts(calib: Mapping[str, Any]) -> list[str]:
-    """The texts of the ``calib`` config group (see ``qpipe.calib``)."""
+    """The texts of the ``calib`` config group (see ``qpipe.corpora.calibration``)."""
     return load_calib_texts(calib)
 
 

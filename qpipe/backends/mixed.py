@@ -14,8 +14,8 @@ from typing import Any
 
 from qpipe.backends.base import QuantizeRequest, QuantizeResult
 from qpipe.backends.llmc import CT_FORMAT, LlmcBackend, quantize_with_llmc, validate_quant
-from qpipe.bitplan import validate_auto
 from qpipe.errors import ConfigError
+from qpipe.memory.bitplan import validate_auto
 
 _AUTO_ONLY = {"choices", "algorithm", "weights_gb"}
 _GPTQ_ONLY = {"act_order", "dampening", "block_size"}

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from qpipe.backends.base import QuantizeRequest, QuantizeResult
-from qpipe.safety import trust_remote_code
+from qpipe.config.safety import trust_remote_code
 
 
 def load_hf(

@@ -25,18 +25,16 @@ import transformers
 from safetensors import safe_open
 from transformers import AutoConfig, GenerationConfig
 
-from qpipe.checkpoints import key_renamer
+from qpipe.backends.legacy import legacy_extractor
+from qpipe.config.safety import trust_remote_code
 from qpipe.errors import BackendUnavailable, ConfigError
 from qpipe.kernels import IntWeights, QuantLinear, from_compressed_tensors, kernel_available
+from qpipe.kernels.formats import Extractor
 from qpipe.kernels.int8_linear import Int8Linear
 from qpipe.kernels.int_linear import IntLinear
-from qpipe.safety import trust_remote_code
+from qpipe.models.checkpoints import key_renamer
 
 QPIPE_W4 = "qpipe-w4"
-
-# An extractor takes (module name, its tensors by suffix, the empty module) and gives the exact
-# integer weights; it is called once per quantized module.
-Extractor = Callable[[str, dict[str, torch.Tensor], torch.nn.Module], IntWeights]
 
 
 def quantization_config(checkpoint: Path) -> dict[str, Any]:
@@ -97,8 +95,6 @@ def load_checkpoint(
     elif method == QPIPE_W4:
         return _load_qpipe_w4(checkpoint, model_class, device, dtype, kernel)
     elif method in ("gptq", "awq"):
-        from qpipe.backends.legacy import legacy_extractor
-
         extractors = legacy_extractor(quantization_config(checkpoint))
     else:
         raise ConfigError(

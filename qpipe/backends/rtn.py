@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qpipe.align import module_group_size, module_pad_to, plan_alignment
+from qpipe.backends.align import module_group_size, module_pad_to, plan_alignment
 from qpipe.backends.base import QuantizeRequest, QuantizeResult
 from qpipe.backends.llmc import (
     CT_FORMAT,
@@ -25,8 +25,8 @@ from qpipe.backends.llmc import (
     validate_quant,
 )
 from qpipe.backends.qlinear_loader import QPIPE_W4, auto_class, save_qpipe_w4
+from qpipe.config.safety import trust_remote_code
 from qpipe.errors import ConfigError
-from qpipe.safety import trust_remote_code
 
 
 class RtnBackend(LlmcBackend):

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qpipe.kernels.ops import interpreting
+from qpipe.kernels.interpreter import interpreting
 
 
 @triton.jit

@@ -19,12 +19,16 @@ compressed-tensors ``pack-quantized``: weight_packed int32 [N, ceil(K * bits / 3
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from qpipe.kernels.intweights import IntWeights
 from qpipe.kernels.layout import CHUNK_ELEMENTS
+
+# An extractor takes (module name, its tensors by suffix, the empty module) and gives the exact
+# integer weights; a checkpoint loader calls it once per quantized module.
+Extractor = Callable[[str, dict[str, torch.Tensor], torch.nn.Module], IntWeights]
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i]
 

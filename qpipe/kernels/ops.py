@@ -13,14 +13,7 @@ new positions against a KV cache, [B, S, H, D] (``decode_attention.py``).
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-
-def interpreting() -> bool:
-    """Whether Triton's CPU interpreter (TRITON_INTERPRET=1, the tests) runs our kernels."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @torch.library.custom_op("qpipe::w4a16_linear", mutates_args=())
@@ -32,7 +25,7 @@ def w4a16_linear(
     bias: torch.Tensor | None,
     group_size: int,
 ) -> torch.Tensor:
-    from qpipe.kernels.triton_w4a16 import w4a16_matmul
+    from qpipe.kernels.tuning import w4a16_matmul
 
     return w4a16_matmul(x, qweight, scales, zeros, group_size, bias)
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from qpipe.errors import BackendUnavailable
+from qpipe.kernels import ops  # noqa: F401  (importing ops registers torch.ops.qpipe.*)
+from qpipe.kernels.interpreter import interpreting
 from qpipe.kernels.intweights import IntWeights, num_groups, quantize_rtn
 from qpipe.kernels.layout import (
     LAYOUT_NAME,
@@ -27,7 +29,6 @@ from qpipe.kernels.layout import (
     pack_w4,
     unpack_w4,
 )
-from qpipe.kernels.ops import interpreting  # (importing ops registers torch.ops.qpipe.*)
 
 KERNELS = ("torch", "triton")
 # Eager calls up to this many rows (decode batches) launch through a bound DirectLauncher.
@@ -301,7 +302,8 @@ class QuantLinear(torch.nn.Module):
         if (x2.device, x2.dtype) != self._checked:
             self._check_triton(x2)
             self._checked = (x2.device, x2.dtype)
-        from qpipe.kernels.triton_w4a16 import DirectLauncher, w4a16_matmul
+        from qpipe.kernels.triton_w4a16 import DirectLauncher
+        from qpipe.kernels.tuning import w4a16_matmul
 
         m = x2.shape[0]
         if m <= DIRECT_MAX_M and x2.is_cuda and x2.is_contiguous() and x2.data_ptr() % 16 == 0:

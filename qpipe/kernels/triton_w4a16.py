@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qpipe.kernels.ops import interpreting
+from qpipe.kernels.interpreter import interpreting
 
 X_PRESCALE = tl.constexpr(1.0 / 64.0)  # |x/64 * (q - z)| * 4 terms < 65504 for any fp16 x
 
@@ -815,21 +815,3 @@ class DirectLauncher:
             x, *self._head, y, *self._tail,
         )  # fmt: skip
         return y
-
-
-def w4a16_matmul(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    cfg: KernelConfig | None = None,
-) -> torch.Tensor:
-    """y = x @ W.T (+ bias) for x fp16/bf16 [M, K] (kernel column order) and W in the
-    qpipe-w4 layout; the configuration comes from the autotuner unless given."""
-    if cfg is None:
-        from qpipe.kernels.tuning import TUNER
-
-        cfg = TUNER.choose(x, qweight, scales, zeros, group_size, bias)
-    return launch(x, qweight, scales, zeros, group_size, bias, cfg)

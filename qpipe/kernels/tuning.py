@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qpipe.kernels.triton_w4a16 import KernelConfig, legal_block_k
+from qpipe.kernels.triton_w4a16 import KernelConfig, launch, legal_block_k
 
 # M at or below this runs the split-K GEMV (CUDA cores); above it, the tensor-core kernel.
 GEMV_MAX_M = 4
@@ -112,8 +112,6 @@ def _time_cold(
 ) -> float:
     """µs per call: a CUDA graph calls the kernel once per weight copy (together larger than
     the L2, so weights stream from HBM as in a real decoder), median over replays."""
-    from qpipe.kernels.triton_w4a16 import launch
-
     y = torch.empty(x.shape[0], copies[0][0].shape[0], dtype=x.dtype, device=x.device)
     launch(x, *copies[0], group_size, bias, cfg, out=y)  # compile, size the workspace
     torch.cuda.synchronize()
@@ -224,3 +222,19 @@ class Tuner:
 
 
 TUNER = Tuner()
+
+
+def w4a16_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    cfg: KernelConfig | None = None,
+) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for x fp16/bf16 [M, K] (kernel column order) and W in the
+    qpipe-w4 layout; the configuration comes from the autotuner unless given."""
+    if cfg is None:
+        cfg = TUNER.choose(x, qweight, scales, zeros, group_size, bias)
+    return launch(x, qweight, scales, zeros, group_size, bias, cfg)

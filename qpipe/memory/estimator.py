@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from qpipe.memory.inventory import Inventory, ModuleInfo
 
 if TYPE_CHECKING:
-    from qpipe.exclusion import PrecisionPlan
+    from qpipe.memory.exclusion import PrecisionPlan
 
 GB = 1e9
 BNB_BLOCK = 64  # bitsandbytes' 4-bit block size

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
-from qpipe.safety import trust_remote_code
+from qpipe.config.safety import trust_remote_code
 
 # Module-name prefixes that mark the vision tower and the multimodal projector across the VLMs
 # transformers ships (InternVL, LLaVA, Qwen-VL, Gemma 3...).

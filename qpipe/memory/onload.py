@@ -28,7 +28,7 @@ from qpipe.memory.inventory import Inventory
 from qpipe.memory.placement import layer_index
 
 if TYPE_CHECKING:
-    from qpipe.exclusion import PrecisionPlan
+    from qpipe.memory.exclusion import PrecisionPlan
 
 
 @dataclass

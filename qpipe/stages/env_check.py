@@ -5,9 +5,9 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from qpipe.backends import get_backend
-from qpipe.config import load_group, resolve_device, resolve_dtype, resolve_kernel
+from qpipe.config.compose import load_group, resolve_device, resolve_dtype, resolve_kernel
 from qpipe.dag import load_dag, pipeline_ref
-from qpipe.envinfo import device_facts, library_versions, measure_cuda_context_gb
+from qpipe.devices.envinfo import device_facts, library_versions, measure_cuda_context_gb
 from qpipe.errors import BackendUnavailable, QpipeError
 from qpipe.models.source import check_weights_reachable
 from qpipe.stages.base import StageContext, StageResult

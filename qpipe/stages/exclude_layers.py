@@ -9,9 +9,9 @@ from collections import Counter
 
 from omegaconf import OmegaConf
 
-from qpipe.config import resolve_device, resolve_dtype
-from qpipe.exclusion import PrecisionPlan, plan_precision
+from qpipe.config.compose import resolve_device, resolve_dtype
 from qpipe.memory import build_inventory
+from qpipe.memory.exclusion import PrecisionPlan, plan_precision
 from qpipe.models import load_config
 from qpipe.stages.base import StageContext, StageResult
 

@@ -12,14 +12,14 @@ import warnings
 from pathlib import Path
 
 from qpipe.backends import get_backend
-from qpipe.checkpoints import inspect_checkpoint
-from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
-from qpipe.device_memory import device_map_for, loaded_weights_metrics
+from qpipe.config.compose import resolve_device, resolve_dtype, resolve_kernel
+from qpipe.devices.measure import MemoryWindow
+from qpipe.devices.peak_memory import device_map_for, loaded_weights_metrics
+from qpipe.evaluation.vision import source_processor
 from qpipe.kernels.fusion import fuse_projections
-from qpipe.measure import MemoryWindow
 from qpipe.models import load_tokenizer
+from qpipe.models.checkpoints import inspect_checkpoint
 from qpipe.stages.base import StageContext, StageResult
-from qpipe.vision import source_processor
 
 
 def run(ctx: StageContext) -> StageResult:

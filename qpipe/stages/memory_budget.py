@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from qpipe.config import CONF_DIR, load_group, resolve_device, resolve_dtype, resolve_kernel
-from qpipe.device_budget import mappable_reason, plan_devices, quantize_on_gpu
+from qpipe.config.compose import CONF_DIR, load_group, resolve_device, resolve_dtype, resolve_kernel
+from qpipe.devices.budget import mappable_reason, plan_devices, quantize_on_gpu
+from qpipe.devices.hardware import per_card, resolve_cards
 from qpipe.errors import ConfigError
-from qpipe.exclusion import plan_precision
-from qpipe.hardware import per_card, resolve_cards
+from qpipe.evaluation.vision import load_image
 from qpipe.kernels.tuning import TUNER, tuning_transient_bytes
 from qpipe.memory import (
     Estimate,
@@ -22,12 +22,12 @@ from qpipe.memory import (
     estimate,
     quantized_matmuls,
 )
+from qpipe.memory.exclusion import plan_precision
 from qpipe.models import load_config
 from qpipe.models.processor import is_vlm, vision_dims
-from qpipe.plots import memory_breakdown
+from qpipe.plots.memory import memory_breakdown
 from qpipe.stages._auto_plan import auto_plan
 from qpipe.stages.base import StageContext, StageResult
-from qpipe.vision import load_image
 
 
 def _workload(cfg) -> Workload:

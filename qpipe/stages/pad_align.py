@@ -2,7 +2,7 @@
 
 Reads the Linear layers to quantize and their shapes from exclude_layers, the backend's legal
 group sizes and checkpoint format, and ``pad_align.mode``; returns the plan described in
-``qpipe.align`` (the quantize stage hands it to the backend as ``QuantizeRequest.pad_plan``).
+``qpipe.backends.align`` (the quantize stage hands it to the backend as ``QuantizeRequest.pad_plan``).
 Nothing is changed here: the plan is data, applied by the backend while it quantizes.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from qpipe.align import plan_alignment
 from qpipe.backends import get_backend
+from qpipe.backends.align import plan_alignment
 from qpipe.stages.base import StageContext, StageResult
 
 

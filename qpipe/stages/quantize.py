@@ -8,11 +8,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from qpipe.backends import QuantizeRequest, get_backend
-from qpipe.config import resolve_device, resolve_dtype
-from qpipe.diskspace import guarded_write
-from qpipe.measure import MemoryWindow
+from qpipe.config.compose import resolve_device, resolve_dtype
+from qpipe.devices.measure import MemoryWindow
 from qpipe.models import materialize
 from qpipe.stages.base import StageContext, StageResult
+from qpipe.store.diskspace import guarded_write
 
 
 def _calibration(cfg) -> tuple[list[str], int, int]:

@@ -9,13 +9,18 @@ import time
 
 from omegaconf import OmegaConf
 
-from qpipe.calib import load_calib_texts
-from qpipe.config import resolve_device, resolve_dtype
-from qpipe.exclusion import plan_precision
+from qpipe.config.compose import resolve_device, resolve_dtype
+from qpipe.corpora.calibration import load_calib_texts
+from qpipe.evaluation.sensitivity import (
+    calibration_batch,
+    log_progress,
+    measure_sensitivity,
+    ranking,
+)
 from qpipe.memory import build_inventory
+from qpipe.memory.exclusion import plan_precision
 from qpipe.models import load_config, load_tokenizer, materialize
-from qpipe.plan_plots import sensitivity_plot
-from qpipe.sensitivity import calibration_batch, log_progress, measure_sensitivity, ranking
+from qpipe.plots.plans import sensitivity_plot
 from qpipe.stages.base import StageContext, StageResult
 
 

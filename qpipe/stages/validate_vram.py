@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from qpipe.config import resolve_dtype
-from qpipe.device_memory import per_device_metrics
-from qpipe.measure import MemoryWindow
-from qpipe.plots import memory_breakdown
+from qpipe.config.compose import resolve_dtype
+from qpipe.corpora.texts import read_text, token_ids
+from qpipe.devices.measure import MemoryWindow
+from qpipe.devices.peak_memory import per_device_metrics
+from qpipe.evaluation.vision import count_image_tokens, load_image, workload_inputs
+from qpipe.plots.memory import memory_breakdown
 from qpipe.stages.base import StageContext, StageResult
-from qpipe.textdata import read_text, token_ids
-from qpipe.vision import count_image_tokens, load_image, workload_inputs
 
 
 def _run_workload(model, tokenizer, processor, cfg, device: str) -> dict[str, int]:

@@ -10,7 +10,7 @@ from hydra.core.config_search_path import ConfigSearchPath, SearchPathQuery
 from hydra.core.plugins import Plugins
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-from qpipe.config import CONF_DIR
+from qpipe.config.compose import CONF_DIR
 
 PROVIDER = "qpipe-user"
 

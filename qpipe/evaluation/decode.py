@@ -7,7 +7,7 @@ Python (logits processors, stopping criteria, cache bookkeeping) costs milliseco
 more than an 8B model's 4-bit weights take to read on an H100, so it would hide the kernels.
 The loop works for any transformers causal LM and for a VLM's language model (InternVL): the
 prefill may carry extra inputs (pixel values), the decode steps carry one token each.
-Grouped-query models attend without expanding their KV cache (``qpipe.attention``).
+Grouped-query models attend without expanding their KV cache (``qpipe.evaluation.attention``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from qpipe.attention import grouped_attention
 from qpipe.errors import ConfigError
+from qpipe.evaluation.attention import grouped_attention
 
 DECODE_MODES = ("eager", "compiled", "both")
 

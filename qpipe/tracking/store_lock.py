@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qpipe.errors import QpipeError
-from qpipe.paths import unwritable_reason
+from qpipe.store.paths import unwritable_reason
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:

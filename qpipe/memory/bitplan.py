@@ -2,7 +2,7 @@
 
 Each quantizable layer may stay in high precision (16: the run's dtype) or be rounded to 8 or
 4 bits. A choice costs the estimator's exact bytes for that layer (payload + scales + zero
-points) and a predicted loss (``qpipe.sensitivity.predicted_loss``: the layer's KL divergence
+points) and a predicted loss (``predicted_loss`` below: the layer's KL divergence
 when quantized alone; losses of different layers add up to first order). The plan is a
 multiple-choice knapsack: minimise the summed loss subject to the bytes fitting what the card
 has left after everything that does not depend on the plan (embeddings, norms, excluded
@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from qpipe.errors import ConfigError, DoesNotFit
-from qpipe.exclusion import PrecisionPlan
 from qpipe.memory.estimator import (
     GB,
     ArchDims,
@@ -29,12 +28,23 @@ from qpipe.memory.estimator import (
     estimate,
     quantized_linear_bytes,
 )
+from qpipe.memory.exclusion import PrecisionPlan
 from qpipe.memory.inventory import Inventory
-from qpipe.sensitivity import predicted_loss
 
 CHOICES = (16, 8, 4)
 ALGORITHMS = ("gptq", "rtn")
 HIGH = 16  # "16" is the run's dtype (bf16 on GPU, fp32 on CPU)
+
+
+def predicted_loss(entry: Mapping[str, float], bits: int, lowest: int = 4) -> float:
+    """Predicted KL of one layer at ``bits`` from its entry (measured at ``lowest`` bits)."""
+    if bits >= 16:
+        return 0.0
+    if bits == lowest:
+        return float(entry["kl"])
+    if bits == 8 and lowest == 4:
+        return float(entry["kl"]) * float(entry["noise_ratio_8"])
+    raise ValueError(f"no loss model for {bits}-bit layers measured at {lowest} bits")
 
 
 def validate_auto(quant: Mapping[str, Any]) -> None:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from qpipe.align import MODES as PAD_MODES
 from qpipe.backends import get_backend
-from qpipe.config import resolve_device, resolve_dtype, resolve_kernel
+from qpipe.backends.align import MODES as PAD_MODES
+from qpipe.config.compose import resolve_device, resolve_dtype, resolve_kernel
+from qpipe.config.schema import check_schema
+from qpipe.corpora.texts import read_text
 from qpipe.dag import load_dag, pipeline_ref
+from qpipe.devices.hardware import validate_placement
 from qpipe.errors import ConfigError
-from qpipe.exclusion import validate_exclude
-from qpipe.hardware import validate_placement
+from qpipe.evaluation.quality import validate_eval_texts
+from qpipe.memory.exclusion import validate_exclude
 from qpipe.models.source import model_class, source_kind
-from qpipe.quality import validate_eval_texts
-from qpipe.schema import check_schema
-from qpipe.textdata import read_text
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -29,7 +29,7 @@ def validate_config(cfg: DictConfig) -> None:
     if kernel == "triton" and not device.startswith("cuda"):
         raise ConfigError("kernel=triton needs a CUDA device; use kernel=torch (or auto) on CPU")
     if source_kind(cfg.model) == "path":  # the user's folder: its config.json, before any run
-        from qpipe.checkpoints import check_model_type, read_config
+        from qpipe.models.checkpoints import check_model_type, read_config
         from qpipe.models.source import checked_folder
 
         folder = checked_folder(cfg.model.path)
@@ -53,7 +53,7 @@ def validate_config(cfg: DictConfig) -> None:
         quant["method"] == "auto" and quant.get("algorithm") == "gptq"
     )
     if calibrates or cfg.exclude.get("by") == "sensitivity" or quant["method"] == "auto":
-        from qpipe.calib import validate_calib
+        from qpipe.corpora.calibration import validate_calib
 
         validate_calib(OmegaConf.to_container(cfg.calib, resolve=True))
     mode = cfg.get("pad_align", {}).get("mode", "auto")
@@ -79,8 +79,8 @@ def validate_config(cfg: DictConfig) -> None:
         for key in ("max_tokens", "window", "max_new_tokens", "prefill_tokens", "repeats"):
             if int(cfg.eval[key]) < 1:
                 raise ConfigError(f"eval.{key}={cfg.eval[key]} must be ≥ 1")
-        from qpipe import decode
-        from qpipe.config import decode_batch_sizes
+        from qpipe.config.compose import decode_batch_sizes
+        from qpipe.evaluation import decode
 
         decode_batch_sizes(cfg, device)
         decode.modes_for(str(cfg.eval.get("decode", "both")), device)
@@ -146,7 +146,7 @@ def _check_borrowed_tokenizer(name: object) -> None:
         return
     from pathlib import Path
 
-    from qpipe.config import CONF_DIR
+    from qpipe.config.compose import CONF_DIR
 
     text = str(name)
     if Path(text).expanduser().is_dir() or (CONF_DIR / "model" / f"{text}.yaml").is_file():

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from qpipe.envinfo import nvml_process_used_gb
+from qpipe.devices.envinfo import nvml_process_used_gb
 from qpipe.errors import ConfigError
 
 
@@ -130,7 +130,7 @@ def device_map_for(
 def loaded_weights_metrics(model: torch.nn.Module) -> dict[str, float]:
     """``mem.loaded_weights_gb`` (every weight, wherever it sits) and, when some sit in host
     memory behind accelerate's offload hooks, ``mem.host_offloaded_gb``."""
-    from qpipe.measure import tensor_bytes
+    from qpipe.devices.measure import tensor_bytes
 
     try:
         offloaded = offloaded_bytes(model)

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from qpipe.hardware import Cards
+from qpipe.devices.hardware import Cards
 from qpipe.memory import Estimate
 from qpipe.memory.placement import Placement, meta_model, plan_placement
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from qpipe.envinfo import nvml_process_used_gb
+from qpipe.devices.envinfo import nvml_process_used_gb
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:

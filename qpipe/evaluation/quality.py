@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qpipe.console.progress import steps
+from qpipe.corpora.texts import read_text, token_ids
 from qpipe.errors import ConfigError
 from qpipe.models.source import source_kind
-from qpipe.progress import steps
-from qpipe.textdata import read_text, token_ids
 
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -114,7 +114,7 @@ def measure(
     progress: Callable[[int], None] | None = None,
 ) -> Score:
     """Score ``ids`` in non-overlapping windows of ``window`` tokens (each window from its own
-    start, as ``qpipe.evaluate.perplexity``): perplexity, and optionally the top-k log-probs
+    start, as ``qpipe.evaluation.harness.perplexity``): perplexity, and optionally the top-k log-probs
     (``keep_top_k``) and agreement with a reference made the same way (``reference``).
     ``progress(done)`` is called after each window."""
     score = Score()

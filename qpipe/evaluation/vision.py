@@ -113,7 +113,7 @@ def image_benchmark(
     processor's output in hand: vision encoder + prefill + first token) and decode tokens/s
     through qpipe's decode loop (``modes``: compiled and/or eager, as ``eval.decode``; the
     compiled one is primary where it ran), and the greedy answer to ``question``."""
-    from qpipe import decode
+    from qpipe.evaluation import decode
 
     inputs = image_inputs(processor, image, image_prompt(processor, question), device, dtype)
     new_tokens = max(int(new_tokens), 2)
@@ -198,7 +198,7 @@ def benchmark_with_image(
     processor = source_processor(model_cfg)
     if processor is None:
         return {"image": "skipped: text-only model"}, {}, []
-    from qpipe.decode import modes_for
+    from qpipe.evaluation.decode import modes_for
 
     image = load_image(eval_cfg.get("image"))
     modes = modes_for(str(eval_cfg.get("image_decode", "eager")), device)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qpipe.errors import ConfigError, QpipeError
-from qpipe.tracking import STORE_HINT, default_tracking_uri
+from qpipe.tracking.runs import STORE_HINT, default_tracking_uri
 
 log = logging.getLogger("qpipe")
 

@@ -51,7 +51,7 @@ def cache_dir(*parts: str) -> Path:
 
 def data_file(name: str) -> Path:
     """A text shipped with qpipe (``qpipe/data``)."""
-    return Path(__file__).parent / "data" / name
+    return Path(__file__).parents[1] / "data" / name
 
 
 # Libraries that keep caches in the home folder or /tmp by default; a run puts them under

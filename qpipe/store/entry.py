@@ -23,10 +23,11 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from qpipe.errors import QpipeError
+from qpipe.store.diskspace import guarded_write
 
 log = logging.getLogger("qpipe")
 
@@ -98,3 +99,30 @@ def publish(partial: Path, entry: Path) -> None:
         entry.rename(aside)
         shutil.rmtree(aside, ignore_errors=True)
     partial.rename(entry)
+
+
+def save_folder_atomically(
+    target: Path,
+    write: Callable[[Path], object],
+    needed: int,
+    marker: str = "config.json",
+    what: str = "the weights",
+) -> Path:
+    """Write a folder under a name unique to this writer and rename it into place, holding
+    the folder's lock (``entry_lock``): a half-written folder is never mistaken for a
+    finished one (``marker``: the file a finished one has), one stopped by an error, Ctrl-C or
+    a full disk is removed, and a process that finds another one writing it waits for it."""
+    if (target / marker).is_file():
+        return target
+    with entry_lock(target):
+        if (target / marker).is_file():  # another process finished it while we waited
+            return target
+        tmp = new_partial(target)
+        try:
+            with guarded_write(tmp, needed, f"{what} of {target.name}"):
+                write(tmp)
+            publish(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target

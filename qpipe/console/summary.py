@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
-from qpipe.paths import outputs_root
+from qpipe.store.paths import outputs_root
 
 # metric -> (what it is, unit); "{...}" fields are filled from the run (see ``labels``).
 LABELS: dict[str, tuple[str, str]] = {

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from qpipe.errors import QpipeError
-from qpipe.paths import outputs_root
-from qpipe.store_lock import store_lock
+from qpipe.store.paths import outputs_root
+from qpipe.tracking.store_lock import store_lock
 
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's experiment type, read by its UI
 HTTP_LIMITS = {
@@ -77,7 +77,7 @@ class Tracker:
         self.experiment = experiment
         if self.tracking_uri.startswith(("http://", "https://")):
             # MLflow's defaults retry a dead server for minutes; a run has better things to do
-            # (its record stays in the run folder, see qpipe.journal). The user's settings win.
+            # (its record stays in the run folder, see qpipe.tracking.journal). The user's settings win.
             for name, value in HTTP_LIMITS.items():
                 os.environ.setdefault(name, value)
         try:

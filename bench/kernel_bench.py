@@ -1,7 +1,7 @@
 """W4A16 benchmark: fp16 cuBLAS vs torch tinygemm int4 vs bitsandbytes nf4 vs qpipe (Triton).
 
-    python -m qpipe.kernels.bench --out bench/results --tag h100
-    python -m qpipe.kernels.bench --sweep          # time explicit kernel configs (tuning aid)
+    python bench/kernel_bench.py --out bench/results --tag h100
+    python bench/kernel_bench.py --sweep          # time explicit kernel configs (tuning aid)
 
 Timing: each implementation gets R copies of its weights (enough that R copies exceed 3x the
 L2 cache, so every call streams its weights from HBM: the L2 is not flushed, it is outrun);
@@ -124,7 +124,7 @@ def qpipe_modules(iw, copies: int) -> list:
 
 
 def make_qpipe(mods: list, xs: dict, ref: torch.Tensor | None, cfg=None) -> Impl:
-    from qpipe.kernels.triton_w4a16 import w4a16_matmul
+    from qpipe.kernels.tuning import w4a16_matmul
 
     x = xs["fp16"]
     q = mods[0]
@@ -225,7 +225,7 @@ def environment() -> dict:
         "triton": triton.__version__,
         "bitsandbytes": bnb_v,
         "python": platform.python_version(),
-        "command": "python -m qpipe.kernels.bench " + shlex.join(sys.argv[1:]),
+        "command": "python bench/kernel_bench.py " + shlex.join(sys.argv[1:]),
     }
 
 

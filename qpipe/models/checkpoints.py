@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from qpipe.config.safety import LoadPolicy, policy
 from qpipe.errors import CheckpointError, UnsafeCheckpoint
-from qpipe.safety import LoadPolicy, policy
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

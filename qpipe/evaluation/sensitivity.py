@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qpipe.calib import token_windows
+from qpipe.corpora.calibration import token_windows
 from qpipe.kernels.intweights import quantize_rtn
 from qpipe.memory.inventory import Inventory
 
@@ -200,17 +200,6 @@ def prior_sensitivity(inventory: Inventory, layers: Sequence[str]) -> dict[str, 
             "numel": numel,
         }
     return out
-
-
-def predicted_loss(entry: Mapping[str, float], bits: int, lowest: int = 4) -> float:
-    """Predicted KL of one layer at ``bits`` from its entry (measured at ``lowest`` bits)."""
-    if bits >= 16:
-        return 0.0
-    if bits == lowest:
-        return float(entry["kl"])
-    if bits == 8 and lowest == 4:
-        return float(entry["kl"]) * float(entry["noise_ratio_8"])
-    raise ValueError(f"no loss model for {bits}-bit layers measured at {lowest} bits")
 
 
 def ranking(table: Mapping[str, Mapping[str, float]]) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from qpipe.errors import ConfigError
-from qpipe.paths import data_file
+from qpipe.store.paths import data_file
 
 
 def read_utf8(path: Path, what: str) -> str:

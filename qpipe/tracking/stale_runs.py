@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from qpipe.journal import RECORD, RunJournal
+from qpipe.tracking.journal import RECORD, RunJournal
 
 log = logging.getLogger("qpipe")
 

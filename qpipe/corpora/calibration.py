@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from qpipe.corpora.texts import read_utf8
 from qpipe.errors import ConfigError, WeightsUnavailable
-from qpipe.paths import data_file
-from qpipe.textdata import read_utf8
+from qpipe.store.paths import data_file
 
 BUILTIN = "calib"  # a folder of qpipe/data: one text per domain
 TEXT_SUFFIXES = (".txt", ".md", ".rst")

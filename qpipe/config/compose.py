@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from qpipe.errors import ConfigError
 
-CONF_DIR = Path(__file__).parent / "conf"
-PIPELINES_DIR = Path(__file__).parent / "pipelines"
+CONF_DIR = Path(__file__).parents[1] / "conf"
+PIPELINES_DIR = Path(__file__).parents[1] / "pipelines"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -47,11 +47,11 @@ def normalize_overrides(args: list[str]) -> list[str]:
 
 
 def _force_schema_keys(args: list[str], groups: set[str]) -> list[str]:
-    """``model=tiny_llama model.path=/my/copy``: a setting the schema knows (qpipe/schema.py)
+    """``model=tiny_llama model.path=/my/copy``: a setting the schema knows (qpipe/config/schema.py)
     that the chosen option's YAML leaves out is set all the same (``++``), instead of Hydra's
     "Key 'path' is not in struct"; a key the schema lacks keeps Hydra's meaning (and its
     error), keys the option has stay as written, and the typed schema checks every value."""
-    from qpipe.schema import schema_leaf
+    from qpipe.config.schema import schema_leaf
 
     chosen = {}
     for arg in args:

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from qpipe.kernels.ops import decode_attention_supported, interpreting
+from qpipe.kernels.interpreter import interpreting
+from qpipe.kernels.ops import decode_attention_supported
 
 NAME = "qpipe_grouped_sdpa"
 

@@ -1,0 +1,1 @@
+"""What the person at the terminal sees: progress, library noise kept to the log, the closing summary, signals."""

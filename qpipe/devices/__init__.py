@@ -1,0 +1,1 @@
+"""Hardware: named GPU specs, per-card planning, peak-memory measurement, GPU slots, OOM handling, machine facts."""

@@ -1,0 +1,1 @@
+"""Measuring a loaded model: quality (perplexity, KL, agreement), the decode harness, vision inputs, sensitivity."""

@@ -1,0 +1,1 @@
+"""Pictures logged to MLflow: memory, per-layer plans, the Pareto front."""

@@ -1,0 +1,1 @@
+"""MLflow: the run store and its lock, the offline journal and its sync, stale-run marking."""
