@@ -122,7 +122,7 @@ def prior_agreement(sensitivity: dict) -> float:
     the measured KL per layer."""
     import numpy as np
 
-    from qpipe.evaluation.sensitivity import prior_sensitivity
+    from qpipe.evaluation.layer_kl import prior_sensitivity
     from qpipe.memory import build_inventory
     from qpipe.models import load_config
 

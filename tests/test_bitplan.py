@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from qpipe.app import run_pipeline
 from qpipe.errors import ConfigError, DoesNotFit
-from qpipe.evaluation.sensitivity import prior_sensitivity
+from qpipe.evaluation.layer_kl import prior_sensitivity
 from qpipe.memory import Workload, arch_dims, build_inventory
 from qpipe.memory.bitplan import layer_bytes, plan_for_budget, solve_knapsack, validate_auto
 from qpipe.memory.exclusion import plan_precision, validate_exclude

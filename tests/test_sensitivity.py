@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpipe.evaluation import sensitivity as sens
+from qpipe.evaluation import layer_kl as sens
 from qpipe.kernels import quantize_rtn
 from qpipe.kernels.int8_linear import Int8Linear
 from qpipe.memory.bitplan import predicted_loss

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpipe.evaluation.sensitivity import prior_sensitivity
+from qpipe.evaluation.layer_kl import prior_sensitivity
 from qpipe.memory import ArchDims, Inventory, Workload
 from qpipe.memory.bitplan import plan_for_budget, plan_table
 from qpipe.memory.exclusion import PrecisionPlan

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from qpipe.config.compose import resolve_device, resolve_dtype
 from qpipe.corpora.calibration import load_calib_texts
-from qpipe.evaluation.sensitivity import (
+from qpipe.evaluation.layer_kl import (
     calibration_batch,
     log_progress,
     measure_sensitivity,
