@@ -1,4 +1,8 @@
-"""One pipeline execution: validate, open the MLflow run, run the DAG, summarise."""
+"""One pipeline execution: validate the config into the run's settings, open the MLflow run,
+have the runner run the DAG in it, close the run, summarise.
+
+The app owns the run (the tracking server, its name, tags and params, the offline journal,
+the log file, the status it ends with); the runner owns the stages inside it."""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from qpipe.config.compose import resolve_device
+from qpipe.backends import get_backend
 from qpipe.config.safety import policy_from, set_policy
+from qpipe.config.settings import Settings
 from qpipe.console.logrepeats import once_per_run
 from qpipe.console.noise import terminal_for_run
 from qpipe.console.progress import heartbeat
@@ -28,7 +33,7 @@ from qpipe.tracking.uri import resolve_tracking_uri
 log = logging.getLogger("qpipe")
 
 
-def stable_params(cfg: DictConfig) -> dict[str, str]:
+def stable_params(cfg: DictConfig, settings: Settings) -> dict[str, str]:
     """The params every run logs under names that stay stable (DESIGN.md)."""
     return {
         "model": cfg.model.name,
@@ -41,13 +46,14 @@ def stable_params(cfg: DictConfig) -> dict[str, str]:
         "model.weights": "random" if random_weights(cfg.model) else "real",
         "workload.batch_size": cfg.workload.batch_size,
         "workload.context_len": cfg.workload.context_len,
+        "device": settings.device,
     }
 
 
 def run_name(cfg: DictConfig) -> str:
     """``model/quant``, with the width where a method has several (``smollm2-135m/gptq-w3``)."""
     name = f"{cfg.model.name}/{cfg.quant.name}"
-    if cfg.quant.method in ("gptq", "awq", "rtn"):
+    if get_backend(cfg.quant.method).bits_in_run_name:
         name += f"-w{cfg.quant.bits}"
     return name
 
@@ -57,17 +63,22 @@ def run_pipeline(
 ) -> RunReport:
     """Run the configured pipeline once, tracked in MLflow. Config errors raise before any
     MLflow run is opened or any weight is touched."""
-    validate_config(cfg)
+    settings = validate_config(cfg)
     set_policy(policy_from(cfg.model))
     dag = load_dag(pipeline_ref(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     # Library output through logging: the terminal gets what matters, the log file all of it.
     with terminal_for_run(log_file):
-        return _tracked_run(cfg, dag, run_dir, tags, log_file)
+        return _tracked_run(cfg, settings, dag, run_dir, tags, log_file)
 
 
 def _tracked_run(
-    cfg: DictConfig, dag, run_dir: Path, tags: dict[str, str] | None, log_file: Path | None
+    cfg: DictConfig,
+    settings: Settings,
+    dag,
+    run_dir: Path,
+    tags: dict[str, str] | None,
+    log_file: Path | None,
 ) -> RunReport:
     # Before the run opens: a tracking server that is down is one line in seconds.
     mlflow_tracker = Tracker(resolve_tracking_uri(cfg.mlflow), cfg.mlflow.experiment)
@@ -76,23 +87,16 @@ def _tracked_run(
     all_tags = {"qpipe.pipeline": dag.name, "qpipe.run_dir": str(run_dir), **owner_tags()}
     all_tags.update(tags or {})
     run_id = tracker.start(run_name(cfg), all_tags)
-    tracker.log_params({**stable_params(cfg), "device": resolve_device(cfg)})
+    tracker.log_params(stable_params(cfg, settings))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    runner = Runner(cfg, dag, run_dir, tracker)
-    report = RunReport(status="FAILED")
+    runner = Runner(cfg, dag, run_dir, tracker, settings)
     try:
-        stage = lambda: getattr(getattr(runner, "report", None), "stage", None)  # noqa: E731
-        with once_per_run(), heartbeat(stage, hints=_slow_hints(cfg)):
-            report = runner.run()
-    except KeyboardInterrupt as interrupt:
-        # Ctrl-C (or SIGTERM, see qpipe.console.signals): the run is KILLED in the stage it was in;
-        # the runner has already removed that stage's partial output.
-        report = getattr(runner, "report", report)
-        report.status, report.failed_stage = "KILLED", report.stage
-        report.error = f"interrupted by {getattr(interrupt, 'signal_name', 'SIGINT')}"
-        tracker.set_tags({"qpipe.failed_stage": str(report.stage), "qpipe.failure": report.error})
-        raise
+        with once_per_run(), heartbeat(lambda: runner.report.stage, hints=_slow_hints(cfg)):
+            runner.run()
     finally:
+        # Whatever ended it (a finished DAG, a failed stage, an interrupt the runner marked
+        # KILLED, a bug), the run is closed with the status the runner reached.
+        report = runner.report
         if log_file is not None and log_file.is_file():
             tracker.log_artifact(log_file)
         tracker.end(report.status if report.status in ("FINISHED", "KILLED") else "FAILED")

@@ -6,8 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qpipe.backends import get_backend
 from qpipe.backends.align import MODES as PAD_MODES
-from qpipe.config.compose import resolve_device, resolve_dtype, resolve_kernel
-from qpipe.config.schema import check_schema
+from qpipe.config.settings import Settings, resolve_settings
 from qpipe.corpora.texts import read_text
 from qpipe.dag import load_dag, pipeline_ref
 from qpipe.devices.hardware import validate_placement
@@ -17,17 +16,13 @@ from qpipe.memory.exclusion import validate_exclude
 from qpipe.models.source import model_class, source_kind
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first invalid value and what would be valid."""
+def validate_config(cfg: DictConfig) -> Settings:
+    """The run's Settings, resolved once; ConfigError naming the first invalid value and what
+    would be valid."""
     dag = load_dag(pipeline_ref(cfg))
     # Types and known keys first: the checks below trust them. A top-level key named after a
     # stage of this pipeline holds that stage's own settings (user stages: +savings.min_pct=50).
-    check_schema(cfg, stage_keys=set(dag.stages))
-    device = resolve_device(cfg)
-    resolve_dtype(cfg, device)
-    kernel = resolve_kernel(cfg, device)
-    if kernel == "triton" and not device.startswith("cuda"):
-        raise ConfigError("kernel=triton needs a CUDA device; use kernel=torch (or auto) on CPU")
+    settings = resolve_settings(cfg, stage_keys=set(dag.stages))
     if source_kind(cfg.model) == "path":  # the user's folder: its config.json, before any run
         from qpipe.models.checkpoints import check_model_type, read_config
         from qpipe.models.source import checked_folder
@@ -35,24 +30,13 @@ def validate_config(cfg: DictConfig) -> None:
         folder = checked_folder(cfg.model.path)
         check_model_type(folder, read_config(folder))
     model_class(cfg.model)
-    task = cfg.model.get("task", "causal-lm")
-    if task not in ("causal-lm", "image-text-to-text", "feature-extraction"):
-        raise ConfigError(
-            f"model.task={task!r} is not valid; use causal-lm, image-text-to-text or "
-            "feature-extraction"
-        )
-    quant = OmegaConf.to_container(cfg.quant, resolve=True)
-    backend = get_backend(quant.get("method"))
+    quant = settings.quant.as_dict()
+    backend = get_backend(settings.quant.method)
     backend.validate(quant)
-    if quant["method"] in ("gptq", "awq", "rtn"):
-        from qpipe.backends.llmc import validate_kernel
-
-        validate_kernel(quant, kernel)
+    backend.validate_kernel(quant, settings.kernel)
     validate_exclude(OmegaConf.to_container(cfg.exclude, resolve=True))
-    calibrates = quant["method"] in ("gptq", "awq") or (
-        quant["method"] == "auto" and quant.get("algorithm") == "gptq"
-    )
-    if calibrates or cfg.exclude.get("by") == "sensitivity" or quant["method"] == "auto":
+    wants_calib = backend.calibrates(quant) or backend.plans_widths
+    if wants_calib or cfg.exclude.get("by") == "sensitivity":  # the sensitivity stage's texts
         from qpipe.corpora.calibration import validate_calib
 
         validate_calib(OmegaConf.to_container(cfg.calib, resolve=True))
@@ -82,8 +66,8 @@ def validate_config(cfg: DictConfig) -> None:
         from qpipe.config.compose import decode_batch_sizes
         from qpipe.evaluation import decode
 
-        decode_batch_sizes(cfg, device)
-        decode.modes_for(str(cfg.eval.get("decode", "both")), device)
+        decode_batch_sizes(cfg, settings.device)
+        decode.modes_for(str(cfg.eval.get("decode", "both")), settings.device)
         if str(cfg.eval.get("image_decode", "eager")) not in decode.DECODE_MODES:
             raise ConfigError(
                 f"eval.image_decode={cfg.eval.image_decode!r} is not valid; use one of: "
@@ -91,6 +75,7 @@ def validate_config(cfg: DictConfig) -> None:
             )
         if int(cfg.eval.max_new_tokens) < 2:
             raise ConfigError("eval.max_new_tokens must be ≥ 2 to time decoding")
+    return settings
 
 
 def _number(value: object) -> bool:

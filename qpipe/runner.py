@@ -1,5 +1,11 @@
-"""The DAG runner: runs stages in dependency order, times them, caches what may be cached,
-and owns the MLflow run from start to FINISHED or FAILED."""
+"""The DAG runner: runs the stages of one MLflow run in dependency order, times them, caches
+what may be cached, logs each stage's result into the run, and turns a stage's failure (an
+error, out of memory, a full disk, an interrupt) into the run's outcome.
+
+The run itself is opened and closed by its caller (``qpipe.app``), which owns what surrounds
+the stages: the tracking server, the run's name and tags, the log file. The runner knows no
+stage by name; what it needs from one is in the StageResult contract (``qpipe.stages.base``).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qpipe.config.settings import Settings
 from qpipe.dag import Dag, StageSpec, stage_function
 from qpipe.devices.oom import describe as describe_oom
 from qpipe.devices.oom import is_out_of_memory, release_memory
@@ -50,11 +57,21 @@ def _jsonable(data: Any) -> Any:
 
 
 class Runner:
-    def __init__(self, cfg: DictConfig, dag: Dag, run_dir: Path, tracker: Tracker | None) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        dag: Dag,
+        run_dir: Path,
+        tracker: Tracker | None,
+        settings: Settings | None = None,
+    ) -> None:
         self.cfg = cfg
         self.dag = dag
         self.run_dir = run_dir
         self.tracker = tracker
+        self.settings = settings
+        # Read while it runs: the stage it is in (a heartbeat, an interrupt's message).
+        self.report = RunReport(status="RUNNING")
 
     # -- caching -----------------------------------------------------------------------------
     def _cache_key(self, spec: StageSpec) -> str:
@@ -130,7 +147,7 @@ class Runner:
         if not spec.cache:
             workdir = self.run_dir / "stages" / spec.name
             workdir.mkdir(parents=True, exist_ok=True)
-            return run(StageContext(self.cfg, inputs, workdir))
+            return run(StageContext(self.cfg, inputs, workdir, self.settings))
 
         key = self._cache_key(spec)
         final = cache_dir("stages", spec.name) / key
@@ -144,7 +161,7 @@ class Runner:
                 return cached
             partial = new_partial(final)
             try:
-                result = run(StageContext(self.cfg, inputs, partial))
+                result = run(StageContext(self.cfg, inputs, partial, self.settings))
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
@@ -172,15 +189,25 @@ class Runner:
 
     # -- the whole DAG -----------------------------------------------------------------------
     def run(self) -> RunReport:
-        """Run every stage; the report is also ``self.report`` while it runs, so that a caller
-        interrupted mid-run (Ctrl-C) knows the stage it stopped in."""
+        """Run every stage. Ctrl-C (or SIGTERM, see qpipe.console.signals) ends the run KILLED
+        in the stage it was in, that stage's partial output removed, and is raised on."""
         self.report = report = RunReport(status="RUNNING")
         try:
             return self._run_stages(report)
+        except KeyboardInterrupt as interrupt:
+            report.status, report.failed_stage = "KILLED", report.stage
+            report.error = f"interrupted by {getattr(interrupt, 'signal_name', 'SIGINT')}"
+            if self.tracker is not None:
+                self.tracker.set_tags(
+                    {"qpipe.failed_stage": str(report.stage), "qpipe.failure": report.error}
+                )
+            raise
         finally:
-            # Live objects (models) are for the stages after their maker only: dropping them
-            # here frees the memory for whatever runs next (the next job of a sweep).
             for result in report.results.values():
+                for close in result.on_run_end:
+                    close()
+                # Live objects (models) are for the stages after their maker only: dropping
+                # them here frees the memory for whatever runs next (the next job of a sweep).
                 result.objects.clear()
 
     def _run_stages(self, report: RunReport) -> RunReport:
@@ -225,8 +252,10 @@ class Runner:
 
     @staticmethod
     def _out_of_memory(err: BaseException, stage: str, report: RunReport) -> str:
-        budget = report.results.get("memory_budget")
-        message = describe_oom(err, stage, budget.outputs.get("estimate") if budget else None)
+        estimates = [
+            r.outputs["estimate"] for r in report.results.values() if "estimate" in r.outputs
+        ]
+        message = describe_oom(err, stage, estimates[-1] if estimates else None)
         left = release_memory(err, [r.objects for r in report.results.values()])
         if left is not None:
             message += f"; memory released (the allocator now holds {left:.2f} GB)"

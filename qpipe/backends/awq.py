@@ -7,8 +7,16 @@ folders (``qpipe.backends.legacy``).
 
 from __future__ import annotations
 
-from qpipe.backends.llmc import LlmcBackend
+from typing import Any
+
+from qpipe.backends.base import QpipeLayerFacts
+from qpipe.backends.llmc import LlmcBackend, validate_kernel
 
 
-class AwqBackend(LlmcBackend):
+class AwqBackend(QpipeLayerFacts, LlmcBackend):
     name = "awq"
+    bits_supported = (4, 8)
+    validate_kernel = staticmethod(validate_kernel)
+
+    def calibrates(self, quant: dict[str, Any]) -> bool:
+        return True

@@ -62,9 +62,41 @@ class QuantizeResult:
 
 
 class Backend(Protocol):
-    """A quantization library behind qpipe's interface."""
+    """A quantization library behind qpipe's interface, with the facts about its method that
+    the rest of qpipe asks (they live here and nowhere else; layers below the backends get
+    them as arguments from the stage).
+
+    bits_supported: the widths its layers may have (``quant.bits``; quant=auto: the plan's).
+    kernels: the ``kernel`` values its checkpoints load with; the first one is what a run
+      reports when the configured kernel is not among them (``dense``, ``bitsandbytes``: the
+      library's own matmuls, which no kernel setting changes).
+    runs_on_qpipe_kernel: its 4-bit layers load as qpipe's QuantLinear (projection fusion, the
+      Triton kernel and its autotuner apply).
+    shardable: its checkpoints load spread over several devices (a device map) with any
+      kernel; qpipe's own layers place a model on one device except through kernel=hf.
+    bits_in_run_name: one option runs at several widths (``quant=gptq quant.bits=3``), so a
+      run's name carries the width.
+    plans_widths: each layer's width comes from a plan for the card (quant=auto), which wants
+      a sensitivity measurement (calibration texts) and the memory budget's bit plan.
+    quantizes: it changes the weights at all (quant=none does not).
+    """
 
     name: str
+    bits_supported: tuple[int, ...]
+    kernels: tuple[str, ...]
+    runs_on_qpipe_kernel: bool
+    shardable: bool
+    bits_in_run_name: bool
+    plans_widths: bool
+    quantizes: bool
+
+    def calibrates(self, quant: dict[str, Any]) -> bool:
+        """Whether quantizing needs calibration texts (GPTQ, AWQ; quant=auto when its
+        ``algorithm`` does)."""
+
+    def validate_kernel(self, quant: dict[str, Any], kernel: str) -> None:
+        """Raise ConfigError when ``kernel`` cannot run the checkpoint ``quant`` will produce:
+        found before quantizing, not after."""
 
     def validate(self, quant: dict[str, Any]) -> None:
         """Raise ConfigError naming a bad ``quant`` value and the valid ones. Cheap: it runs
@@ -92,3 +124,15 @@ class Backend(Protocol):
         matmul implementation where the backend has a choice ("torch", "triton").
         ``device_map`` (module name -> GPU index or "cpu", from the memory budget) spreads it
         over several devices instead; backends that cannot raise ConfigError."""
+
+
+class QpipeLayerFacts:
+    """The facts shared by the methods whose checkpoints load on qpipe's own layers
+    (QuantLinear, Int8Linear) or, with kernel=hf, through transformers."""
+
+    kernels: tuple[str, ...] = ("triton", "torch", "hf")
+    runs_on_qpipe_kernel = True
+    shardable = False
+    bits_in_run_name = True
+    plans_widths = False
+    quantizes = True

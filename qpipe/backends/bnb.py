@@ -15,11 +15,12 @@ from qpipe.config.compose import dtype_from_name
 from qpipe.errors import ConfigError
 
 _QUANT_TYPES = ("nf4", "fp4")
+BITS = (4, 8)
 
 
 def _validate(quant: dict[str, Any]) -> None:
     bits = int(quant.get("bits", 0))
-    if bits not in (4, 8):
+    if bits not in BITS:
         raise ConfigError(f"quant.bits={bits} is not valid for bitsandbytes; use 4 or 8")
     if bits == 4 and quant.get("quant_type") not in _QUANT_TYPES:
         raise ConfigError(
@@ -52,6 +53,19 @@ def bnb_config(quant: dict[str, Any], skip_modules: list[str], dtype: torch.dtyp
 
 class BnbBackend:
     name = "bnb"
+    bits_supported = BITS
+    kernels = ("bitsandbytes",)
+    runs_on_qpipe_kernel = False
+    shardable = True
+    bits_in_run_name = False  # the option says it: bnb_nf4, bnb_int8
+    plans_widths = False
+    quantizes = True
+
+    def calibrates(self, quant: dict[str, Any]) -> bool:
+        return False
+
+    def validate_kernel(self, quant: dict[str, Any], kernel: str) -> None:
+        return None
 
     def validate(self, quant: dict[str, Any]) -> None:
         _validate(quant)

@@ -7,8 +7,16 @@ by column, with optional activation ordering) and writes compressed-tensors chec
 
 from __future__ import annotations
 
-from qpipe.backends.llmc import LlmcBackend
+from typing import Any
+
+from qpipe.backends.base import QpipeLayerFacts
+from qpipe.backends.llmc import LlmcBackend, validate_kernel
 
 
-class GptqBackend(LlmcBackend):
+class GptqBackend(QpipeLayerFacts, LlmcBackend):
     name = "gptq"
+    bits_supported = (2, 3, 4, 8)
+    validate_kernel = staticmethod(validate_kernel)
+
+    def calibrates(self, quant: dict[str, Any]) -> bool:
+        return True

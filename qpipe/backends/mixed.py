@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from qpipe.backends.base import QuantizeRequest, QuantizeResult
+from qpipe.backends.base import QpipeLayerFacts, QuantizeRequest, QuantizeResult
 from qpipe.backends.llmc import CT_FORMAT, LlmcBackend, quantize_with_llmc, validate_quant
 from qpipe.errors import ConfigError
-from qpipe.memory.bitplan import validate_auto
+from qpipe.memory.bitplan import CHOICES, validate_auto
 
 _AUTO_ONLY = {"choices", "algorithm", "weights_gb"}
 _GPTQ_ONLY = {"act_order", "dampening", "block_size"}
@@ -31,8 +31,19 @@ def inner_quant(quant: dict[str, Any]) -> dict[str, Any]:
     return inner
 
 
-class MixedBackend(LlmcBackend):
+class MixedBackend(QpipeLayerFacts, LlmcBackend):
     name = "auto"
+    bits_supported = CHOICES
+    bits_in_run_name = False  # the widths are the plan's, one per layer
+    plans_widths = True
+
+    def calibrates(self, quant: dict[str, Any]) -> bool:
+        from qpipe.backends import get_backend
+
+        return get_backend(quant["algorithm"]).calibrates(inner_quant(quant))
+
+    def validate_kernel(self, quant: dict[str, Any], kernel: str) -> None:
+        return None  # 4-bit layers on QuantLinear, 8-bit on Int8Linear: every kernel loads them
 
     def validate(self, quant: dict[str, Any]) -> None:
         if quant.get("method") != self.name:

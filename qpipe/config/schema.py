@@ -9,6 +9,7 @@ with one line, instead of being ignored. A new config key is added here and in i
 from __future__ import annotations
 
 import difflib
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional, get_type_hints  # noqa: UP035 (OmegaConf reads these annotations at runtime)
 
@@ -206,16 +207,17 @@ def schema_leaf(path: list[str]) -> bool:
     return not _known_keys(QpipeSchema, path)
 
 
-def check_schema(cfg: DictConfig, stage_keys: set[str] = frozenset()) -> None:
-    """Raise ConfigError (one line) when ``cfg`` has a key the schema lacks or a value of the
-    wrong type. ``stage_keys``: top-level keys that belong to the pipeline's own stages (their
-    settings are theirs to check)."""
+def check_schema(cfg: DictConfig, stage_keys: Collection[str] = frozenset()) -> DictConfig:
+    """``cfg`` merged into the schema: every key typed, every default filled in. Raise
+    ConfigError (one line) when ``cfg`` has a key the schema lacks or a value of the wrong type.
+    ``stage_keys``: top-level keys that belong to the pipeline's own stages (their settings are
+    theirs to check; they are left out of the result)."""
     known = {f.name for f in fields(QpipeSchema)}
     own = [k for k in cfg if k in stage_keys and k not in known]
     if own:
         cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in own])
     try:
-        OmegaConf.merge(OmegaConf.structured(QpipeSchema), cfg)
+        return OmegaConf.merge(OmegaConf.structured(QpipeSchema), cfg)
     except OmegaConfBaseException as err:
         key = err.full_key or str(getattr(err, "key", "?"))
         first = str(err).splitlines()[0] if str(err) else type(err).__name__

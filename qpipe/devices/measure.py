@@ -78,7 +78,10 @@ def _host_peak_bytes() -> int | None:
 @dataclass
 class MemoryWindow:
     """Peak memory between ``start()`` and ``stop()``: allocator bytes on GPU, resident-set
-    growth on CPU (the libraries already loaded before the window are not the model's)."""
+    growth on CPU (the libraries already loaded before the window are not the model's).
+
+    A window that outlives the code that opened it (the load stage's, read by validate_vram)
+    is read with ``read()`` and closed by its opener with ``close()``; ``stop()`` is both."""
 
     device: str
     baseline: int = 0
@@ -125,6 +128,18 @@ class MemoryWindow:
         self._sampler.start()
 
     def stop(self) -> MemoryWindow:
+        self.read()
+        self.close()
+        return self
+
+    def close(self) -> None:
+        """End the sampling thread, where there is one (idempotent)."""
+        if self._sampler is not None and self._running:
+            self._running = False
+            self._sampler.join()
+
+    def read(self) -> MemoryWindow:
+        """Take the peak so far; the window stays open."""
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
             self.peak = max(torch.cuda.max_memory_allocated(self.device), self.load_peak or 0)
@@ -133,10 +148,7 @@ class MemoryWindow:
             )
             self.nvml_gb = nvml_process_used_gb(torch.device(self.device).index or 0)
             return self
-        if self._sampler is not None:
-            self._running = False
-            self._sampler.join()
-        else:
+        if self._sampler is None:
             self.peak = _host_peak_bytes() or psutil.Process().memory_info().rss
         return self
 

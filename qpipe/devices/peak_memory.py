@@ -34,6 +34,12 @@ class GpuWindows:
         return self
 
     def stop(self) -> GpuWindows:
+        return self.read()
+
+    def close(self) -> None:
+        return None  # nothing runs between reads
+
+    def read(self) -> GpuWindows:
         for i in self.indices:
             torch.cuda.synchronize(i)
             self.peaks[i] = torch.cuda.max_memory_allocated(i)

@@ -13,7 +13,6 @@ import logging
 import torch
 
 from qpipe.backends.none import load_hf
-from qpipe.config.compose import resolve_device, resolve_dtype
 from qpipe.corpora.texts import read_text
 from qpipe.evaluation.harness import eval_sentences, sentence_embeddings
 from qpipe.evaluation.quality import NOISE, baseline_quality, noise_only
@@ -36,15 +35,14 @@ def run(ctx: StageContext) -> StageResult:
         return StageResult(
             outputs={"skipped": f"unquantized model needs {fp_total:.2f} GB > {usable:.2f} GB"}
         )
-    device = resolve_device(cfg)
-    model = load_hf(
-        materialize(cfg.model), cfg.model.get("model_class"), device, resolve_dtype(cfg, device)
-    )
+    settings = ctx.settings
+    device = settings.device
+    model = load_hf(materialize(cfg.model), settings.model_class, device, settings.dtype)
     tokenizer = load_tokenizer(cfg.model)
     text = read_text(cfg.eval.text)
     outputs: dict = {}
     metrics: dict = {}
-    if cfg.model.get("task", "causal-lm") == "feature-extraction":
+    if settings.task == "feature-extraction":
         emb = sentence_embeddings(model, tokenizer, eval_sentences(text), device)
         path = ctx.workdir / "baseline_embeddings.pt"
         torch.save(emb, path)

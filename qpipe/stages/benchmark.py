@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from qpipe.config.compose import decode_batch_sizes, resolve_dtype
+from qpipe.config.compose import decode_batch_sizes
 from qpipe.corpora.texts import read_text, token_ids
 from qpipe.evaluation import decode
 from qpipe.evaluation.harness import eval_sentences, greedy_sample, sentence_embeddings
@@ -138,7 +138,7 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = ctx.obj("load", "tokenizer")
     device = ctx.output("load", "device")
     text = read_text(ev.text)
-    if cfg.model.get("task", "causal-lm") == "feature-extraction":
+    if ctx.settings.task == "feature-extraction":
         return _encoder(ctx, model, tokenizer, device, text)
 
     baseline = ctx.inputs.get("baseline")
@@ -160,7 +160,7 @@ def run(ctx: StageContext) -> StageResult:
     path.write_text(f"{ev.prompt}{sample}\n")
     # VLMs: the same with an image in context (qpipe.evaluation.vision); text-only models skip.
     image, image_metrics, image_files = benchmark_with_image(
-        model, cfg.model, ev, device, resolve_dtype(cfg, device), ctx.workdir
+        model, cfg.model, ev, device, ctx.settings.dtype, ctx.workdir
     )
     metrics.update(image_metrics)
     return StageResult(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from qpipe.backends import get_backend
-from qpipe.config.compose import load_group, resolve_device, resolve_dtype, resolve_kernel
+from qpipe.config.compose import load_group
 from qpipe.dag import load_dag, pipeline_ref
 from qpipe.devices.envinfo import device_facts, library_versions, measure_cuda_context_gb
 from qpipe.errors import BackendUnavailable, QpipeError
@@ -31,11 +31,9 @@ def _loads_weights(dag_name: str) -> bool:
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg = ctx.cfg
-    device = resolve_device(cfg)
-    dtype = resolve_dtype(cfg, device)
-    kernel = resolve_kernel(cfg, device)
-    quant = OmegaConf.to_container(cfg.quant, resolve=True)
+    cfg, settings = ctx.cfg, ctx.settings
+    device = settings.device
+    quant = settings.quant.as_dict()
 
     facts = device_facts(device)
     facts["libraries"] = library_versions()
@@ -58,9 +56,11 @@ def run(ctx: StageContext) -> StageResult:
     if _loads_weights(pipeline_ref(cfg)):
         check_weights_reachable(cfg.model)
 
-    facts.update(dtype=str(dtype).removeprefix("torch."), kernel=kernel, backends=runnable)
-    # The kernel choice only matters to checkpoints qpipe runs itself (GPTQ/AWQ/RTN).
-    used_kernel = {"none": "dense", "bnb": "bitsandbytes"}.get(quant["method"], kernel)
+    facts.update(dtype=settings.dtype_name, kernel=settings.kernel, backends=runnable)
+    # The kernel setting only matters to checkpoints qpipe runs itself; the others name the
+    # matmuls they do run on.
+    kernels = get_backend(quant["method"]).kernels
+    used_kernel = settings.kernel if settings.kernel in kernels else kernels[0]
     params = {
         "device.name": facts.get("gpu_name", "cpu"),
         "kernel": used_kernel,

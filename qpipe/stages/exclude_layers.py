@@ -9,25 +9,20 @@ from collections import Counter
 
 from omegaconf import OmegaConf
 
-from qpipe.config.compose import resolve_device, resolve_dtype
+from qpipe.backends import get_backend
 from qpipe.memory import build_inventory
 from qpipe.memory.exclusion import PrecisionPlan, plan_precision
 from qpipe.models import load_config
 from qpipe.stages.base import StageContext, StageResult
 
 
-def _budget_dtype_bytes(cfg) -> int:
-    # As memory_budget prices it: a named GPU in its dtype, so both stages keep the same layers.
-    device = resolve_device(cfg) if cfg.hardware.name == "auto" else "cuda"
-    return resolve_dtype(cfg, device).itemsize
-
-
 def run(ctx: StageContext) -> StageResult:
-    cfg = ctx.cfg
+    cfg, settings = ctx.cfg, ctx.settings
+    backend = get_backend(settings.quant.method)
     config = load_config(cfg.model)
-    inventory = build_inventory(config, cfg.model.get("model_class", "AutoModelForCausalLM"))
+    inventory = build_inventory(config, settings.model_class)
     budget_plan = ctx.output("memory_budget", "precision_plan")
-    if cfg.quant.method == "auto" and budget_plan is not None:
+    if backend.plans_widths and budget_plan is not None:
         plan = PrecisionPlan(**budget_plan)
     else:
         measured = (
@@ -36,9 +31,10 @@ def run(ctx: StageContext) -> StageResult:
         plan = plan_precision(
             inventory,
             OmegaConf.to_container(cfg.exclude, resolve=True),
-            quantize=cfg.quant.method != "none",
+            quantize=backend.quantizes,
             sensitivity=measured,
-            dtype_bytes=_budget_dtype_bytes(cfg),
+            # As memory_budget prices it, so that both stages keep the same layers.
+            dtype_bytes=settings.budget_dtype.itemsize,
         )
     shapes = {m.name: list(m.weight_shape) for m in inventory.linears()}
     reasons = Counter(r.split(":", 1)[0] for r in plan.skip.values())

@@ -2,7 +2,8 @@
 projections of our 4-bit layers (q/k/v, gate/up) fused into one matmul each.
 
 The memory window opened here stays open through validate_vram's generation, so the peak it
-reports covers loading and running, as a user's process would see them.
+reports covers loading and running, as a user's process would see them; validate_vram reads
+it, and the runner closes it for this stage when the run ends.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import warnings
 from pathlib import Path
 
 from qpipe.backends import get_backend
-from qpipe.config.compose import resolve_device, resolve_dtype, resolve_kernel
 from qpipe.devices.measure import MemoryWindow
 from qpipe.devices.peak_memory import device_map_for, loaded_weights_metrics
 from qpipe.evaluation.vision import source_processor
@@ -23,19 +23,19 @@ from qpipe.stages.base import StageContext, StageResult
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg = ctx.cfg
-    device = resolve_device(cfg)
-    dtype = resolve_dtype(cfg, device)
-    kernel = resolve_kernel(cfg, device)
+    cfg, settings = ctx.cfg, ctx.settings
+    kernel = settings.kernel
     checkpoint = Path(ctx.output("quantize", "checkpoint"))
-    backend = get_backend(cfg.quant.method)
+    backend = get_backend(settings.quant.method)
     # A damaged or mismatched folder is named here, before any weight is read.
-    inspect_checkpoint(checkpoint, cfg.model.get("model_class", "AutoModelForCausalLM"))
+    inspect_checkpoint(checkpoint, settings.model_class)
     tokenizer = load_tokenizer(cfg.model)  # before the window: it is not the model's memory
     processor = source_processor(cfg.model)  # VLMs: images go through it (None: text-only)
 
     # A device map from the budget (several GPUs, host offload) replaces the single device.
-    device_map, device, window = device_map_for(ctx.output("memory_budget", "placement"), device)
+    device_map, device, window = device_map_for(
+        ctx.output("memory_budget", "placement"), settings.device
+    )
     window = window or MemoryWindow(device)
     window.start()
     start = time.perf_counter()
@@ -43,9 +43,9 @@ def run(ctx: StageContext) -> StageResult:
         warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
         model = backend.load(
             checkpoint,
-            cfg.model.get("model_class", "AutoModelForCausalLM"),
+            settings.model_class,
             device,
-            dtype,
+            settings.dtype,
             kernel,
             **({"device_map": device_map} if device_map else {}),
         )
@@ -62,4 +62,5 @@ def run(ctx: StageContext) -> StageResult:
             "processor": processor,
             "memory_window": window,
         },
+        on_run_end=[window.close],
     )

@@ -5,64 +5,60 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from qpipe.backends import QuantizeRequest, get_backend
-from qpipe.config.compose import resolve_device, resolve_dtype
+from qpipe.backends import Backend, QuantizeRequest, get_backend
 from qpipe.devices.measure import MemoryWindow
 from qpipe.models import materialize
 from qpipe.stages.base import StageContext, StageResult
 from qpipe.store.diskspace import guarded_write
 
 
-def _calibration(cfg) -> tuple[list[str], int, int]:
+def _calibration(cfg, backend: Backend, quant: dict) -> tuple[list[str], int, int]:
     """Calibration texts for the methods that need them (GPTQ, AWQ)."""
-    method = cfg.quant.get("algorithm") if cfg.quant.method == "auto" else cfg.quant.method
-    if method not in ("gptq", "awq") or "calib" not in cfg:
+    if not backend.calibrates(quant) or "calib" not in cfg:
         return [], 0, 0
     from qpipe.backends.llmc import calibration_texts
 
     return calibration_texts(cfg.calib), int(cfg.calib.seq_len), int(cfg.calib.num_samples)
 
 
-def _checkpoint_bytes(ctx: StageContext) -> int:
+def _checkpoint_bytes(ctx: StageContext, backend: Backend) -> int:
     """What the checkpoint will take on disk: the budget's estimate of the quantized weights
     (0 for quant=none, whose checkpoint is the source folder)."""
-    if ctx.cfg.quant.method == "none":
+    if not backend.quantizes:
         return 0
     estimate = ctx.output("memory_budget", "estimate") or {}
     return int(float(estimate.get("weights_gb", 0)) * 1e9)
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg = ctx.cfg
-    device = resolve_device(cfg)
-    dtype = resolve_dtype(cfg, device)
-    quant = OmegaConf.to_container(cfg.quant, resolve=True)
-    backend = get_backend(quant["method"])
+    cfg, settings = ctx.cfg, ctx.settings
+    quant = settings.quant.as_dict()
+    backend = get_backend(settings.quant.method)
     source = materialize(cfg.model)
-    texts, seq_len, samples = _calibration(cfg)
+    texts, seq_len, samples = _calibration(cfg, backend, quant)
     output_dir = ctx.workdir / "checkpoint"
     output_dir.mkdir(parents=True, exist_ok=True)
     request = QuantizeRequest(
         source=source,
-        model_class=cfg.model.get("model_class", "AutoModelForCausalLM"),
+        model_class=settings.model_class,
         quant=quant,
         skip_modules=sorted(ctx.output("exclude_layers", "skip", {})),
         targets=list(ctx.output("exclude_layers", "targets", [])),
         bits_by_module=dict(ctx.output("exclude_layers", "bits", {}) or {}),
         output_dir=output_dir,
-        device=device,
-        dtype=dtype,
+        device=settings.device,
+        dtype=settings.dtype,
         pad_plan=ctx.inputs["pad_align"].outputs if "pad_align" in ctx.inputs else {},
         calib_texts=texts,
         calib_seq_len=seq_len or 512,
         calib_samples=samples or 64,
         keep_in_host=bool((ctx.output("memory_budget", "quantize") or {}).get("layer_by_layer")),
     )
-    window = MemoryWindow(device).start()
+    window = MemoryWindow(settings.device).start()
     start = time.perf_counter()
-    with guarded_write(output_dir, _checkpoint_bytes(ctx), f"the {quant['name']} checkpoint"):
+    with guarded_write(
+        output_dir, _checkpoint_bytes(ctx, backend), f"the {quant['name']} checkpoint"
+    ):
         result = backend.quantize(request)
     seconds = time.perf_counter() - start
     window.stop()

@@ -9,7 +9,7 @@ import time
 
 from omegaconf import OmegaConf
 
-from qpipe.config.compose import resolve_device, resolve_dtype
+from qpipe.backends import get_backend
 from qpipe.corpora.calibration import load_calib_texts
 from qpipe.evaluation.layer_kl import (
     calibration_batch,
@@ -26,19 +26,20 @@ from qpipe.stages.base import StageContext, StageResult
 
 def skip_reason(cfg) -> str | None:
     """Why the measurement is not needed (None: it is)."""
-    if cfg.quant.method == "none":
-        return "quant=none quantizes nothing"
-    if cfg.exclude.get("by", "rules") != "sensitivity" and cfg.quant.method != "auto":
+    backend = get_backend(cfg.quant.method)
+    if not backend.quantizes:
+        return f"quant={cfg.quant.name} quantizes nothing"
+    if cfg.exclude.get("by", "rules") != "sensitivity" and not backend.plans_widths:
         return "exclude.by=rules and quant is not auto"
     if cfg.model.get("weights") == "random":
         return "random weights: a measurement would be noise (the plan uses the prior)"
     return None
 
 
-def measured_layers(cfg) -> list[str]:
+def measured_layers(cfg, model_class: str) -> list[str]:
     """Every Linear layer the name rules would quantize (what sensitivity can move)."""
     config = load_config(cfg.model)
-    inventory = build_inventory(config, cfg.model.get("model_class", "AutoModelForCausalLM"))
+    inventory = build_inventory(config, model_class)
     rules = {**OmegaConf.to_container(cfg.exclude, resolve=True), "by": "rules"}
     rules.update(keep_top_k=0, keep_budget_gb=0)
     return plan_precision(inventory, rules, quantize=True).targets
@@ -51,12 +52,11 @@ def run(ctx: StageContext) -> StageResult:
         return StageResult(outputs={"measured": False, "reason": reason}, cacheable=False)
     from qpipe.backends.qlinear_loader import auto_class
 
-    device = resolve_device(cfg)
-    dtype = resolve_dtype(cfg, device)
-    bits = int(cfg.quant.bits)
-    group_size = int(cfg.quant.get("group_size") or 0)
-    symmetric = bool(cfg.quant.get("symmetric", True))
-    layers = measured_layers(cfg)
+    settings = ctx.settings
+    bits = settings.quant.bits
+    group_size = settings.quant.group_size
+    symmetric = settings.quant.symmetric
+    layers = measured_layers(cfg, settings.model_class)
     tokenizer = load_tokenizer(cfg.model)
     ids = calibration_batch(
         tokenizer,
@@ -64,8 +64,9 @@ def run(ctx: StageContext) -> StageResult:
         int(cfg.sensitivity.samples),
         int(cfg.sensitivity.seq_len),
     )
-    model_cls = auto_class(cfg.model.get("model_class", "AutoModelForCausalLM"))
-    model = model_cls.from_pretrained(materialize(cfg.model), dtype=dtype).to(device)
+    model_cls = auto_class(settings.model_class)
+    model = model_cls.from_pretrained(materialize(cfg.model), dtype=settings.dtype)
+    model = model.to(settings.device)
     start = time.perf_counter()
     table = measure_sensitivity(
         model,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from qpipe.config.compose import resolve_dtype
 from qpipe.corpora.texts import read_text, token_ids
 from qpipe.devices.measure import MemoryWindow
 from qpipe.devices.peak_memory import per_device_metrics
@@ -15,16 +14,17 @@ from qpipe.plots.memory import memory_breakdown
 from qpipe.stages.base import StageContext, StageResult
 
 
-def _run_workload(model, tokenizer, processor, cfg, device: str) -> dict[str, int]:
+def _run_workload(model, tokenizer, processor, ctx: StageContext, device: str) -> dict[str, int]:
     """The workload the budget priced: batch × context_len tokens (prompt + generated), the
     image among them for VLMs."""
+    cfg = ctx.cfg
     batch = int(cfg.workload.batch_size)
     context = int(cfg.workload.context_len)
     max_pos = getattr(
         getattr(model.config, "text_config", model.config), "max_position_embeddings", context
     )
     context = min(context, max_pos)
-    if cfg.model.get("task", "causal-lm") == "feature-extraction":
+    if ctx.settings.task == "feature-extraction":
         ids = token_ids(tokenizer, read_text(cfg.eval.text), context).repeat(batch, 1).to(device)
         with torch.inference_mode():
             model(input_ids=ids)
@@ -34,8 +34,7 @@ def _run_workload(model, tokenizer, processor, cfg, device: str) -> dict[str, in
     ids = token_ids(tokenizer, read_text(cfg.eval.text), prompt)
     if processor is not None:  # a VLM: the image first, then text, prompt tokens in all
         image = load_image(cfg.eval.get("image"))
-        dtype = resolve_dtype(cfg, device)
-        inputs = workload_inputs(processor, image, ids, prompt, device, dtype)
+        inputs = workload_inputs(processor, image, ids, prompt, device, ctx.settings.dtype)
         inputs["pixel_values"] = inputs["pixel_values"].repeat(batch, 1, 1, 1)
     else:
         inputs = {"input_ids": ids.view(1, -1).to(device)}
@@ -61,9 +60,9 @@ def run(ctx: StageContext) -> StageResult:
     device = ctx.output("load", "device")
     loading_peak = window.split_host_peak()
     processor = ctx.inputs["load"].objects.get("processor")
-    shape = _run_workload(model, tokenizer, processor, cfg, device)
+    shape = _run_workload(model, tokenizer, processor, ctx, device)
     phases = window.phases_gb() if isinstance(window, MemoryWindow) and window.on_gpu else {}
-    window.stop()
+    window.read()  # load opened it and closes it (see qpipe.stages.load)
 
     est = dict(ctx.output("memory_budget", "estimate"))
     measured = window.used_gb
