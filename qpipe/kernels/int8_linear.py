@@ -70,7 +70,7 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "triton" and (x.is_cuda or interpreting()):
             flat = x.reshape(-1, self.in_features)
-            if not interpreting():
+            if x.is_cuda:  # the kernel computes in the scales' dtype (fp32 only interpreted)
                 flat = flat.to(self.scales.dtype)
             y = torch.ops.qpipe.w8a16_linear(
                 flat, self.qweight, self.scales, self.zeros, self.bias, self.group_size
