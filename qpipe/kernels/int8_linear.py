@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from qpipe.kernels import ops  # noqa: F401  (registers torch.ops.qpipe.w8a16_linear)
 from qpipe.kernels.interpreter import interpreting
-from qpipe.kernels.intweights import IntWeights
-from qpipe.kernels.triton_w8a16 import supported
+from qpipe.kernels.intweights import IntWeights, w8_kernel_takes
 
 
 class Int8Linear(torch.nn.Module):
@@ -32,7 +31,7 @@ class Int8Linear(torch.nn.Module):
         if kernel not in ("triton", "torch"):
             raise ValueError(f"Int8Linear kernel={kernel!r}: triton or torch")
         # act-order (a gathered group per column) and ragged groups stay on the reference
-        exact_groups = iw.g_idx is None and supported(iw.shape[1], iw.group_size)
+        exact_groups = iw.g_idx is None and w8_kernel_takes(iw.shape[1], iw.group_size)
         self.kernel = kernel if exact_groups else "torch"
         self.out_features, self.in_features = iw.shape
         self.group_size = iw.group_size

@@ -2,7 +2,7 @@
 
 ``W[n, k] = (q[n, k] - z[n, g]) * s[n, g]``, ``g = k // group_size``: q uint8 [N, K] (row-major,
 as ``Int8Linear`` holds it), s [N, G] in the activations' dtype, z uint8 [N, G] or none
-(symmetric: zero 128).
+(symmetric: zero 128), G = ceil(K / group_size).
 
 One tensor-core kernel for every M. A program owns BLOCK_N output rows, BLOCK_M activation
 rows and a contiguous slice of K (split-K). The weight tile [BLOCK_N, BLOCK_K] is the *left*
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from qpipe.kernels.interpreter import interpreting
+from qpipe.kernels.intweights import w8_kernel_takes
 from qpipe.kernels.triton_w4a16 import WORKSPACE, _epilogue, _k_range
 
 
@@ -111,11 +112,6 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def supported(k: int, group_size: int) -> bool:
-    """Whether the kernel takes a layer: whole groups of a multiple of 16 columns."""
-    return group_size % 16 == 0 and k % group_size == 0
-
-
 def heuristic(m: int, n: int, k: int, group_size: int, device: torch.device) -> W8Config:
     """BLOCK_K 128 bytes of a weight row per load (or the group, when smaller), BLOCK_M the
     smallest MMA side that holds M (16..64), and the power-of-two split-K that gives every SM
@@ -146,7 +142,8 @@ def w8a16_matmul(
     uint8 [N, K], scales [N, K / group_size] in x's dtype, zeros uint8 or None (zero 128)."""
     m, k = x.shape
     n = qweight.shape[0]
-    if qweight.shape[1] != k or not supported(k, group_size):
+    groups = -(-k // group_size)
+    if qweight.shape[1] != k or not w8_kernel_takes(k, group_size) or scales.shape[1] != groups:
         raise ValueError(
             f"w8a16: x has {k} columns, qweight {tuple(qweight.shape)}, group size {group_size}"
         )
@@ -160,7 +157,7 @@ def w8a16_matmul(
     _w8_kernel[(n_tiles, cfg.split_k, m_tiles)](
         x, qweight, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, ws, cnt,
-        m, n, k, k // group_size, x.stride(0), y.stride(0),
+        m, n, k, scales.shape[1], x.stride(0), y.stride(0),
         GS=group_size, HAS_Z=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_F32=interpreting(), F16_BITS=x.dtype == torch.float16 and not interpreting(),
