@@ -294,6 +294,13 @@ def run(shapes, ms, impls: list[str], replays: int, log=print) -> tuple[dict, li
                     us = time_calls(impl.calls, replays)
                     r = Result((n, k), m, name, us, impl.bytes_per_call / (us * 1e-6) / 1e9)
                     r.rel_err, r.extra = err, {"note": impl.note, "copies": len(impl.calls)}
+                    if name == "qpipe":  # which kernel the tuner chose for this shape and M
+                        from qpipe.kernels.tuning import TUNER, Tuner
+
+                        q = mods[0]
+                        key = Tuner.key(q._prepare_input(x16), n, k, GROUP, q.zeros is not None)
+                        chosen = TUNER.best.get(key)
+                        r.extra["config"] = chosen.as_dict() if chosen else None
                     del impl
                 except Exception as e:  # one broken baseline must not sink the whole table
                     r = Result((n, k), m, name, None, error=f"{type(e).__name__}: {e}"[:300])
@@ -302,6 +309,8 @@ def run(shapes, ms, impls: list[str], replays: int, log=print) -> tuple[dict, li
                 msg += f"{r.us:8.2f} us {r.gbs:7.0f} GB/s" if r.us else f"FAILED {r.error}"
                 if r.rel_err is not None:
                     msg += f"  rel_err {r.rel_err:.1e}"
+                if r.extra.get("config"):
+                    msg += f"  {r.extra['config']['kind']}"
                 log(msg + f"  ({time.time() - t0:.1f}s)")
         del mods
         torch.cuda.empty_cache()
