@@ -26,5 +26,9 @@ case "$step" in
     python3 bench/kernel_bench.py --sweep-w8 --out "$OUT" --tag "${3:-h200}" --shapes "${2:?shapes}" \
       --ms 1,16 --replays 10 2>&1 | tee "$OUT/sweep_w8.log" | grep best
     ;;
+  sweep-w4)  # W4A16 launch configurations of every kind (tuning aid)
+    python3 bench/kernel_bench.py --sweep --out "$OUT" --tag "${3:-h200}" --shapes "${2:?shapes}" \
+      --ms 4,16 --replays 10 2>&1 | tee "$OUT/sweep_w4.log" | grep -E "best|failed|WRONG" | head -40
+    ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

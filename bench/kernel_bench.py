@@ -392,6 +392,10 @@ def sweep(shapes, ms, replays: int, log=print) -> list[dict]:
                     for stages in (3, 4):
                         for split in (1, 2, 4, 8):
                             cfgs.append(KernelConfig("mm", bn, 128, split, bm, warps, stages))
+                for bn, warps in ((64, 4), (128, 4), (128, 8)):
+                    for stages in (2, 3):
+                        for split in (1, 2, 4, 8):
+                            cfgs.append(KernelConfig("mmp", bn, 128, split, bm, warps, stages))
             ref = x.float() @ iw.dequantize().t()
             best: dict[str, tuple[float, KernelConfig]] = {}
             for cfg in cfgs:

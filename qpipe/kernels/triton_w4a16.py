@@ -13,8 +13,9 @@ Two kernels, one epilogue:
   group scale (times 64). Under Triton's interpreter (no inline PTX) the same kernel runs a
   pure-Triton fp32 formulation instead (``USE_ASM=False``).
 * ``_mmp_kernel`` (small M > 1, group sizes that are multiples of 128): tensor cores fed one
-  nibble plane at a time, with no re-layout of the dequantized tile; the tuner picks it
-  where it beats ``_mm_kernel``.
+  nibble plane at a time, with no re-layout of the dequantized tile. Checked under the
+  interpreter only so far (its first GPU compile failed and was fixed after the session's GPU
+  time ran out), so the tuner considers it only with ``QPIPE_MMP=1``.
 * ``_mm_kernel`` (larger M): tensor cores. The dequantized weight tile [BLOCK_N, BLOCK_K] is
   the *left* operand, the activation tile the right one ("swap AB": acc = W x^T), so the
   small M lands on the MMA's narrow side and BLOCK_N >= 64 fills its wide side.
@@ -657,7 +658,7 @@ def _mmp_kernel(
         zh = (z + 1024.0).to(tl.float16)
         part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for j in tl.static_range(8):
-            c: tl.constexpr = (j % 4) * 2 + j // 4  # column of nibble j (layout.py)
+            c = (j % 4) * 2 + j // 4  # column of nibble j (layout.py); j is a constexpr
             k_idx = kt * BLOCK_K + offs_w * 8 + c
             xt = tl.load(
                 x_ptr + offs_m[None, :] * stride_xm + k_idx[:, None],
