@@ -94,6 +94,11 @@ def test_cli_sweep_over_models_takes_a_key_the_default_model_lacks(
         monkeypatch=monkeypatch,
     )
     assert code != 0 and "did you mean model.seed?" in out
+    # The failed sweep's exit code belongs to that command, not to the next one in this process.
+    code, out = _cli(
+        "model=tiny_llama", "pipeline=estimate", outputs=str(outputs_dir), monkeypatch=monkeypatch
+    )
+    assert code == 0, out[-4000:]
 
 
 def test_cli_unknown_option_lists_valid_ones(outputs_dir, monkeypatch) -> None:
