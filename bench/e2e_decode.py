@@ -38,6 +38,9 @@ QUANT = {
     "w4": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
     "w4_head": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
     "w4_unfused": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
+    "w8": {"method": "rtn", "bits": 8, "group_size": 128, "symmetric": True},
+    # a mixed 4/8-bit plan of the kind quant=auto makes: down_proj at 8 bits, the rest at 4
+    "w4_w8down": None,
 }
 
 
@@ -134,6 +137,22 @@ def to_w4(model, with_head: bool, fuse: bool = True) -> None:
         fuse_projections(model)
 
 
+def to_w8(model, only: str = "") -> None:
+    """RTN W8 g128 (symmetric) on Int8Linear's Triton kernel, for the block Linears whose name
+    contains ``only`` (all of them when empty)."""
+    from qpipe.kernels import quantize_rtn
+    from qpipe.kernels.int8_linear import Int8Linear
+
+    for name in _block_linears(model, False):
+        if only not in name:
+            continue
+        lin = model.get_submodule(name)
+        iw = quantize_rtn(lin.weight.data, group_size=128, bits=8, symmetric=True)
+        bias = None if lin.bias is None else lin.bias.data
+        _swap(model, name, Int8Linear(iw, bias, torch.bfloat16, kernel="triton"))
+        del lin
+
+
 def to_nf4(model) -> None:
     import bitsandbytes as bnb
 
@@ -167,6 +186,8 @@ def estimated_peak(variant: str, batch: int, context: int) -> dict[str, float]:
         meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     inventory = inventory_of(meta)
     quant = QUANT[variant]
+    if quant is None:  # a mixed plan: the estimator prices it from a bit plan, not done here
+        return {"est_weights_gb": float("nan"), "est_peak_gb": float("nan")}
     exclude = {"lm_head": variant != "w4_head", "embeddings": True, "patterns": []}
     plan = plan_precision(inventory, exclude, quantize=quant["method"] != "none")
     est = estimate(
@@ -187,6 +208,11 @@ def build_variant(variant: str):
     model = build_bf16()
     if variant == "nf4":
         to_nf4(model)
+    elif variant == "w8":
+        to_w8(model)
+    elif variant == "w4_w8down":
+        to_w8(model, only="down_proj")
+        to_w4(model, with_head=False)
     elif variant.startswith("w4"):
         to_w4(model, with_head=variant == "w4_head", fuse=variant != "w4_unfused")
     gc.collect()

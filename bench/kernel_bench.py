@@ -1,4 +1,5 @@
-"""W4A16 benchmark: fp16 cuBLAS vs torch tinygemm int4 vs bitsandbytes nf4 vs qpipe (Triton).
+"""W4A16 / W8A16 benchmark: fp16 cuBLAS vs torch tinygemm int4 vs bitsandbytes nf4 vs qpipe's
+Triton kernels (``qpipe``: 4-bit, ``qpipe_w8``: 8-bit), each with the bytes/s it streams.
 
     python bench/kernel_bench.py --out bench/results --tag h100
     python bench/kernel_bench.py --sweep          # time explicit kernel configs (tuning aid)
@@ -123,6 +124,27 @@ def qpipe_modules(iw, copies: int) -> list:
     return [QuantLinear.from_int(iw, kernel="triton", dtype=torch.float16) for _ in range(copies)]
 
 
+def make_qpipe_w8(w: torch.Tensor, xs: dict, copies: int, ref8: torch.Tensor) -> Impl:
+    """Int8Linear(kernel='triton'): symmetric int8, group 128, the 8-bit layers' kernel."""
+    from qpipe.kernels import quantize_rtn
+    from qpipe.kernels.int8_linear import Int8Linear
+
+    x = xs["fp16"]
+    iw8 = quantize_rtn(w, group_size=GROUP, bits=8, symmetric=True, scale_dtype=torch.float16)
+    mods = [Int8Linear(iw8, None, torch.float16, kernel="triton").cuda() for _ in range(copies)]
+    q = mods[0]
+    n = q.out_features
+    nbytes = q.qweight.numel() + q.scales.numel() * 2 + x.numel() * 2 + x.shape[0] * n * 2
+    calls = [lambda m_=m_: m_(x) for m_ in mods]
+    return Impl(
+        "qpipe_w8",
+        calls,
+        nbytes,
+        note="Int8Linear(kernel='triton'), sym int8 g128, fp16 activations",
+        check=lambda: rel_err(calls[0](), ref8),
+    )
+
+
 def make_qpipe(mods: list, xs: dict, ref: torch.Tensor | None, cfg=None) -> Impl:
     from qpipe.kernels.tuning import w4a16_matmul
 
@@ -242,6 +264,10 @@ def run(shapes, ms, impls: list[str], replays: int, log=print) -> tuple[dict, li
         w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).half()
         iw = quantize_rtn(w, group_size=GROUP, symmetric=True, scale_dtype=torch.float16)
         w_deq = iw.dequantize().cuda()
+        w8_deq = None
+        if "qpipe_w8" in impls:
+            iw8 = quantize_rtn(w, group_size=GROUP, bits=8, symmetric=True)
+            w8_deq = iw8.dequantize().cuda()
         mods = None
         for m in ms:
             x16 = torch.randn(m, k, device="cuda", generator=gen).half()
@@ -255,6 +281,9 @@ def run(shapes, ms, impls: list[str], replays: int, log=print) -> tuple[dict, li
                     elif name == "qpipe":
                         mods = mods or qpipe_modules(iw, n_copies(n * k // 2, l2))
                         impl = make_qpipe(mods, xs, ref)
+                    elif name == "qpipe_w8":
+                        ref8 = x16.float() @ w8_deq.t()
+                        impl = make_qpipe_w8(w, xs, n_copies(n * k, l2), ref8)
                     elif name == "tinygemm":
                         impl = make_tinygemm(iw, xs, n_copies(n * k // 2, l2), ref)
                     elif name == "bnb_nf4":
@@ -265,6 +294,13 @@ def run(shapes, ms, impls: list[str], replays: int, log=print) -> tuple[dict, li
                     us = time_calls(impl.calls, replays)
                     r = Result((n, k), m, name, us, impl.bytes_per_call / (us * 1e-6) / 1e9)
                     r.rel_err, r.extra = err, {"note": impl.note, "copies": len(impl.calls)}
+                    if name == "qpipe":  # which kernel the tuner chose for this shape and M
+                        from qpipe.kernels.tuning import TUNER, Tuner
+
+                        q = mods[0]
+                        key = Tuner.key(q._prepare_input(x16), n, k, GROUP, q.zeros is not None)
+                        chosen = TUNER.best.get(key)
+                        r.extra["config"] = chosen.as_dict() if chosen else None
                     del impl
                 except Exception as e:  # one broken baseline must not sink the whole table
                     r = Result((n, k), m, name, None, error=f"{type(e).__name__}: {e}"[:300])
@@ -273,6 +309,8 @@ def run(shapes, ms, impls: list[str], replays: int, log=print) -> tuple[dict, li
                 msg += f"{r.us:8.2f} us {r.gbs:7.0f} GB/s" if r.us else f"FAILED {r.error}"
                 if r.rel_err is not None:
                     msg += f"  rel_err {r.rel_err:.1e}"
+                if r.extra.get("config"):
+                    msg += f"  {r.extra['config']['kind']}"
                 log(msg + f"  ({time.time() - t0:.1f}s)")
         del mods
         torch.cuda.empty_cache()
@@ -282,8 +320,11 @@ def run(shapes, ms, impls: list[str], replays: int, log=print) -> tuple[dict, li
 def markdown(env: dict, results: list[Result]) -> str:
     by = {(r.shape, r.m, r.impl): r for r in results}
     impls = [
-        i for i in ("fp16", "tinygemm", "bnb_nf4", "qpipe") if any(r.impl == i for r in results)
+        i
+        for i in ("fp16", "tinygemm", "bnb_nf4", "qpipe", "qpipe_w8")
+        if any(r.impl == i for r in results)
     ]
+    streams = [i for i in ("fp16", "qpipe", "qpipe_w8") if i in impls]
     lines = [
         f"# W4A16 benchmark: {env['device']}",
         "",
@@ -295,11 +336,13 @@ def markdown(env: dict, results: list[Result]) -> str:
         "Times in µs per call (median of CUDA-graph replays over rotating weight copies that "
         "outrun the L2: weights come from HBM). `x` = speed-up over fp16 cuBLAS "
         "(t_fp16 / t_impl). GB/s = bytes the call must move / time. Weights: symmetric int4, "
-        "group 128 (tinygemm the same integers; bnb nf4 blocksize 64).",
+        "group 128 (tinygemm the same integers; bnb nf4 blocksize 64); qpipe_w8: symmetric "
+        "int8, group 128, on qpipe's W8A16 kernel.",
         "",
         "| N x K | M | " + " | ".join(f"{i} µs" for i in impls) + " | "
-        + " | ".join(f"{i} x" for i in impls if i != "fp16") + " | qpipe GB/s |",
-        "|" + "---|" * (2 + len(impls) + len(impls) - 1 + 1),
+        + " | ".join(f"{i} x" for i in impls if i != "fp16") + " | "
+        + " | ".join(f"{i} GB/s" for i in streams) + " |",
+        "|" + "---|" * (2 + len(impls) + len(impls) - 1 + len(streams)),
     ]  # fmt: skip
     for shape in dict.fromkeys(r.shape for r in results):
         for m in dict.fromkeys(r.m for r in results if r.shape == shape):
@@ -311,11 +354,13 @@ def markdown(env: dict, results: list[Result]) -> str:
                 if i != "fp16":
                     ok = r and r.us and base and base.us
                     ratios.append(f"{base.us / r.us:.2f}" if ok else "n/a")
-            q = by.get((shape, m, "qpipe"))
-            gbs = f"{q.gbs:.0f}" if q and q.gbs else "n/a"
+            gbs = []
+            for i in streams:
+                r = by.get((shape, m, i))
+                gbs.append(f"{r.gbs:.0f}" if r and r.gbs else "n/a")
             lines.append(
                 f"| {shape[0]}x{shape[1]} | {m} | " + " | ".join(cells) + " | "
-                + " | ".join(ratios) + f" | {gbs} |"
+                + " | ".join(ratios) + " | " + " | ".join(gbs) + " |"
             )  # fmt: skip
     errs = [r for r in results if r.error]
     if errs:
@@ -347,6 +392,10 @@ def sweep(shapes, ms, replays: int, log=print) -> list[dict]:
                     for stages in (3, 4):
                         for split in (1, 2, 4, 8):
                             cfgs.append(KernelConfig("mm", bn, 128, split, bm, warps, stages))
+                for bn, warps in ((64, 4), (128, 4), (128, 8)):
+                    for stages in (2, 3):
+                        for split in (1, 2, 4, 8):
+                            cfgs.append(KernelConfig("mmp", bn, 128, split, bm, warps, stages))
             ref = x.float() @ iw.dequantize().t()
             best: dict[str, tuple[float, KernelConfig]] = {}
             for cfg in cfgs:
@@ -368,20 +417,72 @@ def sweep(shapes, ms, replays: int, log=print) -> list[dict]:
     return rows
 
 
+def sweep_w8(shapes, ms, replays: int, log=print) -> list[dict]:
+    """Time explicit W8A16 configurations around the heuristic (tuning aid)."""
+    from qpipe.kernels import quantize_rtn
+    from qpipe.kernels.triton_w8a16 import W8Config, heuristic, w8a16_matmul
+
+    l2 = environment()["l2_bytes"]
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n, k in shapes:
+        w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).half()
+        iw8 = quantize_rtn(w, group_size=GROUP, bits=8, symmetric=True, scale_dtype=torch.float16)
+        copies = n_copies(n * k, l2)
+        qs = [iw8.q.to(torch.uint8).cuda() for _ in range(copies)]
+        s = iw8.scales.half().cuda()
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", generator=gen).half()
+            base = heuristic(m, n, k, GROUP, x.device)
+            splits = sorted({max(1, base.split_k // 2), base.split_k, base.split_k * 2})
+            for bn in (64, 128):
+                for warps in (4, 8):
+                    for stages in (2, 3, 4):
+                        for split in splits:
+                            cfg = W8Config(base.block_m, bn, base.block_k, split, warps, stages)
+                            calls = [
+                                lambda q_=q_, c=cfg, x=x, s=s: w8a16_matmul(
+                                    x, q_, s, None, GROUP, cfg=c
+                                )
+                                for q_ in qs
+                            ]
+                            try:
+                                us = time_calls(calls, replays)
+                            except Exception as e:  # a config this GPU cannot run
+                                log(f"{n}x{k} M={m} {cfg} FAILED {type(e).__name__}")
+                                continue
+                            gbs = (n * k + s.numel() * 2) / (us * 1e-6) / 1e9
+                            rows.append({"shape": [n, k], "m": m, "us": us, "gbs": gbs,
+                                         "cfg": cfg.__dict__, "heuristic": cfg == base})  # fmt: skip
+            best = min((r for r in rows if r["shape"] == [n, k] and r["m"] == m),
+                       key=lambda r: r["us"])  # fmt: skip
+            log(f"{n}x{k} M={m} best {best['us']:.2f} us {best['gbs']:.0f} GB/s {best['cfg']}")
+        del qs
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON + markdown")
     ap.add_argument("--tag", default="gpu", help="file name suffix: w4a16_<tag>.json/.md")
-    ap.add_argument("--impls", default="fp16,tinygemm,bnb_nf4,qpipe")
+    ap.add_argument("--impls", default="fp16,tinygemm,bnb_nf4,qpipe,qpipe_w8")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--sweep", action="store_true", help="time explicit kernel configs")
+    ap.add_argument("--sweep-w8", action="store_true", help="time explicit W8A16 configs")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA device")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
+    if args.sweep_w8:
+        rows = sweep_w8(shapes, ms, args.replays)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"sweep_w8_{args.tag}.json").write_text(json.dumps(rows))
+        return
     if args.sweep:
         rows = sweep(shapes, ms, args.replays)
         if args.out:

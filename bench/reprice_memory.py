@@ -24,8 +24,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import e2e_decode  # noqa: E402
 
-from qpipe.config.compose import resolve_dtype  # noqa: E402
+from qpipe.config.compose import resolve_dtype, resolve_kernel  # noqa: E402
 from qpipe.stages import memory_budget  # noqa: E402
+from qpipe.stages._budget_pricing import kernel_facts  # noqa: E402
 from tests.conftest import compose_config  # noqa: E402
 
 MODELS = {"smollm2-135m": "model=smollm2", "internvl3.5-8b": "+model=internvl"}
@@ -56,7 +57,9 @@ def reprice(row: dict, hardware: str, tuned: bool) -> dict:
     quant = OmegaConf.to_container(cfg.quant, resolve=True)
     exclude = OmegaConf.to_container(cfg.exclude, resolve=True)
     plan = plan_precision(inventory, exclude, quant["method"] != "none", None, dtype_bytes)
-    facts = memory_budget._kernel_facts(cfg, quant, plan, inventory, dtype_bytes, "cuda")
+    facts = kernel_facts(
+        cfg, quant, plan, inventory, dtype_bytes, "cuda", resolve_kernel(cfg, "cuda")
+    )
     if tuned:
         facts = type(facts)(facts.fused_projections, 0)
     est = estimate(

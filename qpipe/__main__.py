@@ -89,6 +89,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     _outputs_usable()
+    sweep.forget()
     sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
     signals.install()
     searchpath.register()  # ./conf before the built-ins

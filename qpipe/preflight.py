@@ -35,7 +35,7 @@ def validate_config(cfg: DictConfig) -> Settings:
     backend.validate(quant)
     backend.validate_kernel(quant, settings.kernel)
     validate_exclude(OmegaConf.to_container(cfg.exclude, resolve=True))
-    wants_calib = backend.calibrates(quant) or backend.plans_widths
+    wants_calib = backend.needs_calibration(quant) or backend.plans_widths
     if wants_calib or cfg.exclude.get("by") == "sensitivity":  # the sensitivity stage's texts
         from qpipe.corpora.calibration import validate_calib
 

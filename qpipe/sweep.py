@@ -261,8 +261,15 @@ def current() -> Sweep | None:
 
 
 def exit_code() -> int:
-    """Non-zero when the last sweep of this process had failing jobs."""
+    """Non-zero when the last sweep of this command had failing jobs."""
     return _last_exit_code
+
+
+def forget() -> None:
+    """A new command starts: a sweep an earlier command of this process ran (an embedding
+    program, a test) says nothing about this one's exit code."""
+    global _current, _last_exit_code
+    _current, _last_exit_code = None, 0
 
 
 class SweepCallback(Callback):

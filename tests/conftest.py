@@ -60,3 +60,30 @@ def run_interpreted(test_file: str, flag: str, timeout: int = 900) -> str:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
+
+
+def cli_in_process(*args: str) -> tuple[int, str]:
+    """``python -m qpipe args`` through its real entry point, in this process (no interpreter
+    start, no second import of torch/transformers/mlflow): its exit code and what it printed.
+    For tests not about the process itself; the caller sets the environment and the working
+    directory (monkeypatch)."""
+    import io
+    import traceback
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from qpipe.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["qpipe", *args]
+    code = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except Exception:  # a crash through the entry point counts as a traceback
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        sys.argv = argv
+    return code, out.getvalue() + err.getvalue()

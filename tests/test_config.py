@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from qpipe.config.compose import defaulted_groups, normalize_overrides
 from qpipe.errors import ConfigError
 from qpipe.preflight import validate_config
-from tests.conftest import compose_config
+from tests.conftest import cli_in_process, compose_config
 
 
 def test_defaults_compose() -> None:
@@ -60,11 +56,12 @@ def test_bad_values_fail_with_one_clear_line(override: str, message: str) -> Non
     assert "\n" not in str(err.value)
 
 
-def _cli(*args: str, outputs: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "QPIPE_OUTPUTS": outputs, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "qpipe", *args], capture_output=True, text=True, env=env, timeout=300
-    )
+def _cli(*args: str, outputs: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """``python -m qpipe args``, in this process: these tests are about how the command line is
+    read and refused, not the process."""
+    monkeypatch.setenv("QPIPE_OUTPUTS", outputs)
+    monkeypatch.setenv("COLUMNS", "200")
+    return cli_in_process(*args)
 
 
 def test_keys_of_a_swept_group_are_forced_only_while_it_is_swept() -> None:
@@ -80,39 +77,49 @@ def test_keys_of_a_swept_group_are_forced_only_while_it_is_swept() -> None:
     ]
 
 
-def test_cli_sweep_over_models_takes_a_key_the_default_model_lacks(outputs_dir) -> None:
+def test_cli_sweep_over_models_takes_a_key_the_default_model_lacks(
+    outputs_dir, monkeypatch
+) -> None:
     # Hydra composes the sweep with the default model first (smollm2 has no `seed`); without
     # the rewrite to ++ the sweep stops there, before any job.
     args = ("--multirun", "model=tiny_llama,tiny_internvl", "model.seed=3", "pipeline=estimate")
-    proc = _cli(*args, outputs=str(outputs_dir))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "2 jobs" in proc.stdout
-    typo = _cli(
-        "--multirun", "model=tiny_llama,tiny_internvl", "model.sed=3", outputs=str(outputs_dir)
+    code, out = _cli(*args, outputs=str(outputs_dir), monkeypatch=monkeypatch)
+    assert code == 0, out[-4000:]
+    assert "2 jobs" in out
+    code, out = _cli(
+        "--multirun",
+        "model=tiny_llama,tiny_internvl",
+        "model.sed=3",
+        outputs=str(outputs_dir),
+        monkeypatch=monkeypatch,
     )
-    assert typo.returncode != 0 and "did you mean model.seed?" in typo.stdout
-
-
-def test_cli_unknown_option_lists_valid_ones(outputs_dir) -> None:
-    proc = _cli("+model=llama9000", outputs=str(outputs_dir))
-    assert proc.returncode != 0
-    assert "Available options in 'model'" in proc.stderr
-    assert "smollm2" in proc.stderr and "internvl" in proc.stderr
-
-
-def test_cli_bad_value_is_one_line_without_traceback(outputs_dir) -> None:
-    proc = _cli("quant=bnb_nf4", "quant.quant_type=nf5", outputs=str(outputs_dir))
-    assert proc.returncode == 2
-    assert (
-        "quant.quant_type='nf5' is not valid for 4-bit bitsandbytes; use nf4 or fp4" in proc.stdout
+    assert code != 0 and "did you mean model.seed?" in out
+    # The failed sweep's exit code belongs to that command, not to the next one in this process.
+    code, out = _cli(
+        "model=tiny_llama", "pipeline=estimate", outputs=str(outputs_dir), monkeypatch=monkeypatch
     )
-    assert "Traceback" not in proc.stdout + proc.stderr
+    assert code == 0, out[-4000:]
 
 
-def test_cli_internvl_without_hub_names_the_offline_alternatives(outputs_dir) -> None:
-    proc = _cli("+model=internvl", "+quant=bnb_nf4", outputs=str(outputs_dir))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1
+def test_cli_unknown_option_lists_valid_ones(outputs_dir, monkeypatch) -> None:
+    code, out = _cli("+model=llama9000", outputs=str(outputs_dir), monkeypatch=monkeypatch)
+    assert code != 0
+    assert "Available options in 'model'" in out
+    assert "smollm2" in out and "internvl" in out
+
+
+def test_cli_bad_value_is_one_line_without_traceback(outputs_dir, monkeypatch) -> None:
+    args = ("quant=bnb_nf4", "quant.quant_type=nf5")
+    code, out = _cli(*args, outputs=str(outputs_dir), monkeypatch=monkeypatch)
+    assert code == 2
+    assert "quant.quant_type='nf5' is not valid for 4-bit bitsandbytes; use nf4 or fp4" in out
+    assert "Traceback" not in out
+
+
+def test_cli_internvl_without_hub_names_the_offline_alternatives(outputs_dir, monkeypatch) -> None:
+    args = ("+model=internvl", "+quant=bnb_nf4")
+    code, out = _cli(*args, outputs=str(outputs_dir), monkeypatch=monkeypatch)
+    assert code == 1
     assert "cannot fetch weights of 'OpenGVLab/InternVL3_5-8B-HF'" in out
     assert "model.weights=random" in out and "model.path=" in out
     assert "Traceback" not in out

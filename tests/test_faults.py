@@ -9,7 +9,6 @@ bench/results/faults.{json,md}.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import resource
@@ -19,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,7 @@ from qpipe.models.checkpoints import INDEX, inspect_checkpoint
 from qpipe.store.diskspace import ensure_space, free_bytes
 from qpipe.tracking.runs import default_tracking_uri
 from qpipe.tracking.stale_runs import close_dead_runs
-from tests.conftest import compose_config, save_random_llama
+from tests.conftest import cli_in_process, compose_config, save_random_llama
 from tests.faults_support import (
     QUANTIZE_LOAD_DAG,
     RESULTS_ENV,
@@ -582,26 +580,7 @@ BAD_CONFIGS = [
 
 
 def _cli_in_process(overrides: list[str]) -> tuple[int, str]:
-    """``python -m qpipe overrides`` through its real entry point, in this process."""
-    from qpipe.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["qpipe", *overrides]
-    code = 0
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    except Exception:  # a crash through the entry point counts as a traceback
-        import traceback
-
-        err.write(traceback.format_exc())
-        code = 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue() + err.getvalue()
+    return cli_in_process(*overrides)
 
 
 @pytest.mark.parametrize("overrides", BAD_CONFIGS, ids=" ".join)

@@ -61,6 +61,9 @@ CASES = [
     ("mm_g64_sym_split", 20, 72, 576, 64, True, False, "bfloat16", ("mm", 64, 4), True, None),
     ("mm_g128_k576", 33, 24, 576, 128, True, False, "float16", ("mm", 16, 2), False, None),
     ("mm_act_order_bf16", 16, 40, 256, 32, False, True, "bfloat16", ("mm", 32, 3), True, None),
+    ("mmp_g128_asym_k576", 3, 40, 576, 128, False, False, "float16", ("mmp", 16, 2), True, None),
+    ("mmp_g128_sym_bf16", 17, 24, 256, 128, True, False, "bfloat16", ("mmp", 32, 1), False, None),
+    ("mmp_act_order", 5, 24, 256, 128, False, True, "float16", ("mmp", 16, 1), False, None),
     ("module_pad_mode", 3, 40, 576, 128, True, False, "float16", None, True, 520),
     ("module_mm_heuristic", 24, 24, 128, 64, False, True, "bfloat16", None, False, None),
 ]

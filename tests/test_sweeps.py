@@ -26,6 +26,14 @@ SMALL_EVAL = (
     "eval.prefill_tokens=16",
     "eval.max_new_tokens=2",
     "workload.context_len=128",
+    # tiny_llama at a quarter of its width and half its depth: these tests are about the
+    # sweep (parent, children, files, resume), not the model; a job takes 4-8 s, not 10-25.
+    "model.config.hidden_size=64",
+    "model.config.intermediate_size=128",
+    "model.config.num_hidden_layers=2",
+    "model.config.num_attention_heads=2",
+    "model.config.num_key_value_heads=1",
+    "model.config.head_dim=32",
 )
 
 

@@ -4,9 +4,6 @@ and the repository's worked examples (top-level conf/, pipelines/, local_stages/
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from transformers import AutoTokenizer
 from qpipe.config.compose import load_model_group
 from qpipe.dag import PipelineError, load_dag
 from qpipe.models import materialize
-from tests.conftest import save_random_llama
+from tests.conftest import cli_in_process, save_random_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,22 +106,21 @@ def test_unknown_pipeline_lists_user_and_builtin_names(tmp_path, monkeypatch) ->
         load_dag("nope")
 
 
-def run_cli(cwd: Path, outputs: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "qpipe", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "QPIPE_OUTPUTS": str(outputs), "COLUMNS": "250", "MPLBACKEND": "Agg"},
-        timeout=900,
-    )
+def run_cli(cwd: Path, outputs: Path, monkeypatch: pytest.MonkeyPatch, *args: str):
+    """``python -m qpipe args`` from ``cwd`` with its own outputs folder, in this process: these
+    tests are about the configs, pipelines and stages found there, not the process."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.syspath_prepend(str(cwd))  # what `python -m` puts first: the user's packages
+    monkeypatch.setenv("QPIPE_OUTPUTS", str(outputs))
+    monkeypatch.setenv("COLUMNS", "250")
+    return cli_in_process(*args)
 
 
-def test_cli_runs_the_users_config_pipeline_and_stage(tmp_path: Path) -> None:
+def test_cli_runs_the_users_config_pipeline_and_stage(tmp_path: Path, monkeypatch) -> None:
     project = user_project(tmp_path / "project", "userpkg_d")
     outputs = tmp_path / "outputs"
-    proc = run_cli(project, outputs, "model=tiny_llama", "pipeline=estimate_plus")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    code, out = run_cli(project, outputs, monkeypatch, "model=tiny_llama", "pipeline=estimate_plus")
+    assert code == 0, out[-3000:]
     client = MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("qpipe").experiment_id])
     assert run.data.params["model"] == "users-tiny"  # the user's conf/, not the built-in
@@ -134,7 +130,7 @@ def test_cli_runs_the_users_config_pipeline_and_stage(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_repository_worked_examples_run(tmp_path: Path) -> None:
+def test_repository_worked_examples_run(tmp_path: Path, monkeypatch) -> None:
     """conf/model/my_checkpoint.yaml + pipelines/estimate_then_quantize.yaml + its user stage
     (local_stages/savings.py), from the repository root as the README shows them."""
     folder = save_random_llama(
@@ -153,14 +149,12 @@ def test_repository_worked_examples_run(tmp_path: Path) -> None:
     AutoTokenizer.from_pretrained(materialize(load_model_group("smollm2"))).save_pretrained(folder)
     outputs = tmp_path / "outputs"
     common = ("model=my_checkpoint", f"model.path={folder}", "pipeline=estimate_then_quantize")
-    proc = run_cli(ROOT, outputs, *common, "quant=rtn", "+savings.min_pct=0")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
+    code, out = run_cli(ROOT, outputs, monkeypatch, *common, "quant=rtn", "+savings.min_pct=0")
+    assert code == 0, out[-3000:]
     for stage in ("savings", "quantize", "load", "validate_vram"):
         assert f"✔ {stage}" in out
     # The default threshold: this tiny model's embeddings dominate, quantizing saves too little.
-    proc = run_cli(ROOT, outputs, *common, "quant=rtn")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out[-3000:]
-    assert "less than savings.min_pct=30: not worth quantizing" in out
+    code, out = run_cli(ROOT, outputs, monkeypatch, *common, "quant=rtn")
+    assert code == 1, out[-3000:]
+    assert "less than savings.min_pct=30: not worth quantizing" in " ".join(out.split())
     assert "▶ quantize" not in out

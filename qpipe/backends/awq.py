@@ -7,16 +7,77 @@ folders (``qpipe.backends.legacy``).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qpipe.backends.base import QpipeLayerFacts
-from qpipe.backends.llmc import LlmcBackend, validate_kernel
+import torch
+
+from qpipe.backends.llmc import LlmcBackend
+from qpipe.backends.llmc.layers import decoder_blocks
+from qpipe.backends.llmc.validation import is_int
+from qpipe.errors import ConfigError
 
 
-class AwqBackend(QpipeLayerFacts, LlmcBackend):
+def _scoped(pattern: str, prefix: str) -> str:
+    # "re:.*input_layernorm$" -> "re:model\.language_model\..*input_layernorm$"
+    if prefix and pattern.startswith("re:.*"):
+        return "re:" + re.escape(prefix) + pattern[3:]
+    return pattern
+
+
+def awq_mappings(model: torch.nn.Module, targets: Sequence[str]) -> list[dict[str, Any]]:
+    """The library's AWQ mappings for this architecture (Llama, Qwen3, ...), written into the
+    recipe so that it states what was smoothed instead of relying on inference. The library's
+    patterns match any module with the leaf name; they are scoped to where the targets live,
+    so that a VLM's vision tower (whose q/k/v projections have no o_proj) stays out."""
+    from llmcompressor.modifiers.transform.awq import get_layer_mappings_from_model
+
+    blocks = decoder_blocks(model, targets)
+    prefix = blocks[0] + "." if blocks else ""
+    out = []
+    for m in get_layer_mappings_from_model(model):
+        entry = {
+            "smooth_layer": _scoped(m.smooth_layer, prefix),
+            "balance_layers": [_scoped(b, prefix) for b in m.balance_layers],
+        }
+        if m.activation_hook_target is not None:
+            entry["activation_hook_target"] = m.activation_hook_target
+        out.append(entry)
+    return out
+
+
+class AwqBackend(LlmcBackend):
     name = "awq"
-    bits_supported = (4, 8)
-    validate_kernel = staticmethod(validate_kernel)
+    options = frozenset({"duo_scaling", "n_grid"})
+    bit_widths = (4, 8)
+    calibrates = True  # the scales are searched on the calibration activations
 
-    def calibrates(self, quant: dict[str, Any]) -> bool:
-        return True
+    def check_options(self, quant: Mapping[str, Any]) -> None:
+        duo = quant.get("duo_scaling", True)
+        if not (duo is True or duo is False or duo == "both"):
+            raise ConfigError(f"quant.duo_scaling={duo!r} is not valid; use true, false or both")
+        grid = quant.get("n_grid", 20)
+        if not is_int(grid) or grid < 2:
+            raise ConfigError(f"quant.n_grid={grid!r} is not valid; use an integer >= 2")
+
+    def modifiers(
+        self,
+        quant: Mapping[str, Any],
+        scheme: dict[str, Any],
+        model: torch.nn.Module | None,
+        targets: Sequence[str],
+    ) -> dict[str, Any]:
+        awq: dict[str, Any] = {
+            "duo_scaling": quant.get("duo_scaling", True),
+            "n_grid": int(quant.get("n_grid", 20)),
+        }
+        if model is not None:
+            awq["mappings"] = awq_mappings(model, targets)
+        # AWQ only rescales (exactly, in full precision); the quantizer after it rounds.
+        return {"AWQModifier": awq, "QuantizationModifier": scheme}
+
+    def before_oneshot(self) -> None:
+        from qpipe.backends.llmc.patches import skip_pinning_without_accelerator
+
+        skip_pinning_without_accelerator()

@@ -66,7 +66,7 @@ class Backend(Protocol):
     the rest of qpipe asks (they live here and nowhere else; layers below the backends get
     them as arguments from the stage).
 
-    bits_supported: the widths its layers may have (``quant.bits``; quant=auto: the plan's).
+    bit_widths: the widths its layers may have (``quant.bits``; quant=auto: the plan's).
     kernels: the ``kernel`` values its checkpoints load with; the first one is what a run
       reports when the configured kernel is not among them (``dense``, ``bitsandbytes``: the
       library's own matmuls, which no kernel setting changes).
@@ -79,18 +79,24 @@ class Backend(Protocol):
     plans_widths: each layer's width comes from a plan for the card (quant=auto), which wants
       a sensitivity measurement (calibration texts) and the memory budget's bit plan.
     quantizes: it changes the weights at all (quant=none does not).
+    offload_note: why layers it offloads to host memory are not what the budget priced
+      (None: they keep the checkpoint's format).
+    gpu_quantizing_priced: the memory budget prices where it quantizes on a GPU (the whole
+      model on the card, or layer by layer from host memory).
     """
 
     name: str
-    bits_supported: tuple[int, ...]
+    bit_widths: tuple[int, ...]
     kernels: tuple[str, ...]
     runs_on_qpipe_kernel: bool
     shardable: bool
     bits_in_run_name: bool
     plans_widths: bool
     quantizes: bool
+    offload_note: str | None
+    gpu_quantizing_priced: bool
 
-    def calibrates(self, quant: dict[str, Any]) -> bool:
+    def needs_calibration(self, quant: dict[str, Any]) -> bool:
         """Whether quantizing needs calibration texts (GPTQ, AWQ; quant=auto when its
         ``algorithm`` does)."""
 
@@ -124,15 +130,3 @@ class Backend(Protocol):
         matmul implementation where the backend has a choice ("torch", "triton").
         ``device_map`` (module name -> GPU index or "cpu", from the memory budget) spreads it
         over several devices instead; backends that cannot raise ConfigError."""
-
-
-class QpipeLayerFacts:
-    """The facts shared by the methods whose checkpoints load on qpipe's own layers
-    (QuantLinear, Int8Linear) or, with kernel=hf, through transformers."""
-
-    kernels: tuple[str, ...] = ("triton", "torch", "hf")
-    runs_on_qpipe_kernel = True
-    shardable = False
-    bits_in_run_name = True
-    plans_widths = False
-    quantizes = True

@@ -53,15 +53,21 @@ def bnb_config(quant: dict[str, Any], skip_modules: list[str], dtype: torch.dtyp
 
 class BnbBackend:
     name = "bnb"
-    bits_supported = BITS
+    bit_widths = BITS
     kernels = ("bitsandbytes",)
     runs_on_qpipe_kernel = False
     shardable = True
     bits_in_run_name = False  # the option says it: bnb_nf4, bnb_int8
     plans_widths = False
     quantizes = True
+    offload_note = (
+        "bitsandbytes keeps offloaded layers unquantized in fp32, which the budget does not price"
+    )
+    gpu_quantizing_priced = False  # it quantizes while loading: the load's peak is the price
 
-    def calibrates(self, quant: dict[str, Any]) -> bool:
+    calibrates = False
+
+    def needs_calibration(self, quant: dict[str, Any]) -> bool:
         return False
 
     def validate_kernel(self, quant: dict[str, Any], kernel: str) -> None:

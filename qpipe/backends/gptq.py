@@ -7,16 +7,55 @@ by column, with optional activation ordering) and writes compressed-tensors chec
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qpipe.backends.base import QpipeLayerFacts
-from qpipe.backends.llmc import LlmcBackend, validate_kernel
+import torch
+
+from qpipe.backends.llmc import LlmcBackend
+from qpipe.backends.llmc.validation import is_int
+from qpipe.errors import ConfigError
+
+ACT_ORDERS = ("static", "group", "weight", "none")
 
 
-class GptqBackend(QpipeLayerFacts, LlmcBackend):
+def _act_order(quant: Mapping[str, Any]) -> Any:
+    act = quant.get("act_order", "static")
+    return "none" if act is None else act
+
+
+class GptqBackend(LlmcBackend):
     name = "gptq"
-    bits_supported = (2, 3, 4, 8)
-    validate_kernel = staticmethod(validate_kernel)
+    options = frozenset({"act_order", "dampening", "block_size"})
+    bit_widths = (2, 3, 4, 8)
+    calibrates = True  # the Hessians come from the calibration activations
 
-    def calibrates(self, quant: dict[str, Any]) -> bool:
-        return True
+    def check_options(self, quant: Mapping[str, Any]) -> None:
+        act = _act_order(quant)
+        if act not in ACT_ORDERS:
+            raise ConfigError(
+                f"quant.act_order={quant.get('act_order')!r} is not valid; use one of {', '.join(ACT_ORDERS)}"
+            )
+        damp = quant.get("dampening", 0.01)
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
+            raise ConfigError(f"quant.dampening={damp!r} is not valid; use a number in (0, 1]")
+        block = quant.get("block_size", 128)
+        if not is_int(block) or block < 1:
+            raise ConfigError(f"quant.block_size={block!r} is not valid; use a positive integer")
+
+    def modifiers(
+        self,
+        quant: Mapping[str, Any],
+        scheme: dict[str, Any],
+        model: torch.nn.Module | None,
+        targets: Sequence[str],
+    ) -> dict[str, Any]:
+        act = _act_order(quant)
+        return {
+            "GPTQModifier": {
+                **scheme,
+                "dampening_frac": float(quant.get("dampening", 0.01)),
+                "block_size": int(quant.get("block_size", 128)),
+                "actorder": None if act == "none" else act,
+            }
+        }

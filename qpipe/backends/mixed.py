@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from qpipe.backends.base import QpipeLayerFacts, QuantizeRequest, QuantizeResult
+from qpipe.backends.base import QuantizeRequest, QuantizeResult
 from qpipe.backends.llmc import CT_FORMAT, LlmcBackend, quantize_with_llmc, validate_quant
 from qpipe.errors import ConfigError
 from qpipe.memory.bitplan import CHOICES, validate_auto
@@ -31,16 +31,17 @@ def inner_quant(quant: dict[str, Any]) -> dict[str, Any]:
     return inner
 
 
-class MixedBackend(QpipeLayerFacts, LlmcBackend):
+class MixedBackend(LlmcBackend):
     name = "auto"
-    bits_supported = CHOICES
+    bit_widths = CHOICES
     bits_in_run_name = False  # the widths are the plan's, one per layer
     plans_widths = True
+    gpu_quantizing_priced = False  # not yet: the onload model prices one width per run
 
-    def calibrates(self, quant: dict[str, Any]) -> bool:
+    def needs_calibration(self, quant: dict[str, Any]) -> bool:
         from qpipe.backends import get_backend
 
-        return get_backend(quant["algorithm"]).calibrates(inner_quant(quant))
+        return get_backend(quant["algorithm"]).needs_calibration(inner_quant(quant))
 
     def validate_kernel(self, quant: dict[str, Any], kernel: str) -> None:
         return None  # 4-bit layers on QuantLinear, 8-bit on Int8Linear: every kernel loads them

@@ -30,15 +30,19 @@ def load_hf(
 
 class NoQuant:
     name = "none"
-    bits_supported = (16,)
+    bit_widths = (16,)
     kernels = ("dense",)
     runs_on_qpipe_kernel = False
     shardable = True
     bits_in_run_name = False
     plans_widths = False
     quantizes = False
+    offload_note = None
+    gpu_quantizing_priced = False
 
-    def calibrates(self, quant: dict[str, Any]) -> bool:
+    calibrates = False
+
+    def needs_calibration(self, quant: dict[str, Any]) -> bool:
         return False
 
     def validate_kernel(self, quant: dict[str, Any], kernel: str) -> None:

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from qpipe.backends.align import module_group_size, module_pad_to, plan_alignment
-from qpipe.backends.base import QpipeLayerFacts, QuantizeRequest, QuantizeResult
+from qpipe.backends.base import QuantizeRequest, QuantizeResult
 from qpipe.backends.llmc import (
     CT_FORMAT,
     LEGAL_GROUP_SIZES,
     LlmcBackend,
     quantize_with_llmc,
     source_tokenizer,
-    validate_kernel,
     validate_quant,
 )
 from qpipe.backends.qlinear_loader import QPIPE_W4, auto_class, save_qpipe_w4
@@ -30,13 +29,8 @@ from qpipe.config.safety import trust_remote_code
 from qpipe.errors import ConfigError
 
 
-class RtnBackend(QpipeLayerFacts, LlmcBackend):
+class RtnBackend(LlmcBackend):
     name = "rtn"
-    bits_supported = (2, 3, 4, 8)
-    validate_kernel = staticmethod(validate_kernel)
-
-    def calibrates(self, quant: dict[str, Any]) -> bool:
-        return False
 
     def checkpoint_format(self, quant: dict[str, Any]) -> str:
         return str(quant.get("format", CT_FORMAT))

@@ -54,9 +54,9 @@ class Settings:
     dtype: the dtype of the unquantized parts on ``device``.
     kernel: the matmul implementation of qpipe's quantized layers (triton, torch, hf).
     model_class / task: the transformers auto class and what the model does.
-    budget_device / budget_dtype: what the memory budget prices. A named GPU
+    budget_device / budget_dtype / budget_kernel: what the memory budget prices. A named GPU
       (``hardware=rtx4090``) is a plan for that GPU wherever qpipe runs now, so it is priced
-      on CUDA in CUDA's dtype; ``hardware=auto`` is this machine.
+      on CUDA in CUDA's dtype with CUDA's kernel; ``hardware=auto`` is this machine.
     """
 
     device: str
@@ -67,6 +67,7 @@ class Settings:
     quant: QuantSettings
     budget_device: str
     budget_dtype: torch.dtype
+    budget_kernel: str
 
     @property
     def dtype_name(self) -> str:
@@ -96,6 +97,7 @@ def resolve_settings(cfg: DictConfig, stage_keys: Collection[str] = frozenset())
         quant=_quant_settings(typed.quant, cfg.quant),
         budget_device=budget_device,
         budget_dtype=resolve_dtype(typed, budget_device),
+        budget_kernel=resolve_kernel(typed, budget_device),
     )
 
 

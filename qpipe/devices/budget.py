@@ -1,25 +1,25 @@
 """The memory budget's per-device part: one card, or a device map over several (and host
-memory), with a verdict per card. memory_budget calls ``plan_devices``; ``load`` and
-validate_vram read what it returns from the budget's outputs."""
+memory), with a verdict per card, and where llm-compressor will quantize (the whole model on
+the GPU, or layer by layer from host memory). memory_budget calls ``plan_devices`` and
+``quantize_on_gpu``; ``load`` and validate_vram read what they return from the budget's
+outputs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
-from qpipe.devices.hardware import Cards
+from qpipe.devices.hardware import Cards, resolve_cards
 from qpipe.memory import Estimate
+from qpipe.memory.budget_inputs import BudgetInputs
 from qpipe.memory.placement import Placement, meta_model, plan_placement
-
-# Loading through transformers (from_pretrained with a device map) is what spreads a model;
-# qpipe's own QuantLinear loader places a model on one device.
-_MAPPABLE = ("none", "bnb")
 
 
 @dataclass
 class DeviceVerdict:
+    cards: Cards
     placement: Placement | None  # None: the whole model on one card, as before
     usable_gb: float  # what the single card may hold (cap and headroom applied)
     fits: bool
@@ -27,9 +27,9 @@ class DeviceVerdict:
     def outputs(self) -> dict[str, Any]:
         return {"placement": self.placement.as_dict() if self.placement else None}
 
-    def verdict(self, single: Estimate, cards: Cards, hardware: str, device: str) -> str:
+    def verdict(self, single: Estimate, hardware: str, device: str) -> str:
         """One line: does it fit, and on what."""
-        of = f" (of {cards.count})" if cards.count > 1 else ""
+        of = f" (of {self.cards.count})" if self.cards.count > 1 else ""
         if self.placement is None:
             word = "fits" if self.fits else "does NOT fit"
             where = "in host memory" if device == "cpu" else f"on one {hardware} card{of}"
@@ -95,58 +95,32 @@ def _wants_map(strategy: str, cards: Cards, single: Estimate, usable0: float) ->
     return cards.several and single.total_gb > usable0
 
 
-def plan_devices(
-    cfg: DictConfig,
-    cards: Cards,
-    single: Estimate,
-    config: Any,
-    inventory: Any,
-    plan: Any,
-    quant: dict[str, Any],
-    dims: Any,
-    workload: Any,
-    dtype_bytes: int,
-    planning_device: str,
-) -> DeviceVerdict:
+def plan_devices(cfg: DictConfig, single: Estimate, inputs: BudgetInputs) -> DeviceVerdict:
     """One card when the model fits it (or ``placement.device_map=single``); otherwise
-    accelerate's split over ``cards`` with host offload, priced per device."""
+    accelerate's split over the hardware's cards with host offload, priced per device.
+    ``single``: the chosen option's estimate on one card."""
+    cards = resolve_cards(cfg, inputs.device, inputs.capacity_gb)
     usable0 = cards.usable_gb[0] if cards.count else 0.0
     strategy = str((cfg.get("placement") or {}).get("device_map", "auto"))
-    on_gpu = planning_device.startswith("cuda")
+    on_gpu = inputs.device.startswith("cuda")
     if not on_gpu or not _wants_map(strategy, cards, single, usable0):
-        return DeviceVerdict(None, usable0, single.total_gb <= usable0)
-    model = meta_model(config, cfg.model.get("model_class", "AutoModelForCausalLM"))
+        return DeviceVerdict(cards, None, usable0, single.total_gb <= usable0)
+    model = meta_model(inputs.model_config, inputs.model_class)
     placement = plan_placement(
         model,
-        inventory,
-        plan,
-        quant,
-        dims,
-        workload,
-        dtype_bytes,
+        inputs.inventory,
+        inputs.rules(),
+        inputs.quant,
+        inputs.dims,
+        inputs.workload,
+        inputs.dtype_bytes,
         usable_gb=cards.usable_gb,
         capacity_gb=cards.capacity_gb,
         runtime_gb=single.runtime_gb,
         offload_gb=cards.offload_gb,
         strategy="balanced" if strategy == "auto" else strategy,
     )
-    return DeviceVerdict(placement, usable0, placement.fits)
-
-
-def mappable_reason(quant: dict[str, Any], kernel: str, offloads: bool) -> str | None:
-    """Why this quant's checkpoint can't be loaded with this device map (None when it can)."""
-    if quant.get("method") == "bnb" and offloads:
-        return (
-            f"quant={quant.get('name')}: bitsandbytes keeps offloaded layers unquantized in "
-            "fp32, which the budget does not price; add cards or use quant=none for CPU offload"
-        )
-    if quant.get("method") in _MAPPABLE or kernel == "hf":
-        return None
-    return (
-        f"quant={quant.get('name')} loads on qpipe's QuantLinear, which places a model on one "
-        "device; spreading it over cards/host memory runs through transformers: use kernel=hf "
-        "(or quant=none / bnb_*)"
-    )
+    return DeviceVerdict(cards, placement, usable0, placement.fits)
 
 
 def device_table(placement: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
@@ -166,29 +140,44 @@ def device_table(placement: dict[str, Any]) -> list[tuple[str, str, str, str, st
     return rows
 
 
+class GpuQuantizing(NamedTuple):
+    """How llm-compressor will quantize on the GPU: ``outputs`` (None when it does not run
+    there), its metrics, and why it cannot (None when it can)."""
+
+    outputs: dict[str, Any] | None
+    metrics: dict[str, float]
+    problem: str | None
+
+
 def quantize_on_gpu(
     cfg: DictConfig,
-    quant: dict[str, Any],
+    inputs: BudgetInputs,
     full_precision: Estimate,
-    inventory: Any,
-    plan: Any,
-    dims: Any,
-    dtype_bytes: int,
     usable_gb: float,
-    planning_device: str,
-) -> tuple[dict[str, Any] | None, dict[str, float], str | None]:
-    """How llm-compressor will quantize on the GPU: the whole model on the card when it fits
-    there, else layer by layer from host memory. Returns (outputs, metrics, problem)."""
+    calibrates: bool,
+) -> GpuQuantizing:
+    """Where llm-compressor rounds ``inputs.quant``: the whole model on the card when it fits
+    there, else layer by layer from host memory. ``full_precision``: the ``quant=none``
+    estimate (what llm-compressor loads before it rounds); ``calibrates``: the method runs
+    calibration samples through each layer (its backend says)."""
     from qpipe.memory.onload import quantize_onload
 
+    quant = inputs.quant
     method = quant.get("method")
-    if method not in ("gptq", "awq", "rtn") or not planning_device.startswith("cuda"):
-        return None, {}, None
+    if not inputs.device.startswith("cuda"):
+        return GpuQuantizing(None, {}, None)
     calib = cfg.get("calib") or {}
-    samples = int(calib.get("num_samples", 32)) if method != "rtn" else 1
-    seq_len = int(calib.get("seq_len", 256)) if method != "rtn" else 1
+    samples = int(calib.get("num_samples", 32)) if calibrates else 1
+    seq_len = int(calib.get("seq_len", 256)) if calibrates else 1
     onload = quantize_onload(
-        inventory, plan, method, dims, samples, seq_len, dtype_bytes, full_precision.runtime_gb
+        inputs.inventory,
+        inputs.rules(),
+        method,
+        inputs.dims,
+        samples,
+        seq_len,
+        inputs.dtype_bytes,
+        full_precision.runtime_gb,
     )
     working = onload.total_gb - onload.subgraph_weights_gb - onload.runtime_gb
     whole = full_precision.weights_gb + working + full_precision.runtime_gb
@@ -216,4 +205,4 @@ def quantize_on_gpu(
             f"quantizing {cfg.model.name} with quant={quant.get('name')} needs {need:.2f} GB on "
             f"the GPU even layer by layer, but {usable_gb:.2f} GB are usable"
         )
-    return outputs, metrics, problem
+    return GpuQuantizing(outputs, metrics, problem)

@@ -1,12 +1,16 @@
 """``Int8Linear``: a Linear whose weight is held as grouped 8-bit integers (the 8-bit layers of
-a ``quant=auto`` plan). The forward is the torch reference: dequantize, then one matmul."""
+a ``quant=auto`` plan, and ``quant.bits=8`` on the GPU). ``kernel="triton"`` runs qpipe's W8A16
+kernel (``triton_w8a16.py``: the weight streamed once at 1 byte per weight); ``"torch"`` is the
+reference, which dequantizes the whole weight each call, then one matmul."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from qpipe.kernels.intweights import IntWeights
+from qpipe.kernels import ops  # noqa: F401  (registers torch.ops.qpipe.w8a16_linear)
+from qpipe.kernels.interpreter import interpreting
+from qpipe.kernels.intweights import IntWeights, w8_kernel_takes
 
 
 class Int8Linear(torch.nn.Module):
@@ -14,10 +18,21 @@ class Int8Linear(torch.nn.Module):
     ``s`` [N, G] in the run's dtype, ``z`` uint8 [N, G] (None: symmetric, zero 128), and
     ``g = g_idx[k]`` (act-order) or ``k // group_size``."""
 
-    def __init__(self, iw: IntWeights, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        iw: IntWeights,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        kernel: str = "triton",
+    ) -> None:
         super().__init__()
         if iw.bits != 8:
             raise ValueError(f"Int8Linear holds 8-bit weights, got {iw.bits}-bit")
+        if kernel not in ("triton", "torch"):
+            raise ValueError(f"Int8Linear kernel={kernel!r}: triton or torch")
+        # act-order (a gathered group per column) and ragged groups stay on the reference
+        exact_groups = iw.g_idx is None and w8_kernel_takes(iw.shape[1], iw.group_size)
+        self.kernel = kernel if exact_groups else "torch"
         self.out_features, self.in_features = iw.shape
         self.group_size = iw.group_size
         self.register_buffer("qweight", iw.q.to(torch.uint8).contiguous())
@@ -52,6 +67,14 @@ class Int8Linear(torch.nn.Module):
         return ((q - z) * s).view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton" and (x.is_cuda or interpreting()):
+            flat = x.reshape(-1, self.in_features)
+            if x.is_cuda:  # the kernel computes in the scales' dtype (fp32 only interpreted)
+                flat = flat.to(self.scales.dtype)
+            y = torch.ops.qpipe.w8a16_linear(
+                flat, self.qweight, self.scales, self.zeros, self.bias, self.group_size
+            )
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         # Half-precision matmul on CPU is slow and not always implemented: compute in fp32.
         compute = torch.float32 if x.device.type == "cpu" else x.dtype
         w = self.dequantize(compute)
@@ -61,5 +84,5 @@ class Int8Linear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits=8, "
-            f"group_size={self.group_size}, symmetric={self.zeros is None}"
+            f"group_size={self.group_size}, symmetric={self.zeros is None}, kernel={self.kernel}"
         )

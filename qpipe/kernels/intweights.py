@@ -142,3 +142,10 @@ def quantize_rtn(
     q = torch.clamp(torch.round(wg / s32[..., None]) + z32[..., None], 0, qmax)
     q = q.view(n, g * group_size)[:, :k].to(torch.uint8)
     return IntWeights(q=q, scales=scales, zeros=zeros, group_size=group_size, bits=bits)
+
+
+def w8_kernel_takes(k: int, group_size: int) -> bool:
+    """Whether the W8A16 kernel takes a layer: groups of a multiple of 16 columns (a K tile
+    then never straddles two), the last one possibly partial (SmolLM2's K = 576 at group 128).
+    Here, not in ``triton_w8a16``: ``Int8Linear`` asks it on machines without Triton."""
+    return group_size % 16 == 0 and k > 0

@@ -7,6 +7,9 @@ kernel column order, the qpipe-w4 tensors of ``QuantLinear``; returns a fresh [M
 The split-K workspace it uses is internal and all-zero between calls, so the op mutates none of
 its arguments. Triton is imported on the first call only: the op registers on machines without it.
 
+``torch.ops.qpipe.w8a16_linear(x, qweight, scales, zeros, bias, group_size)``: the same for
+``Int8Linear``'s grouped 8-bit weights (``triton_w8a16.py``).
+
 ``torch.ops.qpipe.decode_attention(q, k, v, mask, scale)``: grouped-query attention of a few
 new positions against a KV cache, [B, S, H, D] (``decode_attention.py``).
 """
@@ -32,6 +35,25 @@ def w4a16_linear(
 
 @w4a16_linear.register_fake
 def _w4a16_linear_fake(x, qweight, scales, zeros, bias, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("qpipe::w8a16_linear", mutates_args=())
+def w8a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    from qpipe.kernels.triton_w8a16 import w8a16_matmul
+
+    return w8a16_matmul(x, qweight, scales, zeros, group_size, bias)
+
+
+@w8a16_linear.register_fake
+def _w8a16_linear_fake(x, qweight, scales, zeros, bias, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 

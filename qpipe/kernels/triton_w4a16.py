@@ -12,6 +12,10 @@ Two kernels, one epilogue:
   partial of a word cannot overflow; every word's partial is then accumulated in fp32 with the
   group scale (times 64). Under Triton's interpreter (no inline PTX) the same kernel runs a
   pure-Triton fp32 formulation instead (``USE_ASM=False``).
+* ``_mmp_kernel`` (small M > 1, group sizes that are multiples of 128): tensor cores fed one
+  nibble plane at a time, with no re-layout of the dequantized tile. Checked under the
+  interpreter only so far (its first GPU compile failed and was fixed after the session's GPU
+  time ran out), so the tuner considers it only with ``QPIPE_MMP=1``.
 * ``_mm_kernel`` (larger M): tensor cores. The dequantized weight tile [BLOCK_N, BLOCK_K] is
   the *left* operand, the activation tile the right one ("swap AB": acc = W x^T), so the
   small M lands on the MMA's narrow side and BLOCK_N >= 64 fills its wide side.
@@ -594,6 +598,89 @@ def _mm_kernel(
     )  # fmt: skip
 
 
+@triton.jit
+def _mmp_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    KW,
+    stride_xm,
+    stride_ym,
+    GS: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K,
+    DOT_F32: tl.constexpr = False,
+    F16_BITS: tl.constexpr = False,
+):
+    """Tensor cores, one nibble plane at a time: nibble j of every word of a tile is the
+    weight column 8w + c_j, so the tile's dot is the sum of 8 dots of the plane [BLOCK_N,
+    BLOCK_K / 8] with the activation rows 8w + c_j (gathered from x, which sits in L1). No
+    dequantized tile is ever re-laid out (``_mm_kernel`` joins and reshapes its 8 columns per
+    word, a shuffle through shared memory), the MMA sees the exact integers q - z, and the group
+    scale multiplies the fp32 partial once per tile. Needs BLOCK_K / 8 >= 16 (tl.dot)."""
+    BKW: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BKW)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    dt = x_ptr.dtype.element_ty
+    kt0, kt1 = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kt in range(kt0, kt1):
+        w_idx = kt * BKW + offs_w
+        words = tl.load(
+            qw_ptr + offs_n[:, None] * KW + w_idx[None, :],
+            mask=n_ok[:, None] & (w_idx < KW)[None, :],
+            other=0,
+        )
+        g = (kt * BLOCK_K) // GS
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N,), 8.0, tl.float32)
+        zh = (z + 1024.0).to(tl.float16)
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(8):
+            c = (j % 4) * 2 + j // 4  # column of nibble j (layout.py); j is a constexpr
+            k_idx = kt * BLOCK_K + offs_w * 8 + c
+            xt = tl.load(
+                x_ptr + offs_m[None, :] * stride_xm + k_idx[:, None],
+                mask=m_ok[None, :] & (k_idx < K)[:, None],
+                other=0.0,
+            )  # [BKW, BLOCK_M]
+            nib = (words >> (4 * j)) & 0xF
+            if F16_BITS:  # fp16 1024 + q from the bits, minus 1024 + z: exact
+                wj = (nib.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - zh[:, None]
+                part = tl.dot(wj, xt, part)
+            elif DOT_F32:  # the interpreter (it mis-multiplies bf16 dots)
+                part = tl.dot(nib.to(tl.float32) - z[:, None], xt.to(tl.float32), part)
+            else:
+                part = tl.dot((nib.to(tl.float32) - z[:, None]).to(dt), xt, part)
+        acc += part * s[:, None]
+    tile_id = pid_m * tl.num_programs(0) + pid_n
+    _epilogue(
+        tl.trans(acc), offs_m, offs_n, M, N, stride_ym, y_ptr, b_ptr, ws_ptr, cnt_ptr, tile_id,
+        HAS_BIAS, SPLIT_K,
+    )  # fmt: skip
+
+
 # -- launch --------------------------------------------------------------------------------
 
 
@@ -687,6 +774,14 @@ def _launch_plan(
             "WORD_SCALE": word,
             "PREFETCH": cfg.prefetch,
         }
+    elif cfg.kind == "mmp":
+        if block_k < 128:
+            raise ValueError(f"the plane kernel needs K tiles of 128 (group size {group_size})")
+        block_m = cfg.block_m
+        grid = (n_tiles, cfg.split_k, triton.cdiv(m, block_m))
+        kernel = _mmp_kernel
+        interp = interpreting()
+        extra = {"DOT_F32": interp, "F16_BITS": x.dtype == torch.float16 and not interp}
     else:
         block_m = cfg.block_m
         grid = (n_tiles, cfg.split_k, triton.cdiv(m, block_m))

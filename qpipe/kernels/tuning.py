@@ -97,6 +97,17 @@ def candidates(m: int, n: int, k: int, group_size: int, device: torch.device) ->
                         KernelConfig("mm", block_m=bm, block_n=bn, block_k=bk,
                                      split_k=split, num_warps=warps, num_stages=stages)
                     )  # fmt: skip
+    # The plane kernel (BLOCK_K / 8 words must fill a dot's K of 16) has passed the interpreter
+    # tests only: it stays out of the tuner until a GPU run checks it (QPIPE_MMP=1 opts in).
+    if m > 1 and bk == 128 and os.environ.get("QPIPE_MMP", "0") == "1":
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        for bn, warps in ((64, 4), (128, 4), (128, 8)):
+            for stages in (2, 3):
+                for split in splits(bn, -(-m // bm)):
+                    out.append(
+                        KernelConfig("mmp", block_m=bm, block_n=bn, block_k=bk,
+                                     split_k=split, num_warps=warps, num_stages=stages)
+                    )  # fmt: skip
     if base not in out:
         out.append(base)
     return out

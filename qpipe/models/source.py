@@ -56,9 +56,15 @@ def source_kind(model_cfg: DictConfig) -> str:
     )
 
 
+def model_class_name(model_cfg: DictConfig) -> str:
+    """``model.model_class``, with the schema's default where a bare model config (a test's,
+    a script's) lacks it; runs read ``Settings.model_class``."""
+    return str(model_cfg.get("model_class", "AutoModelForCausalLM"))
+
+
 def model_class(model_cfg: DictConfig) -> type:
     """The transformers auto class for this model (``model.model_class``)."""
-    name = model_cfg.get("model_class", "AutoModelForCausalLM")
+    name = model_class_name(model_cfg)
     cls = getattr(transformers, name, None)
     if cls is None or not name.startswith("AutoModel"):
         raise ConfigError(
@@ -163,7 +169,7 @@ def _weights_bytes(model_cfg: DictConfig, dtype_bytes: int) -> int:
     from qpipe.memory.inventory import build_inventory
 
     config = load_config(model_cfg)
-    inventory = build_inventory(config, model_cfg.get("model_class", "AutoModelForCausalLM"))
+    inventory = build_inventory(config, model_class_name(model_cfg))
     return inventory.total_params * dtype_bytes
 
 
@@ -177,7 +183,7 @@ def materialize(model_cfg: DictConfig) -> Path:
             spec = model_cfg.package_folder
             folder = checked_folder(str(_package_dir(model_cfg, spec.package) / spec.subdir))
         # A folder qpipe did not write is checked before anything reads it.
-        inspect_checkpoint(folder, model_cfg.get("model_class", "AutoModelForCausalLM"))
+        inspect_checkpoint(folder, model_class_name(model_cfg))
         return folder
     if kind == "hub":
         return _download(model_cfg)

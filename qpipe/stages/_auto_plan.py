@@ -5,28 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from qpipe.evaluation.layer_kl import prior_sensitivity
-from qpipe.memory import ArchDims, Inventory, Workload
 from qpipe.memory.bitplan import plan_for_budget, plan_table
-from qpipe.memory.exclusion import PrecisionPlan
+from qpipe.memory.budget_inputs import BudgetInputs
 from qpipe.plots.plans import bit_plan_plot
 from qpipe.stages.base import StageContext
 
 
-def auto_plan(
-    ctx: StageContext,
-    inventory: Inventory,
-    rules: PrecisionPlan,
-    measured: dict[str, dict[str, float]] | None,
-    quant: dict[str, Any],
-    dims: ArchDims,
-    workload: Workload,
-    dtype_bytes: int,
-    runtime_gb: float,
-    device: str,
-    usable_gb: float,
-) -> dict[str, Any]:
-    """The plan (measured sensitivity when the sensitivity stage ran, else the prior) with
-    its estimate, outputs, metrics and artifacts."""
+def auto_plan(ctx: StageContext, inputs: BudgetInputs, usable_gb: float) -> dict[str, Any]:
+    """The plan for a card with ``usable_gb`` (measured sensitivity when the sensitivity stage
+    ran, else the prior) with its estimate, outputs, metrics and artifacts."""
+    rules, measured, inventory = inputs.rules(), inputs.measured, inputs.inventory
     missing = [n for n in rules.targets if not measured or n not in measured]
     source = "measured" if not missing else "prior"
     table = measured if not missing else prior_sensitivity(inventory, rules.targets)
@@ -35,12 +23,12 @@ def auto_plan(
         rules,
         table,
         source,
-        quant,
-        dims,
-        workload,
-        dtype_bytes,
-        runtime_gb,
-        device,
+        inputs.quant,
+        inputs.dims,
+        inputs.workload,
+        inputs.dtype_bytes,
+        inputs.runtime_gb,
+        inputs.device,
         usable_gb,
     )
     shapes = {m.name: m.weight_shape for m in inventory.linears()}

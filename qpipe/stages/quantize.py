@@ -14,7 +14,7 @@ from qpipe.store.diskspace import guarded_write
 
 def _calibration(cfg, backend: Backend, quant: dict) -> tuple[list[str], int, int]:
     """Calibration texts for the methods that need them (GPTQ, AWQ)."""
-    if not backend.calibrates(quant) or "calib" not in cfg:
+    if not backend.needs_calibration(quant) or "calib" not in cfg:
         return [], 0, 0
     from qpipe.backends.llmc import calibration_texts
 

@@ -6,7 +6,7 @@ accelerator, ``Tensor.pin_memory()`` raises "Cannot access accelerator device wh
 available", so AWQ cannot run on CPU at all. Pinning is only an optimisation for H2D copies,
 which do not happen without an accelerator, so skipping it there changes no result.
 
-Remove it (and its call in ``qpipe.backends.llmc``) once llm-compressor guards the pinning
+Remove it (and its call in ``AwqBackend.before_oneshot``) once llm-compressor guards the pinning
 itself (check ``IntermediatesCache.pin_memory`` when upgrading past 0.14), i.e. when
 ``tests/test_llmc_backends.py::test_awq_*`` passes on CPU without it.
 
