@@ -15,6 +15,24 @@ from omegaconf import DictConfig
 from qpipe.config.compose import CONF_DIR, normalize_overrides
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each worker (and every process it starts) takes its share of the
+    cores: torch's thread pools, each sized for the whole machine, spin against each other
+    and make every matmul several times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    if workers <= 1:
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+_share_the_cores()
+
+
 def random_llama(**config: object):
     """A Llama with seeded random fp32 weights, in eval mode; ``config`` picks its shapes."""
     import torch
@@ -31,10 +49,38 @@ def save_random_llama(path: Path, **config: object) -> Path:
     return path
 
 
+# The files that run real models end to end, started first: with a worker per core
+# (pytest-xdist, --dist loadfile) the long ones then overlap instead of ending the run alone.
+_LONG_FILES = (
+    "test_llmc_backends.py",
+    "test_auto_smollm2.py",
+    "test_pipeline.py",
+    "test_sweeps.py",
+    "test_launchers.py",
+    "test_faults.py",
+    "test_user_pipelines.py",
+    "test_sensitivity.py",
+    "test_compile.py",
+    "test_tracking_server.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(_LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def outputs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = Path(os.environ.get("QPIPE_TEST_OUTPUTS") or tmp_path_factory.mktemp("outputs"))
     os.environ["QPIPE_OUTPUTS"] = str(path)
+    if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("QPIPE_TEST_OUTPUTS"):
+        # The workers share one model cache (SmolLM2 dequantized from its GGUF once, not once
+        # a worker): cache entries are safe with several writers (qpipe.store.entry).
+        shared = tmp_path_factory.getbasetemp().parent / "models"
+        shared.mkdir(exist_ok=True)
+        (path / "cache").mkdir(parents=True, exist_ok=True)
+        (path / "cache" / "models").symlink_to(shared, target_is_directory=True)
     return path
 
 
