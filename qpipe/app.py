@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from qpipe.backends import get_backend
+from qpipe.backends import option_label
 from qpipe.config.safety import policy_from, set_policy
 from qpipe.config.settings import Settings
 from qpipe.console.logrepeats import once_per_run
@@ -52,10 +52,7 @@ def stable_params(cfg: DictConfig, settings: Settings) -> dict[str, str]:
 
 def run_name(cfg: DictConfig) -> str:
     """``model/quant``, with the width where a method has several (``smollm2-135m/gptq-w3``)."""
-    name = f"{cfg.model.name}/{cfg.quant.name}"
-    if get_backend(cfg.quant.method).bits_in_run_name:
-        name += f"-w{cfg.quant.bits}"
-    return name
+    return f"{cfg.model.name}/{option_label(cfg.quant.name, cfg.quant.method, cfg.quant.bits)}"
 
 
 def run_pipeline(

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from qpipe.backends import METHODS, get_backend
+from qpipe.backends import option_label
 from qpipe.plots.pareto import Point, pareto_front, pareto_plot
 from qpipe.tracking.runs import default_tracking_uri
 
@@ -175,9 +175,7 @@ def label(run: dict[str, Any], with_model: bool = False) -> str:
     """``gptq-w3``, ``bnb_nf4``, ``none`` (as in the run's name): what a point on the Pareto
     plot is."""
     name = str(run.get("params.quant") or run.get("tags.mlflow.runName") or run.get("run_id"))
-    method = run.get("params.quant.method")
-    if method in METHODS and get_backend(method).bits_in_run_name:
-        name += f"-w{run.get('params.quant.bits')}"
+    name = option_label(name, run.get("params.quant.method"), run.get("params.quant.bits"))
     return f"{run.get('params.model')}/{name}" if with_model else name
 
 

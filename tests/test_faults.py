@@ -579,14 +579,10 @@ BAD_CONFIGS = [
 ]
 
 
-def _cli_in_process(overrides: list[str]) -> tuple[int, str]:
-    return cli_in_process(*overrides)
-
-
 @pytest.mark.parametrize("overrides", BAD_CONFIGS, ids=" ".join)
 def test_bad_config_is_refused_before_the_run_opens(overrides, tmp_path) -> None:
     base = ["model=tiny_llama", "pipeline=estimate", "mlflow.experiment=bad_config"]
-    code, text = _cli_in_process([*base, *overrides, f"hydra.run.dir={tmp_path}"])
+    code, text = cli_in_process(*base, *overrides, f"hydra.run.dir={tmp_path}")
     lines = [line for line in text.splitlines() if line.strip()]
     if "Traceback" in text:
         verdict = "traceback"
@@ -870,7 +866,7 @@ def test_bad_input_is_one_line(name, kind, make, expect, tmp_path, monkeypatch) 
     args = [*base, *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
     start = time.perf_counter()
     if outputs is None:
-        code, text = _cli_in_process(args)
+        code, text = cli_in_process(*args)
     else:  # the outputs folder is the process's environment: its own process
         proc = run_qpipe(None, args, env_for(Path(outputs)))
         code, text = proc.returncode, proc.output

@@ -31,4 +31,19 @@ def get_backend(method: str) -> Backend:
     return getattr(importlib.import_module(module_name), cls_name)()
 
 
-__all__ = ["METHODS", "Backend", "QuantizeRequest", "QuantizeResult", "get_backend"]
+def option_label(option: str, method: str | None, bits: object) -> str:
+    """``gptq-w3``, ``bnb_nf4``, ``none``: the quant option, with the width where its method
+    runs at several (a run's name, a point on the Pareto plot)."""
+    if method in _REGISTRY and get_backend(method).bits_in_run_name:
+        return f"{option}-w{bits}"
+    return option
+
+
+__all__ = [
+    "METHODS",
+    "Backend",
+    "QuantizeRequest",
+    "QuantizeResult",
+    "get_backend",
+    "option_label",
+]

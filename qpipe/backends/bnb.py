@@ -65,8 +65,6 @@ class BnbBackend:
     )
     gpu_quantizing_priced = False  # it quantizes while loading: the load's peak is the price
 
-    calibrates = False
-
     def needs_calibration(self, quant: dict[str, Any]) -> bool:
         return False
 

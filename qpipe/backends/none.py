@@ -40,8 +40,6 @@ class NoQuant:
     offload_note = None
     gpu_quantizing_priced = False
 
-    calibrates = False
-
     def needs_calibration(self, quant: dict[str, Any]) -> bool:
         return False
 
