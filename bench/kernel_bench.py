@@ -145,7 +145,8 @@ def make_qpipe_w8(w: torch.Tensor, xs: dict, copies: int, ref8: torch.Tensor) ->
     )
 
 
-def make_qpipe(mods: list, xs: dict, ref: torch.Tensor | None, cfg=None) -> Impl:
+def make_qpipe(mods: list, xs: dict, ref: torch.Tensor | None, cfg=None, qweights=None) -> Impl:
+    """``qweights``: the modules' words in another form (row-major or tiled), for sweeps."""
     from qpipe.kernels.tuning import w4a16_matmul
 
     x = xs["fp16"]
@@ -155,9 +156,10 @@ def make_qpipe(mods: list, xs: dict, ref: torch.Tensor | None, cfg=None) -> Impl
     if cfg is None:
         calls = [lambda m_=m_: m_(x) for m_ in mods]
     else:
+        qws = qweights or [m_.qweight for m_ in mods]
         calls = [
-            lambda m_=m_: w4a16_matmul(x, m_.qweight, m_.scales, m_.zeros, m_.group_size, cfg=cfg)
-            for m_ in mods
+            lambda m_=m_, w_=w_: w4a16_matmul(x, w_, m_.scales, m_.zeros, m_.group_size, cfg=cfg)
+            for m_, w_ in zip(mods, qws, strict=True)
         ]
     return Impl(
         "qpipe",
@@ -368,9 +370,11 @@ def markdown(env: dict, results: list[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweep(shapes, ms, replays: int, log=print) -> list[dict]:
-    """Time explicit kernel configurations (tuning aid; not part of the result table)."""
+def sweep(shapes, ms, replays: int, log=print, layouts=("rows",), kinds=None) -> list[dict]:
+    """Time explicit kernel configurations (tuning aid; not part of the result table), for each
+    weight layout: "rows" (row-major words) and "tiled" (layout.tile_w4's 1 KB tiles)."""
     from qpipe.kernels import quantize_rtn
+    from qpipe.kernels.layout import tile_w4
     from qpipe.kernels.triton_w4a16 import KernelConfig
 
     l2 = environment()["l2_bytes"]
@@ -379,6 +383,10 @@ def sweep(shapes, ms, replays: int, log=print) -> list[dict]:
         w = (torch.randn(n, k, device="cuda") * 0.02).half()
         iw = quantize_rtn(w, group_size=GROUP, symmetric=True, scale_dtype=torch.float16)
         mods = qpipe_modules(iw, n_copies(n * k // 2, l2))
+        forms = {
+            "rows": [m_.qweight_rows() for m_ in mods],
+            "tiled": [tile_w4(m_.qweight_rows()) for m_ in mods],
+        }
         for m in ms:
             x = torch.randn(m, k, device="cuda").half()
             cfgs = []
@@ -386,7 +394,10 @@ def sweep(shapes, ms, replays: int, log=print) -> list[dict]:
                 for bn in (32, 64, 128):
                     for warps in (2, 4):
                         for split in (1, 2, 4, 8, 16, 32):
-                            cfgs.append(KernelConfig("gemv", bn, 128, split, 1, warps, 1))
+                            for depth in (2, 3) if bn == 32 else (2,):
+                                cfgs.append(
+                                    KernelConfig("gemv", bn, 128, split, 1, warps, 1, depth)
+                                )
             for bm in (max(16, min(64, 1 << max(0, (m - 1).bit_length()))),):
                 for bn, warps in ((64, 4), (128, 4), (128, 8)):
                     for stages in (3, 4):
@@ -396,24 +407,31 @@ def sweep(shapes, ms, replays: int, log=print) -> list[dict]:
                     for stages in (2, 3):
                         for split in (1, 2, 4, 8):
                             cfgs.append(KernelConfig("mmp", bn, 128, split, bm, warps, stages))
+            if kinds:
+                cfgs = [c for c in cfgs if c.kind in kinds]
             ref = x.float() @ iw.dequantize().t()
             best: dict[str, tuple[float, KernelConfig]] = {}
             for cfg in cfgs:
-                try:
-                    impl = make_qpipe(mods, {"fp16": x}, ref, cfg=cfg)
-                    err = impl.check()
-                    us = time_calls(impl.calls, replays)
-                except Exception as e:
-                    log(f"  {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                if not err < 1e-2:
-                    log(f"  {cfg} WRONG: rel_err {err:.2e}")
-                    continue
-                rows.append({"shape": [n, k], "m": m, "cfg": cfg.as_dict(), "us": us, "err": err})
-                if cfg.kind not in best or us < best[cfg.kind][0]:
-                    best[cfg.kind] = (us, cfg)
-            for kind, (us, cfg) in best.items():
-                log(f"{n}x{k} M={m:<3} best {kind}: {us:7.2f} us  {cfg}")
+                for layout in layouts:
+                    try:
+                        impl = make_qpipe(mods, {"fp16": x}, ref, cfg=cfg, qweights=forms[layout])
+                        err = impl.check()
+                        us = time_calls(impl.calls, replays)
+                    except Exception as e:
+                        log(f"  {layout} {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    if not err < 1e-2:
+                        log(f"  {layout} {cfg} WRONG: rel_err {err:.2e}")
+                        continue
+                    rows.append(
+                        {"shape": [n, k], "m": m, "layout": layout, "cfg": cfg.as_dict(),
+                         "us": us, "err": err}
+                    )  # fmt: skip
+                    key = f"{layout} {cfg.kind}"
+                    if key not in best or us < best[key][0]:
+                        best[key] = (us, cfg)
+            for key, (us, cfg) in sorted(best.items()):
+                log(f"{n}x{k} M={m:<3} best {key}: {us:7.2f} us  {cfg}")
     return rows
 
 
@@ -472,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--sweep", action="store_true", help="time explicit kernel configs")
     ap.add_argument("--sweep-w8", action="store_true", help="time explicit W8A16 configs")
+    ap.add_argument("--layouts", default="rows", help="--sweep: rows,tiled (layout.tile_w4)")
+    ap.add_argument("--kinds", default="", help="--sweep: only these kernel kinds (gemv,mm,mmp)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA device")
@@ -484,7 +504,9 @@ def main(argv: list[str] | None = None) -> None:
             (args.out / f"sweep_w8_{args.tag}.json").write_text(json.dumps(rows))
         return
     if args.sweep:
-        rows = sweep(shapes, ms, args.replays)
+        layouts = tuple(args.layouts.split(","))
+        kinds = tuple(k for k in args.kinds.split(",") if k)
+        rows = sweep(shapes, ms, args.replays, layouts=layouts, kinds=kinds)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"sweep_{args.tag}.json").write_text(json.dumps(rows))

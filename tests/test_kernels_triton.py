@@ -64,6 +64,11 @@ CASES = [
     ("mmp_g128_asym_k576", 3, 40, 576, 128, False, False, "float16", ("mmp", 16, 2), True, None),
     ("mmp_g128_sym_bf16", 17, 24, 256, 128, True, False, "bfloat16", ("mmp", 32, 1), False, None),
     ("mmp_act_order", 5, 24, 256, 128, False, True, "float16", ("mmp", 16, 1), False, None),
+    # "_tiled": the qweight in layout.tile_w4's 1 KB tiles (N % 16, K % 128, group % 128 == 0)
+    ("gemv_tiled_g128_asym", 1, 48, 512, 128, False, False, "float16", ("gemv", 32, 2), True, None),
+    ("gemv_tiled_m4_bf16", 4, 32, 256, 128, True, False, "bfloat16", ("gemv", 16, 1), False, None),
+    ("mm_tiled_split_n48", 18, 48, 512, 128, False, False, "float16", ("mm", 32, 2), True, None),
+    ("mmp_tiled_bf16", 5, 32, 256, 128, False, False, "bfloat16", ("mmp", 16, 2), False, None),
     ("module_pad_mode", 3, 40, 576, 128, True, False, "float16", None, True, 520),
     ("module_mm_heuristic", 24, 24, 128, 64, False, True, "bfloat16", None, False, None),
 ]
@@ -101,6 +106,7 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _run_interpreted_cases() -> None:
     """Child process: TRITON_INTERPRET=1 is already set; print one JSON line per case."""
+    from qpipe.kernels.layout import tile_w4
     from qpipe.kernels.triton_w4a16 import WORKSPACE, KernelConfig
     from qpipe.kernels.tuning import w4a16_matmul
 
@@ -115,8 +121,10 @@ def _run_interpreted_cases() -> None:
             kc = KernelConfig(
                 kind, block_n=bn, block_k=128, split_k=split, block_m=16, prefetch=(depth or [2])[0]
             )
+            # each form on purpose, whichever the module holds
+            qweight = tile_w4(ql.qweight_rows()) if "_tiled" in name else ql.qweight_rows()
             y = w4a16_matmul(
-                ql._prepare_input(x), ql.qweight, ql.scales, ql.zeros, gs, ql.bias, cfg=kc
+                ql._prepare_input(x), qweight, ql.scales, ql.zeros, gs, ql.bias, cfg=kc
             )
         bufs = list(WORKSPACE._bufs.values())
         clean = all(bool((ws == 0).all()) and bool((c == 0).all()) for ws, c in bufs)
@@ -202,6 +210,31 @@ def test_gpu_every_config_kind_and_split(dtype, m):
             assert _rel(y, ref) < tol, (cfg, _rel(y, ref))
     ws, cnt = WORKSPACE._bufs[x.device]
     assert bool((ws == 0).all()) and bool((cnt == 0).all())
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gpu_tiled_layout_matches_rows(dtype, m):
+    """layout.tile_w4's tiles give the row-major result for every kernel kind and split."""
+    from qpipe.kernels.layout import tile_w4
+    from qpipe.kernels.triton_w4a16 import KernelConfig
+    from qpipe.kernels.tuning import w4a16_matmul
+
+    ql, x = _build_case(m, 272, 1024, 128, False, False, dtype, True, None, seed=10 + m)
+    ql, x = ql.cuda(), x.cuda()
+    ref = _reference(ql, x)
+    assert ql.tiled  # the module holds this shape tiled
+    tiled = tile_w4(ql.qweight_rows())
+    assert torch.equal(tiled, ql.qweight)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    kinds = [("mm", 16, 64), ("mmp", 16, 64)] + ([("gemv", 1, 32)] if m <= 4 else [])
+    for kind, bm, bn in kinds:
+        for split in (1, 3):
+            cfg = KernelConfig(kind, block_n=bn, block_k=128, split_k=split, block_m=bm)
+            y = w4a16_matmul(x, tiled, ql.scales, ql.zeros, 128, ql.bias, cfg=cfg)
+            assert _rel(y, ref) < tol, (cfg, _rel(y, ref))
 
 
 def _large_activation_case(dtype, amplitude, m, seed):

@@ -4,9 +4,11 @@ Exchange format: ``IntWeights`` (unpacked integers, exact). Converters: ``from_a
 ``from_autoawq``, ``from_compressed_tensors``, ``quantize_rtn``. Module: ``QuantLinear``
 (kernel "torch" everywhere, "triton" on CUDA).
 
-Kernel layout "qpipe-w4" v1 (details in ``qpipe/kernels/layout.py``):
+Kernel layout "qpipe-w4" v2 (details in ``qpipe/kernels/layout.py``):
     qweight int32 [N, ceil(K/8)]  N-major rows, contiguous along K (one 128-bit load brings 32
-                                  consecutive weights of one output); inside a word the 8
+                                  consecutive weights of one output), held as 1 KB tiles of
+                                  16 rows x 128 columns ([N/16, 16 W]) where the shape allows
+                                  (v1 checkpoints: row-major, tiled at load); inside a word the 8
                                   columns are interleaved like AutoAWQ's ([0,2,4,6,1,3,5,7]
                                   nibble -> column) so that two columns land in one fp16x2
                                   register with a single AND-OR (magic-number dequant).

@@ -113,7 +113,10 @@ def concat(mods: list[QuantLinear]) -> QuantLinear:
     # until the siblings are dropped, never three times.
     fused = QuantLinear.from_config(cfg, kernel=first.kernel, device="meta")
     with torch.no_grad():
-        fused.qweight = torch.cat([m.qweight for m in mods], dim=0)
+        if all(m.tiled for m in mods):  # whole row groups: the tiles concatenate as they are
+            fused.qweight = torch.cat([m.qweight for m in mods], dim=0)
+        else:
+            fused.qweight = fused.held_form(torch.cat([m.qweight_rows() for m in mods], dim=0))
         fused.scales = torch.cat([m.scales for m in mods], dim=1)
         if first.zeros is not None:
             fused.zeros = torch.cat([m.zeros for m in mods], dim=1)

@@ -35,7 +35,7 @@ def w4a16_linear(
 
 @w4a16_linear.register_fake
 def _w4a16_linear_fake(x, qweight, scales, zeros, bias, group_size):
-    return x.new_empty(x.shape[0], qweight.shape[0])
+    return x.new_empty(x.shape[0], scales.shape[1])  # qweight may be tiled: N / 16 rows
 
 
 @torch.library.custom_op("qpipe::w8a16_linear", mutates_args=())

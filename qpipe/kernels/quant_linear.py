@@ -25,9 +25,12 @@ from qpipe.kernels.layout import (
     LAYOUT_VERSION,
     PACK,
     PackedW4,
+    can_tile,
     dequantize_kernel_order,
     pack_w4,
+    tile_w4,
     unpack_w4,
+    untile_w4,
 )
 
 KERNELS = ("torch", "triton")
@@ -81,9 +84,14 @@ class QuantLinear(torch.nn.Module):
         self.k_padded = k
         g = num_groups(k, group_size)
         words = -(-k // PACK)
-        self.register_buffer(
-            "qweight", torch.zeros(out_features, words, dtype=torch.int32, device=device)
+        # Held tiled where the shape allows (layout.tile_w4: whole 1 KB tiles per K tile of a
+        # kernel program), row-major otherwise; the kernels read the form from the shape.
+        shape = (
+            (out_features // 16, 16 * words)
+            if can_tile(out_features, words, group_size)
+            else (out_features, words)
         )
+        self.register_buffer("qweight", torch.zeros(shape, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(g, out_features, dtype=dtype, device=device))
         self.register_buffer(
             "zeros",
@@ -129,7 +137,7 @@ class QuantLinear(torch.nn.Module):
         kernel: str = "torch",
         device: torch.device | str | None = None,
     ) -> QuantLinear:
-        if cfg.get("layout", LAYOUT_NAME) != LAYOUT_NAME or cfg.get("layout_version", 1) > 1:
+        if cfg.get("layout", LAYOUT_NAME) != LAYOUT_NAME or cfg.get("layout_version", 1) > 2:
             raise ValueError(f"unsupported layout {cfg.get('layout')} v{cfg.get('layout_version')}")
         if cfg.get("bits", 4) != 4:
             raise ValueError("QuantLinear holds 4-bit weights only")
@@ -172,7 +180,7 @@ class QuantLinear(torch.nn.Module):
             kernel=kernel,
             device=w.q.device,
         )
-        mod.qweight.copy_(p.qweight)
+        mod.qweight.copy_(mod.held_form(p.qweight))
         mod.scales.copy_(p.scales)
         if p.zeros is not None:
             mod.zeros.copy_(p.zeros)
@@ -233,9 +241,31 @@ class QuantLinear(torch.nn.Module):
             raise ValueError(f"unknown kernel {value!r}; choose one of {', '.join(KERNELS)}")
         self._kernel = value
 
+    @property
+    def tiled(self) -> bool:
+        """Whether qweight is held in ``layout.tile_w4``'s tiles (else row-major)."""
+        return self.qweight.shape[0] != self.out_features
+
+    def held_form(self, rows: torch.Tensor) -> torch.Tensor:
+        """A row-major [N, W] qweight in the form this module holds (exact permutation)."""
+        return tile_w4(rows) if self.tiled else rows
+
+    def qweight_rows(self) -> torch.Tensor:
+        """qweight as row-major [N, W] words (a copy when held tiled)."""
+        return untile_w4(self.qweight) if self.tiled else self.qweight
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A layout-version-1 checkpoint holds row-major words: tiled here, exactly.
+        key = prefix + "qweight"
+        got = state_dict.get(key)
+        rows = (self.out_features, self.qweight.shape[1] // 16)
+        if got is not None and self.tiled and tuple(got.shape) == rows:
+            state_dict[key] = tile_w4(got)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def packed(self) -> PackedW4:
         return PackedW4(
-            qweight=self.qweight,
+            qweight=self.qweight_rows(),
             scales=self.scales,
             zeros=self.zeros,
             perm=self.perm,

@@ -42,8 +42,11 @@ import triton
 import triton.language as tl
 
 from qpipe.kernels.interpreter import interpreting
+from qpipe.kernels.layout import TILE_N, TILE_W
 
 X_PRESCALE = tl.constexpr(1.0 / 64.0)  # |x/64 * (q - z)| * 4 terms < 65504 for any fp16 x
+TILE_ROWS = tl.constexpr(TILE_N)
+TILE_WORDS = tl.constexpr(TILE_W)
 
 
 def _gemv_asm(rows: int) -> str:
@@ -328,14 +331,37 @@ def _dot_words_f32(words, x, zc):
 
 
 @triton.jit
+def _w_rows(qw_ptr, offs_n, offs_w, KW, TILED: tl.constexpr):
+    """Pointers to the words [offs_n, offs_w] of K tile 0. Row-major: row n at n * KW. Tiled
+    (``layout.tile_w4``): 16-row x 16-word tiles of 1 KB, a row group's tiles one after another
+    along K, so a program streams whole contiguous KBs instead of 64-byte pieces of 16 rows."""
+    if TILED:
+        rows = (offs_n // TILE_ROWS) * (TILE_ROWS * KW) + (offs_n % TILE_ROWS) * TILE_WORDS
+    else:
+        rows = offs_n * KW
+    return qw_ptr + rows[:, None] + offs_w[None, :]
+
+
+@triton.jit
+def _w_step(BKW: tl.constexpr, TILED: tl.constexpr):
+    """How far the word pointers move per K tile (tiled: BKW == TILE_WORDS, one whole tile)."""
+    if TILED:
+        return TILE_ROWS * BKW
+    else:
+        return BKW
+
+
+@triton.jit
 def _gemv_loads(w_ptrs, s_ptr, z_ptr, x_ptr, kt, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
                 stride_xm, M, K, GS: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_K: tl.constexpr):  # fmt: skip
+                BLOCK_K: tl.constexpr, TILED: tl.constexpr):  # fmt: skip
     """Everything K tile ``kt`` needs, issued but not waited for: the weight words, the group's
     scales and zero points, and the activation rows (raw). Past ``kt1`` everything is masked."""
     BKW: tl.constexpr = BLOCK_K // 8
     words = tl.load(
-        w_ptrs + kt * BKW, mask=n_ok[:, None] & ((kt * BKW + offs_w) < w_end)[None, :], other=0
+        w_ptrs + kt * _w_step(BKW, TILED),
+        mask=n_ok[:, None] & ((kt * BKW + offs_w) < w_end)[None, :],
+        other=0,
     )
     live = n_ok & ((offs_n * 0 + kt) < kt1)  # tensor-only mask terms (interpreter)
     g = (kt * BLOCK_K) // GS
@@ -382,6 +408,7 @@ def _gemv_kernel(
     DYN_SCALE: tl.constexpr = False,  # bf16 activations: per-row power-of-two pre-scale
     WORD_SCALE: tl.constexpr = False,  # per-word power-of-two scale instead (any dtype)
     PREFETCH: tl.constexpr = 2,  # tiles loaded ahead of the one computed: 2 or 3
+    TILED: tl.constexpr = False,  # weight words in 1 KB tiles (layout.tile_w4)
 ):
     BKW: tl.constexpr = BLOCK_K // 8
     # The row block is the fastest grid axis: programs that read the same weight tile for
@@ -394,7 +421,7 @@ def _gemv_kernel(
     offs_w = tl.arange(0, BKW)
     n_ok = offs_n < N
     kt0, kt1 = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
-    w_ptrs = qw_ptr + offs_n[:, None] * KW + offs_w[None, :]
+    w_ptrs = _w_rows(qw_ptr, offs_n, offs_w, KW, TILED)
     acc0 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
@@ -418,16 +445,16 @@ def _gemv_kernel(
     # critical path, and at M=1 the bytes in flight per SM are what bounds the bandwidth.
     w_1, s_1, z_1, xa_1, xb_1, xc_1, xd_1 = _gemv_loads(
         w_ptrs, s_ptr, z_ptr, x_ptr, kt0, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
-        stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K,
+        stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K, TILED,
     )  # fmt: skip
     w_2, s_2, z_2, xa_2, xb_2, xc_2, xd_2 = _gemv_loads(
         w_ptrs, s_ptr, z_ptr, x_ptr, kt0 + 1, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
-        stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K,
+        stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K, TILED,
     )  # fmt: skip
     if PREFETCH == 3:
         w_3, s_3, z_3, xa_3, xb_3, xc_3, xd_3 = _gemv_loads(
             w_ptrs, s_ptr, z_ptr, x_ptr, kt0 + 2, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
-            stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K,
+            stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K, TILED,
         )  # fmt: skip
     for kt in range(kt0, kt1):
         words, s_raw, z_raw, xa, xb, xc, xd = w_1, s_1, z_1, xa_1, xb_1, xc_1, xd_1
@@ -436,12 +463,12 @@ def _gemv_kernel(
             w_2, s_2, z_2, xa_2, xb_2, xc_2, xd_2 = w_3, s_3, z_3, xa_3, xb_3, xc_3, xd_3
             w_3, s_3, z_3, xa_3, xb_3, xc_3, xd_3 = _gemv_loads(
                 w_ptrs, s_ptr, z_ptr, x_ptr, kt + 3, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
-                stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K,
+                stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K, TILED,
             )  # fmt: skip
         else:
             w_2, s_2, z_2, xa_2, xb_2, xc_2, xd_2 = _gemv_loads(
                 w_ptrs, s_ptr, z_ptr, x_ptr, kt + 2, kt1, w_end, offs_w, offs_n, n_ok, N, m0,
-                stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K,
+                stride_xm, M, K, GS, HAS_Z, BLOCK_M, BLOCK_K, TILED,
             )  # fmt: skip
         s = s_raw.to(tl.float32)
         if HAS_Z:
@@ -530,6 +557,7 @@ def _mm_kernel(
     SPLIT_K,  # runtime: one compiled kernel serves every split
     DOT_F32: tl.constexpr = False,
     USE_ASM: tl.constexpr = False,
+    TILED: tl.constexpr = False,
 ):
     BKW: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
@@ -543,11 +571,12 @@ def _mm_kernel(
     n_ok = offs_n < N
     dt = x_ptr.dtype.element_ty
     kt0, kt1 = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    w_ptrs = _w_rows(qw_ptr, offs_n, offs_w, KW, TILED)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kt in range(kt0, kt1):
         w_idx = kt * BKW + offs_w
         words = tl.load(
-            qw_ptr + offs_n[:, None] * KW + w_idx[None, :],
+            w_ptrs + kt * _w_step(BKW, TILED),
             mask=n_ok[:, None] & (w_idx < KW)[None, :],
             other=0,
         )
@@ -623,6 +652,7 @@ def _mmp_kernel(
     SPLIT_K,
     DOT_F32: tl.constexpr = False,
     F16_BITS: tl.constexpr = False,
+    TILED: tl.constexpr = False,
 ):
     """Tensor cores, one nibble plane at a time: nibble j of every word of a tile is the
     weight column 8w + c_j, so the tile's dot is the sum of 8 dots of the plane [BLOCK_N,
@@ -641,11 +671,12 @@ def _mmp_kernel(
     n_ok = offs_n < N
     dt = x_ptr.dtype.element_ty
     kt0, kt1 = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    w_ptrs = _w_rows(qw_ptr, offs_n, offs_w, KW, TILED)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kt in range(kt0, kt1):
         w_idx = kt * BKW + offs_w
         words = tl.load(
-            qw_ptr + offs_n[:, None] * KW + w_idx[None, :],
+            w_ptrs + kt * _w_step(BKW, TILED),
             mask=n_ok[:, None] & (w_idx < KW)[None, :],
             other=0,
         )
@@ -748,6 +779,18 @@ def legal_block_k(group_size: int, want: int) -> int:
     return bk
 
 
+def weight_dims(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[int, int, bool]:
+    """(N, words per row, tiled?) of a qweight: the tiled form (``layout.tile_w4``) has
+    N / 16 rows of 16 rows' words, the row-major one N rows (the scales' N either way)."""
+    n = scales.shape[1]
+    if qweight.shape[0] == n:
+        return n, qweight.shape[1], False
+    if qweight.shape[0] * TILE_N != n or qweight.shape[1] % (TILE_N * TILE_W):
+        raise ValueError(f"qweight {tuple(qweight.shape)} is neither [N, W] nor [N/16, 16 W] "
+                         f"for N = {n}")  # fmt: skip
+    return n, qweight.shape[1] // TILE_N, True
+
+
 def _launch_plan(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -760,8 +803,10 @@ def _launch_plan(
 ) -> tuple[triton.JITFunction, tuple[int, int, int], list, dict, dict]:
     """(kernel, grid, positional args, constexpr kwargs, launch options) of one call."""
     m, k = x.shape
-    n, kw = qweight.shape
+    n, kw, tiled = weight_dims(qweight, scales)
     block_k = legal_block_k(group_size, cfg.block_k)
+    if tiled and block_k != TILE_W * 8:
+        raise ValueError(f"tiled weights need K tiles of {TILE_W * 8} columns, not {block_k}")
     n_tiles = triton.cdiv(n, cfg.block_n)
     if cfg.kind == "gemv":
         block_m = 1 if m == 1 else (2 if m == 2 else 4)
@@ -799,7 +844,8 @@ def _launch_plan(
     ]  # fmt: skip
     consts = dict(
         GS=group_size, HAS_Z=zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k, **extra,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=cfg.split_k,
+        TILED=tiled, **extra,
     )  # fmt: skip
     return kernel, grid, args, consts, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
@@ -816,11 +862,12 @@ def launch(
 ) -> torch.Tensor:
     """y[M, N] = x[M, K] @ W.T (+ bias) with one explicit configuration."""
     m, k = x.shape
-    if qweight.shape[1] * 8 < k:
-        raise ValueError(f"qweight holds {qweight.shape[1] * 8} columns, x has {k}")
+    n, kw, _ = weight_dims(qweight, scales)
+    if kw * 8 < k:
+        raise ValueError(f"qweight holds {kw * 8} columns, x has {k}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    y = out if out is not None else torch.empty(m, qweight.shape[0], dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     kernel, grid, args, consts, options = _launch_plan(
         x, qweight, scales, zeros, group_size, bias, cfg, y
     )
@@ -864,7 +911,7 @@ class DirectLauncher:
         bias: torch.Tensor | None,
         cfg: KernelConfig,
     ) -> DirectLauncher | None:
-        y = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
+        y = torch.empty(x.shape[0], scales.shape[1], dtype=x.dtype, device=x.device)
         kernel, grid, args, consts, options = _launch_plan(
             x, qweight, scales, zeros, group_size, bias, cfg, y
         )
@@ -887,7 +934,7 @@ class DirectLauncher:
         for p in kernel.params:  # defaults of constexprs not passed
             if p.name not in values:
                 values[p.name] = p.default
-        launcher = cls(compiled, grid, [values[name] for name in names], qweight.shape[0])
+        launcher = cls(compiled, grid, [values[name] for name in names], scales.shape[1])
         try:
             fast = launcher(x)
         except Exception as err:  # noqa: BLE001 (another Triton's launcher signature)

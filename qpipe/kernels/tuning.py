@@ -123,7 +123,7 @@ def _time_cold(
 ) -> float:
     """µs per call: a CUDA graph calls the kernel once per weight copy (together larger than
     the L2, so weights stream from HBM as in a real decoder), median over replays."""
-    y = torch.empty(x.shape[0], copies[0][0].shape[0], dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape[0], copies[0][1].shape[1], dtype=x.dtype, device=x.device)
     launch(x, *copies[0], group_size, bias, cfg, out=y)  # compile, size the workspace
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -203,8 +203,8 @@ class Tuner:
         group_size: int,
         bias: torch.Tensor | None,
     ) -> KernelConfig:
-        n, k = qweight.shape[0], x.shape[1]
-        key = self.key(x, n, k, group_size, zeros is not None)
+        n, k, tiled = scales.shape[1], x.shape[1], qweight.shape[0] != scales.shape[1]
+        key = self.key(x, n, k, group_size, zeros is not None) + ("|tiled" if tiled else "")
         if key in self.best:
             return self.best[key]
         m = x.shape[0]
