@@ -4,7 +4,7 @@ inline PTX it cannot print) and CUDA-graph capture replays the launch as is.
 
 ``torch.ops.qpipe.w4a16_linear(x, qweight, scales, zeros, bias, group_size)``: x [M, K] in
 kernel column order, the qpipe-w4 tensors of ``QuantLinear``; returns a fresh [M, N] tensor.
-The split-K workspace it uses is internal and all-zero between calls, so the op mutates none of
+The split-K workspace it uses is internal (its counters all-zero between calls), so the op mutates none of
 its arguments. Triton is imported on the first call only: the op registers on machines without it.
 
 ``torch.ops.qpipe.w8a16_linear(x, qweight, scales, zeros, bias, group_size)``: the same for

@@ -20,12 +20,13 @@ Two kernels, one epilogue:
   the *left* operand, the activation tile the right one ("swap AB": acc = W x^T), so the
   small M lands on the MMA's narrow side and BLOCK_N >= 64 fills its wide side.
 
-Split-K reduction happens inside the one launch: partial sums go to an fp32 workspace with
-atomic adds; the last program of an output tile (a ticket counter) reads the sum back and
-zeroes it, adds the bias, casts and stores, and resets the counter. The workspace is therefore
-all-zero between launches and no memset kernel is needed, which matters at M=1 where a whole
-layer takes a few microseconds. One workspace per device: do not run two of these kernels
-concurrently on different streams of the same device.
+Split-K reduction happens inside the one launch: each split stores its fp32 partial in its
+own workspace slot; the last program of an output tile (a ticket counter) adds the slots in
+split order (deterministic: identical rows give identical bits), adds the bias, casts and
+stores, and resets the counter. The counters are therefore all-zero between launches and no
+memset kernel is needed, which matters at M=1 where a whole layer takes a few microseconds.
+One workspace per device: do not run two of these kernels concurrently on different streams
+of the same device.
 
 A K tile never straddles a group (BLOCK_K divides the group size), so a tile has one scale and
 one zero per output row and the kernels never gather them.
@@ -172,8 +173,16 @@ def _epilogue(
     tile_id,
     HAS_BIAS: tl.constexpr,
     SPLIT_K,
+    pid_k,
 ):
-    """acc: fp32 [BLOCK_M, BLOCK_N] partial (SPLIT_K > 1) or full result for y[offs_m, offs_n]."""
+    """acc: fp32 [BLOCK_M, BLOCK_N] partial (SPLIT_K > 1) or full result for y[offs_m, offs_n].
+
+    Split-K: each split stores its partial in its own workspace slot [pid_k, M, N]; the last
+    split of a tile to finish (a ticket counter) adds the slots in split order. The order is
+    fixed, so the result does not depend on which split finishes first: a row's output is the
+    same bits whatever the other rows are and however often the call runs (atomic adds into
+    one sum made identical rows of a batch differ in the last bit, and greedy decoding of
+    real weights then parted rows at near-ties)."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
@@ -181,15 +190,18 @@ def _epilogue(
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-        # Every thread's adds must be issued before the ticket is taken (release below).
+        slot = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + slot, acc, mask=mask)
+        # Every thread's stores must be issued before the ticket is taken (release below).
         tl.debug_barrier()
         ticket = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
         if ticket == SPLIT_K - 1:
-            # Read the finished sum at L2 (an atomic add of 0 returns it), then re-zero it.
-            total = tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=mask, sem="relaxed")
-            tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)
+            total = tl.zeros_like(acc)
+            for k in range(0, SPLIT_K):  # split order: deterministic
+                # .cg: read at L2, where the other programs' stores are (not a stale L1 line)
+                total += tl.load(
+                    ws_ptr + k * M * N + slot, mask=mask, other=0.0, cache_modifier=".cg"
+                )
             if HAS_BIAS:
                 total += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
@@ -528,7 +540,7 @@ def _gemv_kernel(
     tile_id = pid_m * tl.num_programs(1) + pid_n
     _epilogue(
         out, offs_m, offs_n, M, N, stride_ym, y_ptr, b_ptr, ws_ptr, cnt_ptr, tile_id,
-        HAS_BIAS, SPLIT_K,
+        HAS_BIAS, SPLIT_K, pid_k,
     )  # fmt: skip
 
 
@@ -623,7 +635,7 @@ def _mm_kernel(
     tile_id = pid_m * tl.num_programs(0) + pid_n
     _epilogue(
         tl.trans(acc), offs_m, offs_n, M, N, stride_ym, y_ptr, b_ptr, ws_ptr, cnt_ptr, tile_id,
-        HAS_BIAS, SPLIT_K,
+        HAS_BIAS, SPLIT_K, pid_k,
     )  # fmt: skip
 
 
@@ -708,7 +720,7 @@ def _mmp_kernel(
     tile_id = pid_m * tl.num_programs(0) + pid_n
     _epilogue(
         tl.trans(acc), offs_m, offs_n, M, N, stride_ym, y_ptr, b_ptr, ws_ptr, cnt_ptr, tile_id,
-        HAS_BIAS, SPLIT_K,
+        HAS_BIAS, SPLIT_K, pid_k,
     )  # fmt: skip
 
 
@@ -835,7 +847,7 @@ def _launch_plan(
         asm = x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and _has_bf16x2(x.device))
         extra = {"DOT_F32": interp, "USE_ASM": not interp and asm}
     ws, cnt = WORKSPACE.get(
-        x.device, m * n if cfg.split_k > 1 else 1, n_tiles * triton.cdiv(m, block_m)
+        x.device, cfg.split_k * m * n if cfg.split_k > 1 else 1, n_tiles * triton.cdiv(m, block_m)
     )
     args = [
         x, qweight, scales, zeros if zeros is not None else scales,
