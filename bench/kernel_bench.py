@@ -300,7 +300,8 @@ def run(shapes, ms, impls: list[str], replays: int, log=print) -> tuple[dict, li
                         from qpipe.kernels.tuning import TUNER, Tuner
 
                         q = mods[0]
-                        key = Tuner.key(q._prepare_input(x16), n, k, GROUP, q.zeros is not None)
+                        x_in = q._prepare_input(x16)
+                        key = Tuner.key(x_in, n, k, GROUP, q.zeros is not None, q.tiled)
                         chosen = TUNER.best.get(key)
                         r.extra["config"] = chosen.as_dict() if chosen else None
                     del impl

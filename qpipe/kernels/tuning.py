@@ -190,9 +190,12 @@ class Tuner:
         return any(f"|n{n}|k{k}|" in key for key in self.best)
 
     @staticmethod
-    def key(x: torch.Tensor, n: int, k: int, group_size: int, has_z: bool) -> str:
+    def key(
+        x: torch.Tensor, n: int, k: int, group_size: int, has_z: bool, tiled: bool = False
+    ) -> str:
         dev = _device_name(x.device)
-        return f"{dev}|m{m_bucket(x.shape[0])}|n{n}|k{k}|g{group_size}|{x.dtype}|z{int(has_z)}"
+        key = f"{dev}|m{m_bucket(x.shape[0])}|n{n}|k{k}|g{group_size}|{x.dtype}|z{int(has_z)}"
+        return key + ("|tiled" if tiled else "")  # the two weight forms time differently
 
     def choose(
         self,
@@ -204,7 +207,7 @@ class Tuner:
         bias: torch.Tensor | None,
     ) -> KernelConfig:
         n, k, tiled = scales.shape[1], x.shape[1], qweight.shape[0] != scales.shape[1]
-        key = self.key(x, n, k, group_size, zeros is not None) + ("|tiled" if tiled else "")
+        key = self.key(x, n, k, group_size, zeros is not None, tiled)
         if key in self.best:
             return self.best[key]
         m = x.shape[0]
