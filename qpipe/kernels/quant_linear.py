@@ -137,7 +137,10 @@ class QuantLinear(torch.nn.Module):
         kernel: str = "torch",
         device: torch.device | str | None = None,
     ) -> QuantLinear:
-        if cfg.get("layout", LAYOUT_NAME) != LAYOUT_NAME or cfg.get("layout_version", 1) > 2:
+        if (
+            cfg.get("layout", LAYOUT_NAME) != LAYOUT_NAME
+            or cfg.get("layout_version", 1) > LAYOUT_VERSION
+        ):
             raise ValueError(f"unsupported layout {cfg.get('layout')} v{cfg.get('layout_version')}")
         if cfg.get("bits", 4) != 4:
             raise ValueError("QuantLinear holds 4-bit weights only")
