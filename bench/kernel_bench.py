@@ -384,10 +384,10 @@ def sweep(shapes, ms, replays: int, log=print, layouts=("rows",), kinds=None) ->
         w = (torch.randn(n, k, device="cuda") * 0.02).half()
         iw = quantize_rtn(w, group_size=GROUP, symmetric=True, scale_dtype=torch.float16)
         mods = qpipe_modules(iw, n_copies(n * k // 2, l2))
-        forms = {
-            "rows": [m_.qweight_rows() for m_ in mods],
-            "tiled": [tile_w4(m_.qweight_rows()) for m_ in mods],
-        }
+        rows_form = [m_.qweight_rows() for m_ in mods]
+        forms = {"rows": rows_form}
+        if "tiled" in layouts:  # a second copy of every weight only when it is timed
+            forms["tiled"] = [tile_w4(w_) for w_ in rows_form]
         for m in ms:
             x = torch.randn(m, k, device="cuda").half()
             cfgs = []

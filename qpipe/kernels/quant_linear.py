@@ -24,6 +24,7 @@ from qpipe.kernels.layout import (
     LAYOUT_NAME,
     LAYOUT_VERSION,
     PACK,
+    TILE_N,
     PackedW4,
     can_tile,
     dequantize_kernel_order,
@@ -87,7 +88,7 @@ class QuantLinear(torch.nn.Module):
         # Held tiled where the shape allows (layout.tile_w4: whole 1 KB tiles per K tile of a
         # kernel program), row-major otherwise; the kernels read the form from the shape.
         shape = (
-            (out_features // 16, 16 * words)
+            (out_features // TILE_N, TILE_N * words)
             if can_tile(out_features, words, group_size)
             else (out_features, words)
         )
@@ -261,7 +262,7 @@ class QuantLinear(torch.nn.Module):
         # A layout-version-1 checkpoint holds row-major words: tiled here, exactly.
         key = prefix + "qweight"
         got = state_dict.get(key)
-        rows = (self.out_features, self.qweight.shape[1] // 16)
+        rows = (self.out_features, self.qweight.shape[1] // TILE_N)
         if got is not None and self.tiled and tuple(got.shape) == rows:
             state_dict[key] = tile_w4(got)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

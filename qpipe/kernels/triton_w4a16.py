@@ -759,6 +759,13 @@ class _Workspace:
             self._bufs[device] = (ws, cnt)
         return ws, cnt
 
+    def for_launch(
+        self, device: torch.device, split_k: int, m: int, n: int, tiles: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers of one launch: ``_epilogue``'s [split_k, M, N] partial slots (none
+        without a split) and a ticket per output tile."""
+        return self.get(device, split_k * m * n if split_k > 1 else 1, tiles)
+
 
 WORKSPACE = _Workspace()
 
@@ -846,9 +853,7 @@ def _launch_plan(
         interp = interpreting()
         asm = x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and _has_bf16x2(x.device))
         extra = {"DOT_F32": interp, "USE_ASM": not interp and asm}
-    ws, cnt = WORKSPACE.get(
-        x.device, cfg.split_k * m * n if cfg.split_k > 1 else 1, n_tiles * triton.cdiv(m, block_m)
-    )
+    ws, cnt = WORKSPACE.for_launch(x.device, cfg.split_k, m, n, n_tiles * triton.cdiv(m, block_m))
     args = [
         x, qweight, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, ws, cnt,

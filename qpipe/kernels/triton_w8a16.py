@@ -153,9 +153,7 @@ def w8a16_matmul(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     n_tiles = triton.cdiv(n, cfg.block_n)
     m_tiles = triton.cdiv(m, cfg.block_m)
-    ws, cnt = WORKSPACE.get(
-        x.device, cfg.split_k * m * n if cfg.split_k > 1 else 1, n_tiles * m_tiles
-    )
+    ws, cnt = WORKSPACE.for_launch(x.device, cfg.split_k, m, n, n_tiles * m_tiles)
     _w8_kernel[(n_tiles, cfg.split_k, m_tiles)](
         x, qweight, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, ws, cnt,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qpipe.kernels.triton_w4a16 import KernelConfig, launch, legal_block_k
+from qpipe.kernels.triton_w4a16 import KernelConfig, launch, legal_block_k, weight_dims
 
 # M at or below this runs the split-K GEMV (CUDA cores); above it, the tensor-core kernel.
 GEMV_MAX_M = 4
@@ -206,7 +206,8 @@ class Tuner:
         group_size: int,
         bias: torch.Tensor | None,
     ) -> KernelConfig:
-        n, k, tiled = scales.shape[1], x.shape[1], qweight.shape[0] != scales.shape[1]
+        n, _, tiled = weight_dims(qweight, scales)
+        k = x.shape[1]
         key = self.key(x, n, k, group_size, zeros is not None, tiled)
         if key in self.best:
             return self.best[key]
