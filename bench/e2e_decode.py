@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qpipe.backends import weight_format_of  # noqa: E402
 from qpipe.config.compose import load_model_group  # noqa: E402
 from qpipe.evaluation import decode  # noqa: E402
 from qpipe.memory import Workload, arch_dims, estimate, inventory_of  # noqa: E402
@@ -39,6 +40,7 @@ QUANT = {
     "w4_head": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
     "w4_unfused": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
     "w8": {"method": "rtn", "bits": 8, "group_size": 128, "symmetric": True},
+    "fp8": {"method": "fp8", "bits": 8, "group_size": 0},
     # a mixed 4/8-bit plan of the kind quant=auto makes: down_proj at 8 bits, the rest at 4
     "w4_w8down": None,
 }
@@ -153,6 +155,20 @@ def to_w8(model, only: str = "") -> None:
         del lin
 
 
+def to_fp8(model) -> None:
+    """e4m3 weights per output channel on Fp8Linear, activations quantized per token in each
+    call (quant=fp8's layers; torch._scaled_mm on GPUs with FP8 tensor cores)."""
+    from qpipe.kernels.fp8_linear import Fp8Linear, fp8_tensor_cores, quantize_per_channel
+
+    kernel = "scaled_mm" if fp8_tensor_cores() else "torch"
+    for name in _block_linears(model, False):
+        lin = model.get_submodule(name)
+        q, scale = quantize_per_channel(lin.weight.data)
+        bias = None if lin.bias is None else lin.bias.data
+        _swap(model, name, Fp8Linear(q, scale, bias, torch.bfloat16, kernel=kernel))
+        del lin
+
+
 def to_nf4(model) -> None:
     import bitsandbytes as bnb
 
@@ -193,12 +209,11 @@ def estimated_peak(variant: str, batch: int, context: int) -> dict[str, float]:
     est = estimate(
         inventory,
         plan,
-        quant,
+        weight_format_of(quant, 2, "cuda"),
         arch_dims(config),
         Workload(batch_size=batch, context_len=context),
         2,
         0.0,
-        "cuda",
     )
     return {"est_weights_gb": est.weights_gb, "est_peak_gb": est.peak_gb}
 
@@ -210,6 +225,8 @@ def build_variant(variant: str):
         to_nf4(model)
     elif variant == "w8":
         to_w8(model)
+    elif variant == "fp8":
+        to_fp8(model)
     elif variant == "w4_w8down":
         to_w8(model, only="down_proj")
         to_w4(model, with_head=False)

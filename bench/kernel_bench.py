@@ -145,6 +145,27 @@ def make_qpipe_w8(w: torch.Tensor, xs: dict, copies: int, ref8: torch.Tensor) ->
     )
 
 
+def make_fp8(w: torch.Tensor, xs: dict, copies: int) -> Impl:
+    """Fp8Linear(kernel='scaled_mm'): e4m3 weights per output channel, activations quantized
+    per token in the call (W8A8 dynamic, quant=fp8's layers), bf16 in and out. Its error is
+    against the bf16 activations times the e4m3 weights (the activations' rounding included)."""
+    from qpipe.kernels.fp8_linear import Fp8Linear, quantize_per_channel
+
+    x = xs["bf16"]
+    q, scale = quantize_per_channel(w)
+    mods = [Fp8Linear(q, scale, None, torch.bfloat16, kernel="scaled_mm") for _ in range(copies)]
+    n, k = w.shape
+    ref = x.float() @ (q.float() * scale[:, None]).t()
+    calls = [lambda m_=m_: m_(x) for m_ in mods]
+    return Impl(
+        "fp8",
+        calls,
+        n * k + n * 4 + x.numel() * 2 + x.shape[0] * n * 2,
+        note="Fp8Linear(kernel='scaled_mm'): torch._scaled_mm, e4m3, per-token activations",
+        check=lambda: rel_err(calls[0](), ref),
+    )
+
+
 def make_qpipe(mods: list, xs: dict, ref: torch.Tensor | None, cfg=None, qweights=None) -> Impl:
     """``qweights``: the modules' words in another form (row-major or tiled), for sweeps."""
     from qpipe.kernels.tuning import w4a16_matmul
@@ -286,6 +307,8 @@ def run(shapes, ms, impls: list[str], replays: int, log=print) -> tuple[dict, li
                     elif name == "qpipe_w8":
                         ref8 = x16.float() @ w8_deq.t()
                         impl = make_qpipe_w8(w, xs, n_copies(n * k, l2), ref8)
+                    elif name == "fp8":
+                        impl = make_fp8(w, xs, n_copies(n * k, l2))
                     elif name == "tinygemm":
                         impl = make_tinygemm(iw, xs, n_copies(n * k // 2, l2), ref)
                     elif name == "bnb_nf4":
@@ -324,10 +347,10 @@ def markdown(env: dict, results: list[Result]) -> str:
     by = {(r.shape, r.m, r.impl): r for r in results}
     impls = [
         i
-        for i in ("fp16", "tinygemm", "bnb_nf4", "qpipe", "qpipe_w8")
+        for i in ("fp16", "tinygemm", "bnb_nf4", "qpipe", "qpipe_w8", "fp8")
         if any(r.impl == i for r in results)
     ]
-    streams = [i for i in ("fp16", "qpipe", "qpipe_w8") if i in impls]
+    streams = [i for i in ("fp16", "qpipe", "qpipe_w8", "fp8") if i in impls]
     lines = [
         f"# W4A16 benchmark: {env['device']}",
         "",
@@ -340,7 +363,8 @@ def markdown(env: dict, results: list[Result]) -> str:
         "outrun the L2: weights come from HBM). `x` = speed-up over fp16 cuBLAS "
         "(t_fp16 / t_impl). GB/s = bytes the call must move / time. Weights: symmetric int4, "
         "group 128 (tinygemm the same integers; bnb nf4 blocksize 64); qpipe_w8: symmetric "
-        "int8, group 128, on qpipe's W8A16 kernel.",
+        "int8, group 128, on qpipe's W8A16 kernel; fp8: e4m3 per channel, bf16 activations "
+        "quantized per token in the call (torch._scaled_mm).",
         "",
         "| N x K | M | " + " | ".join(f"{i} µs" for i in impls) + " | "
         + " | ".join(f"{i} x" for i in impls if i != "fp16") + " | "

@@ -24,23 +24,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-QUANTS = ("none", "bnb_int8", "gptq", "awq", "rtn", "bnb_nf4")
+QUANTS = ("none", "bnb_int8", "fp8", "gptq", "awq", "rtn", "bnb_nf4")
 SPEED_CUTS = ("workload.context_len=64", "eval.repeats=1", "eval.prefill_tokens=128")
 AFTER, BEFORE = "quality_after", "quality_before"
 
 
-def sweep_commands(outputs: Path, tokens: int) -> list[list[str]]:
+def sweep_commands(outputs: Path, tokens: int, only: list[str] | None = None) -> list[list[str]]:
     """Most telling first (GPTQ after/before), AWQ (the slowest) last, so that a sweep cut
-    short still answers the main question."""
+    short still answers the main question. ``only``: these options (and the fp32 baseline)
+    with the default calibration, nothing else."""
     qpipe = [sys.executable, "-m", "qpipe", "--multirun"]
     cuts = [*SPEED_CUTS, f"eval.max_tokens={tokens}"]
     after = [*cuts, f"mlflow.experiment={AFTER}"]
+    if only:
+        return [[*qpipe, f"quant={','.join(dict.fromkeys(['none', *only]))}", *after]]
     before = ["calib=licenses", *cuts, f"mlflow.experiment={BEFORE}",
               f"mlflow.tracking_uri=sqlite:///{outputs}/mlflow_before.db"]  # fmt: skip
     return [
         [*qpipe, "quant=gptq", *after],
         [*qpipe, "quant=gptq", *before],
-        [*qpipe, "quant=bnb_nf4,rtn,bnb_int8,awq,none", *after],
+        [*qpipe, "quant=bnb_nf4,rtn,bnb_int8,fp8,awq,none", *after],
         [*qpipe, "quant=awq", *before],
     ]
 
@@ -136,6 +139,15 @@ def checks(after: dict[str, dict], before: dict[str, dict], domains: list[str]) 
             f"{'met' if worst_good < best_bad else 'NOT met'} (worst of {'/'.join(good)} "
             f"{worst_good:.2f}, best of {'/'.join(bad)} {best_bad:.2f})"
         )
+    if "fp8" in after:  # issue 31: near-lossless at half the bytes
+        deltas = {d: _m(after["fp8"], f"quality.ppl_delta_pct.{d}") for d in domains}
+        ok = all(v is not None and v <= 3.0 for v in deltas.values())
+        shown = ", ".join(f"{d} {_f(v, 2, True)} %" for d, v in deltas.items())
+        out.append(
+            f"- fp8 within +3 % of fp32 on every domain: {'met' if ok else 'NOT met'} ({shown})"
+        )
+    else:
+        out.append("- fp8 within +3 % of fp32: not measured")
     off = domains[1]
     for q in ("gptq", "awq"):
         if q in after and q in before:
@@ -188,10 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="eval tokens per domain")
     parser.add_argument("--default-time-log", type=Path, default=None)
     parser.add_argument("--note", default="", help="conditions of this sweep, for the report")
+    parser.add_argument("--only", default="", help="options to run (with none), e.g. fp8")
+    parser.add_argument("--stem", default="quality_smollm2", help="result files' name")
     args = parser.parse_args(argv)
     outputs = args.outputs.resolve()
     env = {**os.environ, "QPIPE_OUTPUTS": str(outputs), "MPLBACKEND": "Agg"}
-    commands = sweep_commands(outputs, args.tokens)
+    only = [q for q in args.only.split(",") if q]
+    commands = sweep_commands(outputs, args.tokens, only)
     if args.run:
         for cmd in commands:
             subprocess.run(["nice", "-n", "10", *cmd], env=env, check=False)
@@ -220,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             **_time_log(args.default_time_log),
         }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality_smollm2.json").write_text(json.dumps(record, indent=2))
+    (args.out / f"{args.stem}.json").write_text(json.dumps(record, indent=2))
     any_run = next(iter(after.values()), {})
     lib = {k[len("params.lib.") :]: v for k, v in any_run.items() if "params.lib." in k}
     md = [
@@ -272,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{d['wall_s']:.0f} s wall, {d['user_s'] + d['sys_s']:.0f} s CPU.",
             "",
         ]
-    (args.out / "quality_smollm2.md").write_text("\n".join(md))
+    (args.out / f"{args.stem}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import e2e_decode  # noqa: E402
 
-from qpipe.config.compose import resolve_dtype, resolve_kernel  # noqa: E402
+from qpipe.backends import get_backend, weight_format_of  # noqa: E402
+from qpipe.config.compose import resolve_dtype  # noqa: E402
 from qpipe.stages import memory_budget  # noqa: E402
 from qpipe.stages._budget_pricing import kernel_facts  # noqa: E402
 from tests.conftest import compose_config  # noqa: E402
@@ -57,20 +58,19 @@ def reprice(row: dict, hardware: str, tuned: bool) -> dict:
     quant = OmegaConf.to_container(cfg.quant, resolve=True)
     exclude = OmegaConf.to_container(cfg.exclude, resolve=True)
     plan = plan_precision(inventory, exclude, quant["method"] != "none", None, dtype_bytes)
-    facts = kernel_facts(
-        cfg, quant, plan, inventory, dtype_bytes, "cuda", resolve_kernel(cfg, "cuda")
-    )
+    kernel = get_backend(quant["method"]).resolve_kernel(str(cfg.kernel), quant, "cuda")
+    fmt = weight_format_of(quant, dtype_bytes, "cuda", kernel)
+    facts = kernel_facts(cfg, quant, plan, inventory, fmt, "cuda", kernel)
     if tuned:
         facts = type(facts)(facts.fused_projections, 0)
     est = estimate(
         inventory,
         plan,
-        quant,
+        fmt,
         arch_dims(config),
         memory_budget._workload(cfg),
         dtype_bytes,
         0.0,
-        "cuda",
         memory_budget._image_cost(cfg, config),
         facts,
     )

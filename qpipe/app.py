@@ -37,10 +37,10 @@ def stable_params(cfg: DictConfig, settings: Settings) -> dict[str, str]:
     """The params every run logs under names that stay stable (DESIGN.md)."""
     return {
         "model": cfg.model.name,
-        "quant": cfg.quant.name,
-        "quant.method": cfg.quant.method,
-        "quant.bits": cfg.quant.get("bits"),
-        "quant.group_size": cfg.quant.get("group_size"),
+        "quant": settings.quant.name,
+        "quant.method": settings.quant.method,
+        "quant.bits": settings.quant.bits,
+        "quant.group_size": settings.quant.group_size,
         "hardware": cfg.hardware.name,
         "pipeline": pipeline_ref(cfg),
         "model.weights": "random" if random_weights(cfg.model) else "real",

@@ -22,7 +22,7 @@ def validate_config(cfg: DictConfig) -> Settings:
     dag = load_dag(pipeline_ref(cfg))
     # Types and known keys first: the checks below trust them. A top-level key named after a
     # stage of this pipeline holds that stage's own settings (user stages: +savings.min_pct=50).
-    settings = resolve_settings(cfg, stage_keys=set(dag.stages))
+    settings = resolve_settings(cfg, get_backend, stage_keys=set(dag.stages))
     if source_kind(cfg.model) == "path":  # the user's folder: its config.json, before any run
         from qpipe.models.checkpoints import check_model_type, read_config
         from qpipe.models.source import checked_folder
@@ -33,7 +33,6 @@ def validate_config(cfg: DictConfig) -> Settings:
     quant = settings.quant.as_dict()
     backend = get_backend(settings.quant.method)
     backend.validate(quant)
-    backend.validate_kernel(quant, settings.kernel)
     validate_exclude(OmegaConf.to_container(cfg.exclude, resolve=True))
     wants_calib = backend.needs_calibration(quant) or backend.plans_widths
     if wants_calib or cfg.exclude.get("by") == "sensitivity":  # the sensitivity stage's texts
@@ -114,15 +113,6 @@ def _check_ranges(cfg: DictConfig) -> None:
         _check_borrowed_tokenizer(model.get("tokenizer"))
     if not str(cfg.mlflow.experiment).strip():
         raise ConfigError("mlflow.experiment='' is not valid; name the experiment")
-    quant = cfg.quant
-    if quant.method == "bnb" or "threshold" in quant:
-        threshold = quant.get("threshold", 6.0)
-        if not _number(threshold) or threshold <= 0:
-            raise ConfigError(f"quant.threshold={threshold!r} is not valid; use a number > 0")
-    if quant.get("weights_gb") is not None and (
-        not _number(quant.weights_gb) or quant.weights_gb <= 0
-    ):
-        raise ConfigError(f"quant.weights_gb={quant.weights_gb!r} is not valid; use GB > 0")
 
 
 def _check_borrowed_tokenizer(name: object) -> None:

@@ -9,10 +9,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from qpipe.app import run_pipeline
+from qpipe.backends import get_backend, weight_format_of
 from qpipe.errors import ConfigError, DoesNotFit
 from qpipe.evaluation.layer_kl import prior_sensitivity
 from qpipe.memory import Workload, arch_dims, build_inventory
-from qpipe.memory.bitplan import layer_bytes, plan_for_budget, solve_knapsack, validate_auto
+from qpipe.memory.bitplan import layer_bytes, plan_for_budget, solve_knapsack
 from qpipe.memory.exclusion import plan_precision, validate_exclude
 from qpipe.models import load_config
 from qpipe.preflight import validate_config
@@ -37,17 +38,18 @@ def _plan(inventory, dims, usable_gb, sensitivity=None, exclude=None, quant=None
     exclude = exclude or {"lm_head": True, "embeddings": True, "patterns": []}
     rules = plan_precision(inventory, exclude, quantize=True)
     table = sensitivity or prior_sensitivity(inventory, rules.targets)
+    quant = quant or _auto()
     return rules, plan_for_budget(
         inventory,
         rules,
         table,
         "test",
-        quant or _auto(),
+        quant,
+        weight_format_of(quant, 2, "cuda"),
         dims,
         Workload(batch_size=1, context_len=256),
         2,
         0.5,
-        "cuda",
         usable_gb,
     )
 
@@ -111,11 +113,13 @@ def test_weights_cap_binds_below_the_card() -> None:
 
 def test_layer_bytes_match_the_estimator() -> None:
     q = _auto(algorithm="rtn", act_order="none")
-    assert layer_bytes((576, 1536), 0, 16, q, 2) == 576 * 1536 * 2
+    two, four = weight_format_of(q, 2, "cuda"), weight_format_of(q, 4, "cuda")
+    assert layer_bytes((576, 1536), 0, 16, two, 2) == 576 * 1536 * 2
     # [out 576, in 1536], groups of 64: payload + a scale (run's dtype) and a uint8 zero per group
-    assert layer_bytes((576, 1536), 0, 8, q, 2) == 576 * 1536 + 576 * 24 * 3
-    assert layer_bytes((576, 1536), 0, 4, q, 4) == 576 * 1536 // 2 + 576 * 24 * 5
-    assert layer_bytes((576, 1536), 5, 4, {**q, "algorithm": "gptq", "act_order": "group"}, 2) == (
+    assert layer_bytes((576, 1536), 0, 8, two, 2) == 576 * 1536 + 576 * 24 * 3
+    assert layer_bytes((576, 1536), 0, 4, four, 4) == 576 * 1536 // 2 + 576 * 24 * 5
+    gptq = weight_format_of({**q, "algorithm": "gptq", "act_order": "group"}, 2, "cuda")
+    assert layer_bytes((576, 1536), 5, 4, gptq, 2) == (
         576 * 1536 // 2 + 576 * 24 * 3 + 1536 * 4 + 5 * 2
     )
 
@@ -186,7 +190,7 @@ def test_keep_top_k_and_budget_keep_the_most_sensitive_layers() -> None:
 )
 def test_bad_auto_values_are_one_line_errors(over, message) -> None:
     with pytest.raises(ConfigError, match=message):
-        validate_auto(_auto(**over))
+        get_backend("auto").validate(_auto(**over))
 
 
 def test_bad_exclude_values_are_one_line_errors() -> None:
@@ -199,7 +203,6 @@ def test_bad_exclude_values_are_one_line_errors() -> None:
 
 
 def test_mixed_plan_recipe_has_a_config_group_per_bit_width() -> None:
-    from qpipe.backends import get_backend
     from qpipe.backends.llmc import build_recipe
     from qpipe.backends.mixed import inner_quant
 

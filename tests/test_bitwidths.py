@@ -11,7 +11,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from omegaconf import OmegaConf
 
 from qpipe.backends import QuantizeRequest, get_backend
-from qpipe.config.compose import load_group, resolve_kernel
+from qpipe.config.compose import load_group
 from qpipe.kernels.formats import _unpack_dense
 from qpipe.kernels.int_linear import IntLinear, pack_dense
 from qpipe.kernels.intweights import IntWeights
@@ -82,9 +82,12 @@ def test_other_widths_run_on_the_torch_reference_as_transformers_does(
     torch.testing.assert_close(layer.dequantize(), hf_weight, rtol=0, atol=0)
 
 
-def test_auto_kernel_is_triton_on_gpu_for_4_bit_only() -> None:
-    cfg = OmegaConf.create({"kernel": "auto", "quant": {"bits": 4}})
-    assert resolve_kernel(cfg, "cuda") == "triton"
-    cfg.quant.bits = 3
-    assert resolve_kernel(cfg, "cuda") == "torch"
-    assert resolve_kernel(cfg, "cpu") == "torch"
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_auto_kernel_is_triton_on_gpu_for_the_widths_it_runs(method: str) -> None:
+    """4- and 8-bit layers run on qpipe's Triton kernels (W4A16, W8A16) on a GPU; 2- and
+    3-bit on the torch reference; everything on the CPU on the torch reference."""
+    backend = get_backend(method)
+    quant = OmegaConf.to_container(load_group("quant", method))
+    for bits, gpu in ((4, "triton"), (8, "triton"), (3, "torch"), (2, "torch")):
+        assert backend.resolve_kernel("auto", {**quant, "bits": bits}, "cuda") == gpu
+        assert backend.resolve_kernel("auto", {**quant, "bits": bits}, "cpu") == "torch"

@@ -61,7 +61,26 @@ def _w4(model):
     return model
 
 
-@pytest.mark.parametrize("weights", ["bf16", "w4"])
+def _fp8(model):
+    """The blocks' Linears as quant=fp8 holds them: e4m3 per output channel, activations per
+    token, on FP8 tensor cores (torch._scaled_mm) where the GPU has them."""
+    import copy
+
+    from qpipe.kernels.fp8_linear import Fp8Linear, fp8_tensor_cores, quantize_per_channel
+
+    model = copy.deepcopy(model)
+    kernel = "scaled_mm" if fp8_tensor_cores() else "torch"
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            parent, _, leaf = name.rpartition(".")
+            q, scale = quantize_per_channel(module.weight.data)
+            bias = None if module.bias is None else module.bias.data
+            fp8 = Fp8Linear(q, scale, bias, torch.bfloat16, kernel=kernel)
+            setattr(model.get_submodule(parent), leaf, fp8)
+    return model
+
+
+@pytest.mark.parametrize("weights", ["bf16", "w4", "fp8"])
 @pytest.mark.parametrize("batch", [1, 16])
 def test_compiled_and_eager_follow_generate_on_real_weights(smollm2_bf16, weights, batch) -> None:
     from qpipe.corpora.texts import read_text, token_ids
@@ -70,6 +89,8 @@ def test_compiled_and_eager_follow_generate_on_real_weights(smollm2_bf16, weight
     model, tokenizer = smollm2_bf16
     if weights == "w4":
         model = _w4(model)
+    elif weights == "fp8":
+        model = _fp8(model)
     ids = token_ids(tokenizer, read_text("eval_gpl3.txt"), PROMPT).cuda()
     inputs = {"input_ids": ids.unsqueeze(0).repeat(batch, 1)}
     reference, gaps = decode.reference_continuation(model, inputs, NEW)
@@ -99,3 +120,22 @@ def test_w4_kernels_perplexity_matches_the_torch_reference(smollm2_bf16) -> None
     on_torch = quality.measure(w4, ids, 512, "cuda").ppl
     print(f"W4 g128 perplexity: triton {on_triton:.4f}, torch reference {on_torch:.4f}")
     assert abs(on_triton / on_torch - 1) < 0.002, (on_triton, on_torch)
+
+
+def test_fp8_perplexity_is_within_3_percent_of_fp32(smollm2_bf16) -> None:
+    """quant=fp8 on the GPU (FP8 tensor cores where the card has them): perplexity within
+    +3 % of the fp32 model's on both eval texts, 4096 tokens each (issue 31)."""
+    import copy
+
+    from qpipe.corpora.texts import read_text, token_ids
+    from qpipe.evaluation import quality
+
+    model, tokenizer = smollm2_bf16
+    fp32 = copy.deepcopy(model).float()
+    fp8 = _fp8(model)
+    for text in ("eval_gpl3.txt", "eval_pydocs.txt"):
+        ids = token_ids(tokenizer, read_text(text), 4096).cuda()
+        base = quality.measure(fp32, ids, 1024, "cuda").ppl
+        ours = quality.measure(fp8, ids, 1024, "cuda").ppl
+        print(f"{text}: fp32 {base:.4f}, fp8 {ours:.4f} ({(ours / base - 1) * 100:+.2f} %)")
+        assert ours / base - 1 < 0.03, (text, base, ours)

@@ -47,7 +47,7 @@ def test_autogptq_asym_exact(gs, act_order, fmt):
     t = pack_autogptq(q, zeros, scales, g_idx, sym=False, checkpoint_format=fmt, group_size=gs)
     assert t["qweight"].shape == (k // 8, n) and t["qweight"].dtype == torch.int32
     assert t["qzeros"].shape == (k // gs, n // 8) and t["scales"].shape == (k // gs, n)
-    iw = from_autogptq(**t, bits=4, sym=False, checkpoint_format=fmt)
+    iw = from_autogptq(**t, bits=4, sym=False, zeros_minus_one=fmt == "gptq")
     assert iw.group_size == gs
     assert torch.equal(iw.q.long(), q)
     assert torch.equal(iw.zeros.long(), zeros)
@@ -74,12 +74,12 @@ def test_autogptq_sym(fmt):
     n, k, gs = 24, 576, 64
     q, _, scales, _ = _random_int(n, k, gs, seed=5)
     t = pack_autogptq(q, None, scales, None, sym=True, checkpoint_format=fmt, group_size=gs)
-    iw = from_autogptq(**t, sym=True, checkpoint_format=fmt)
+    iw = from_autogptq(**t, sym=True, zeros_minus_one=fmt == "gptq")
     assert iw.zeros is None and iw.g_idx is None and iw.group_size == gs
     assert torch.equal(iw.dequantize(), _expected(q, torch.full_like(scales, 8), scales, None, gs))
     with pytest.raises(ValueError, match="checkpoint_format"):
         other = "gptq_v2" if fmt == "gptq" else "gptq"
-        from_autogptq(**t, sym=True, checkpoint_format=other)
+        from_autogptq(**t, sym=True, zeros_minus_one=other == "gptq")
 
 
 def test_autogptq_partial_last_group():

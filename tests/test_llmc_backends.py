@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qpipe.backends import QuantizeRequest, get_backend
 from qpipe.backends.align import plan_alignment
-from qpipe.backends.llmc import build_recipe, recipe_yaml, validate_kernel
+from qpipe.backends.llmc import build_recipe, recipe_yaml
 from qpipe.config.compose import load_group, load_model_group
 from qpipe.corpora.calibration import load_calib_texts, token_windows
 from qpipe.errors import ConfigError, WeightsUnavailable
@@ -61,12 +61,15 @@ def test_shipped_quant_options_are_valid_and_runnable_here() -> None:
         quant = quant_cfg(name)
         assert {"name", "method", "bits", "group_size"} <= set(quant)
         assert get_backend(name).unavailable_reason(quant, "cpu") is None
-    validate_kernel(quant_cfg("gptq"), "triton")
-    validate_kernel(quant_cfg("gptq", bits=3), "torch")  # the torch reference takes any width
-    with pytest.raises(ConfigError, match="Triton kernels run 4-bit weights only"):
-        validate_kernel(quant_cfg("gptq", bits=8), "triton")
+    gptq, rtn = get_backend("gptq"), get_backend("rtn")
+    assert gptq.resolve_kernel("triton", quant_cfg("gptq"), "cuda") == "triton"
+    assert gptq.resolve_kernel("triton", quant_cfg("gptq", bits=8), "cuda") == "triton"
+    # the torch reference takes any width
+    assert gptq.resolve_kernel("torch", quant_cfg("gptq", bits=3), "cuda") == "torch"
+    with pytest.raises(ConfigError, match="Triton kernels run 4- and 8-bit weights"):
+        gptq.resolve_kernel("triton", quant_cfg("gptq", bits=3), "cuda")
     with pytest.raises(ConfigError, match="kernel=hf cannot load quant.format=qpipe-w4"):
-        validate_kernel(quant_cfg("rtn", format="qpipe-w4"), "hf")
+        rtn.resolve_kernel("hf", quant_cfg("rtn", format="qpipe-w4"), "cpu")
 
 
 def test_recipe_has_one_group_per_group_size_and_is_plain_yaml() -> None:

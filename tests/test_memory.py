@@ -7,11 +7,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from qpipe.backends import weight_format_of
 from qpipe.backends.bnb import BnbBackend
 from qpipe.backends.none import load_hf
 from qpipe.config.compose import load_group
 from qpipe.devices.measure import tensor_bytes
 from qpipe.memory import (
+    DenseFormat,
     Workload,
     adamw_training_gb,
     arch_dims,
@@ -50,13 +52,12 @@ def test_internvl_estimates_in_bf16_and_nf4() -> None:
     inv = build_inventory(config, model_cfg.model_class)
     exclude = OmegaConf.to_container(compose_config().exclude)
     work = Workload(batch_size=1, context_len=2048)
-    quant_none = {"method": "none", "bits": 16}
     bf16 = estimate(
-        inv, plan_precision(inv, exclude, False), quant_none, arch_dims(config), work, 2
+        inv, plan_precision(inv, exclude, False), DenseFormat(2), arch_dims(config), work, 2
     )
     nf4_cfg = OmegaConf.to_container(load_group("quant", "bnb_nf4"))
     plan = plan_precision(inv, exclude, True)
-    nf4 = estimate(inv, plan, nf4_cfg, arch_dims(config), work, 2)
+    nf4 = estimate(inv, plan, weight_format_of(nf4_cfg, 2, "cuda"), arch_dims(config), work, 2)
     assert bf16.weights_gb == pytest.approx(8.528 * 2, rel=0.001)
     # 36 layers × 7 linears quantized; the head, embeddings, vision tower, projector stay bf16.
     assert len(plan.targets) == 36 * 7
@@ -78,7 +79,8 @@ def _estimate_for(cfg, quant: dict, device: str = "cpu"):
     config = load_config(cfg)
     inv = build_inventory(config, cfg.model_class)
     plan = plan_precision(inv, {"lm_head": True, "embeddings": True}, quant["method"] != "none")
-    return plan, estimate(inv, plan, quant, arch_dims(config), Workload(), 4, 0.0, device)
+    fmt = weight_format_of(quant, 4, device)
+    return plan, estimate(inv, plan, fmt, arch_dims(config), Workload(), 4, 0.0)
 
 
 def test_fp32_weight_estimate_is_exact(tiny_llama) -> None:
@@ -138,12 +140,14 @@ def test_qpipe_kernels_runtime_costs_on_the_internvl_plan() -> None:
     inv = build_inventory(config, model_cfg.model_class)
     exclude = OmegaConf.to_container(compose_config().exclude)
     plan = plan_precision(inv, exclude, True)
-    rtn = {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False}
-    fused = dict(quantized_matmuls(inv, plan, rtn, 2, fused=True))
-    apart = dict(quantized_matmuls(inv, plan, rtn, 2, fused=False))
+    rtn = weight_format_of(
+        {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False}, 2, "cuda"
+    )
+    fused = dict(quantized_matmuls(inv, plan, rtn, fused=True))
+    apart = dict(quantized_matmuls(inv, plan, rtn, fused=False))
     assert (24576, 4096) in fused and (24576, 4096) not in apart  # gate + up as one
     assert (6144, 4096) in fused and (4096, 4096) in apart  # q + k + v as one
-    assert len(quantized_matmuls(inv, plan, rtn, 2, fused=True)) == 36 * 4
+    assert len(quantized_matmuls(inv, plan, rtn, fused=True)) == 36 * 4
     l2 = 60 * 2**20
     gate_up = fused[(24576, 4096)]
     assert cold_copy_count(gate_up, l2) == 4  # 3 extra copies of a 52.7 MB weight
@@ -159,7 +163,11 @@ def test_qpipe_kernels_runtime_costs_on_the_internvl_plan() -> None:
     assert tuned.peak_gb - plain.peak_gb == pytest.approx((extra_mlp + 21 * o_proj) / 1e9)
     assert tuned.kernel_tuning_gb == pytest.approx(21 * o_proj / 1e9)
 
-    int8 = estimate(inv, plan, {"method": "bnb", "bits": 8}, dims, work, 2)
-    nf4 = estimate(inv, plan, {"method": "bnb", "bits": 4}, dims, work, 2)
+    int8 = estimate(
+        inv, plan, weight_format_of({"method": "bnb", "bits": 8}, 2, "cuda"), dims, work, 2
+    )
+    nf4 = estimate(
+        inv, plan, weight_format_of({"method": "bnb", "bits": 4}, 2, "cuda"), dims, work, 2
+    )
     widest = 2048 * (4096 + 4 * 12288)  # gate/up: int8 [s, 4096] + int32 [s, 12288]
     assert int8.activations_gb - nf4.activations_gb == pytest.approx(widest / 1e9)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from qpipe.backends import QuantizeRequest, get_backend
@@ -15,7 +14,7 @@ from qpipe.errors import ConfigError
 from qpipe.kernels import QuantLinear, quantize_rtn
 from qpipe.stages import pad_align
 from qpipe.stages.base import StageContext, StageResult
-from tests.conftest import save_random_llama
+from tests.conftest import compose_config, save_random_llama
 
 LEGAL = [16, 32, 64, 128, 256]
 
@@ -117,15 +116,8 @@ def test_nothing_to_do_for_groupless_methods_and_legal_shapes() -> None:
 
 
 def _ctx(quant: str, mode: str, shapes: dict[str, list[int]], **over: int) -> StageContext:
-    cfg = OmegaConf.create(
-        {
-            "quant": OmegaConf.load(
-                Path(pad_align.__file__).parents[1] / "conf" / "quant" / f"{quant}.yaml"
-            ),
-            "pad_align": {"mode": mode},
-        }
-    )
-    cfg.quant.update(over)
+    overrides = [f"quant.{k}={v}" for k, v in over.items()]
+    cfg = compose_config("model=tiny_llama", f"quant={quant}", f"pad_align.mode={mode}", *overrides)
     upstream = StageResult(outputs={"targets": list(shapes), "shapes": shapes})
     return StageContext(cfg=cfg, inputs={"exclude_layers": upstream}, workdir=Path("."))
 

@@ -196,7 +196,7 @@ def test_backends_preset_gives_one_parent_with_a_child_per_backend(tmp_path: Pat
     parents, children = runs_of(tmp_path, "backends")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.data.params["quant"] for r in children) == sorted(
-        ["none", "bnb_nf4", "bnb_int8", "rtn", "gptq", "awq"]
+        ["none", "bnb_nf4", "bnb_int8", "rtn", "gptq", "awq", "fp8"]
     )
     assert {r.info.status for r in children} == {"FINISHED"}
     files = {a.path for a in client(tmp_path).list_artifacts(parents[0].info.run_id)}

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForImageTextToText
 
 from qpipe.app import run_pipeline
-from qpipe.backends import QuantizeRequest, get_backend
+from qpipe.backends import QuantizeRequest, get_backend, weight_format_of
 from qpipe.config.compose import load_group, load_model_group
 from qpipe.corpora.calibration import load_calib_texts
 from qpipe.errors import ConfigError
@@ -80,8 +80,9 @@ def test_memory_estimate_prices_the_image_tokens_and_the_vision_tower() -> None:
     plan = plan_precision(inv, {}, quantize=True)
     dims, work = arch_dims(config), Workload(context_len=4096)
     vision = vision_dims(config, *builtin_image().size)
-    text = estimate(inv, plan, quant, dims, work, 2)
-    both = estimate(inv, plan, quant, dims, work, 2, vision=vision)
+    fmt = weight_format_of(quant, 2, "cuda")
+    text = estimate(inv, plan, fmt, dims, work, 2)
+    both = estimate(inv, plan, fmt, dims, work, 2, vision=vision)
     # Image tokens sit inside the context: the KV cache is the same, their share is priced.
     assert both.kv_cache_gb == text.kv_cache_gb
     per_token = 2 * 36 * 8 * 128 * 2  # K and V, 36 layers, 8 KV heads of 128, bf16

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from qpipe.backends.llmc import LlmcBackend
 from qpipe.backends.llmc.layers import decoder_blocks
 from qpipe.backends.llmc.validation import is_int
 from qpipe.errors import ConfigError
+from qpipe.memory.onload import CalibrationMemory
 
 
 def _scoped(pattern: str, prefix: str) -> str:
@@ -48,10 +50,15 @@ def awq_mappings(model: torch.nn.Module, targets: Sequence[str]) -> list[dict[st
 
 
 class AwqBackend(LlmcBackend):
+    @dataclass
+    class Options(LlmcBackend.Options):
+        duo_scaling: Any = True  # true: scales from activations and weights | false | both
+        n_grid: int = 20  # grid points searched per scale; time grows linearly with it
+
     name = "awq"
-    options = frozenset({"duo_scaling", "n_grid"})
     bit_widths = (4, 8)
     calibrates = True  # the scales are searched on the calibration activations
+    calibration_memory = CalibrationMemory(layer_outputs=True)
 
     def check_options(self, quant: Mapping[str, Any]) -> None:
         duo = quant.get("duo_scaling", True)

@@ -12,6 +12,10 @@ from typing import Any, Protocol
 
 import torch
 
+from qpipe.errors import ConfigError
+from qpipe.memory.formats import WeightFormat
+from qpipe.memory.onload import CalibrationMemory
+
 
 @dataclass
 class QuantizeRequest:
@@ -64,12 +68,17 @@ class QuantizeResult:
 class Backend(Protocol):
     """A quantization library behind qpipe's interface, with the facts about its method that
     the rest of qpipe asks (they live here and nowhere else; layers below the backends get
-    them as arguments from the stage).
+    them as arguments from the stage). A new method is one module with such a class and one
+    ``conf/quant/<option>.yaml`` naming it (``backend: package.module:Class``).
 
+    Options: a dataclass of the method's own ``quant`` keys (beyond name, method, bits,
+      group_size and backend), with their types and defaults: the config is checked against
+      it before the run opens (a misspelt key is named with the closest one).
     bit_widths: the widths its layers may have (``quant.bits``; quant=auto: the plan's).
-    kernels: the ``kernel`` values its checkpoints load with; the first one is what a run
-      reports when the configured kernel is not among them (``dense``, ``bitsandbytes``: the
-      library's own matmuls, which no kernel setting changes).
+    kernels: the kernels its layers may run (``kernel`` values besides ``auto``); the first
+      is what it runs where nothing else can (``dense``, ``bitsandbytes``: the library's own
+      matmuls, which no kernel setting changes).
+    calibration_memory: what it keeps on the GPU while llm-compressor calibrates a layer.
     runs_on_qpipe_kernel: its 4-bit layers load as qpipe's QuantLinear (projection fusion, the
       Triton kernel and its autotuner apply).
     shardable: its checkpoints load spread over several devices (a device map) with any
@@ -86,8 +95,10 @@ class Backend(Protocol):
     """
 
     name: str
+    Options: type
     bit_widths: tuple[int, ...]
     kernels: tuple[str, ...]
+    calibration_memory: CalibrationMemory
     runs_on_qpipe_kernel: bool
     shardable: bool
     bits_in_run_name: bool
@@ -99,23 +110,43 @@ class Backend(Protocol):
     def needs_calibration(self, quant: dict[str, Any]) -> bool:
         """Whether quantizing needs calibration texts (GPTQ, AWQ; quant=auto when its
         ``algorithm`` does)."""
+        ...
 
-    def validate_kernel(self, quant: dict[str, Any], kernel: str) -> None:
-        """Raise ConfigError when ``kernel`` cannot run the checkpoint ``quant`` will produce:
-        found before quantizing, not after."""
+    def resolve_kernel(self, requested: str, quant: dict[str, Any], device: str) -> str:
+        """The kernel its layers will run on ``device`` for ``kernel=requested`` (``auto``: the
+        best it has there): what the run's ``kernel`` param reports. ConfigError naming the
+        valid kernels when the checkpoint ``quant`` makes cannot run on that one: found
+        before quantizing, not after."""
+        ...
+
+    def weight_format(
+        self, quant: dict[str, Any], dtype_bytes: int, device: str, kernel: str
+    ) -> WeightFormat:
+        """How its quantized Linear layers sit in memory once loaded on ``device`` with
+        ``kernel`` (bytes per layer and what its matmul holds): what the budget prices."""
+        ...
 
     def validate(self, quant: dict[str, Any]) -> None:
-        """Raise ConfigError naming a bad ``quant`` value and the valid ones. Cheap: it runs
-        before anything heavy."""
+        """Raise ConfigError naming a bad ``quant`` value and the valid ones (ranges the
+        ``Options`` types cannot say). Cheap: it runs before anything heavy."""
+        ...
 
     def unavailable_reason(self, quant: dict[str, Any], device: str) -> str | None:
         """Why this backend cannot run here (None when it can). Cheap: no weights touched."""
+        ...
 
     def legal_group_sizes(self, quant: dict[str, Any]) -> list[int] | None:
         """Group sizes this format accepts (None: the method has no groups)."""
+        ...
+
+    def checkpoint_format(self, quant: dict[str, Any]) -> str | None:
+        """The layout of the checkpoint it writes (pad_align picks its mode by it; None: the
+        method has no layout of its own to align)."""
+        ...
 
     def quantize(self, request: QuantizeRequest) -> QuantizeResult:
         """Quantize ``request.source`` into ``request.output_dir``."""
+        ...
 
     def load(
         self,
@@ -126,7 +157,74 @@ class Backend(Protocol):
         kernel: str,
         device_map: dict[str, Any] | None = None,
     ) -> torch.nn.Module:
-        """Load a checkpoint made by ``quantize`` onto ``device``; ``kernel`` picks the
-        matmul implementation where the backend has a choice ("torch", "triton").
-        ``device_map`` (module name -> GPU index or "cpu", from the memory budget) spreads it
-        over several devices instead; backends that cannot raise ConfigError."""
+        """Load a checkpoint made by ``quantize`` onto ``device``; ``kernel`` is what
+        ``resolve_kernel`` chose. ``device_map`` (module name -> GPU index or "cpu", from the
+        memory budget) spreads it over several devices instead; backends that cannot raise
+        ConfigError."""
+        ...
+
+
+def fixed_kernel(backend: Backend, requested: str) -> str:
+    """For a method whose matmuls no kernel setting changes (``kernels`` holds one): that
+    kernel, once ``requested`` is a kernel some backend runs (a sweep may set one for all)."""
+    from qpipe.backends import kernel_names
+
+    if requested != "auto" and requested not in kernel_names():
+        raise ConfigError(
+            f"kernel={requested!r} is not valid; use one of: {', '.join(sorted(kernel_names()))}"
+        )
+    return backend.kernels[0]
+
+
+class BackendBase:
+    """Defaults for a backend of one's own: a method that quantizes without calibration, whose
+    checkpoints load on one device with its own kernel (``kernels[0]``). A subclass states
+    ``name``, ``bit_widths``, ``kernels`` and ``weight_format``, implements ``quantize`` and
+    ``load``, and overrides what else differs (docs/extending.md)."""
+
+    @dataclass
+    class Options:
+        """No options of its own; a subclass declares its keys here, typed, with defaults."""
+
+    name = "base"
+    bit_widths: tuple[int, ...] = ()
+    kernels: tuple[str, ...] = ("torch",)
+    calibration_memory = CalibrationMemory()
+    runs_on_qpipe_kernel = False
+    shardable = False
+    bits_in_run_name = False
+    plans_widths = False
+    quantizes = True
+    offload_note: str | None = None
+    gpu_quantizing_priced = False
+
+    def needs_calibration(self, quant: dict[str, Any]) -> bool:
+        return False
+
+    def resolve_kernel(self, requested: str, quant: dict[str, Any], device: str) -> str:
+        if requested == "auto":
+            return self.kernels[0]
+        if requested not in self.kernels:
+            raise ConfigError(
+                f"kernel={requested!r} is not valid for quant={quant.get('name')}; use auto or "
+                f"{', '.join(self.kernels)}"
+            )
+        return requested
+
+    def validate(self, quant: dict[str, Any]) -> None:
+        bits = quant.get("bits")
+        if bits not in self.bit_widths:
+            widths = ", ".join(str(b) for b in self.bit_widths)
+            raise ConfigError(
+                f"quant.bits={bits!r} is not valid for quant={quant.get('name')}; use {widths}"
+            )
+
+    def unavailable_reason(self, quant: dict[str, Any], device: str) -> str | None:
+        self.validate(quant)
+        return None
+
+    def legal_group_sizes(self, quant: dict[str, Any]) -> list[int] | None:
+        return None
+
+    def checkpoint_format(self, quant: dict[str, Any]) -> str | None:
+        return None

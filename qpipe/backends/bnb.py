@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any  # noqa: UP035 (OmegaConf reads the Options annotations)
 
 import torch
 
-from qpipe.backends.base import QuantizeRequest, QuantizeResult
+from qpipe.backends.base import QuantizeRequest, QuantizeResult, fixed_kernel
 from qpipe.backends.none import load_hf
 from qpipe.config.compose import dtype_from_name
 from qpipe.errors import ConfigError
+from qpipe.memory.formats import WeightFormat
+from qpipe.memory.onload import CalibrationMemory
 
 _QUANT_TYPES = ("nf4", "fp4")
 BITS = (4, 8)
+BLOCK = 64  # bitsandbytes' 4-bit block size
+NESTED_BLOCK = 256  # double quantization: absmax quantized to 8 bits in blocks of 256
 
 
 def _validate(quant: dict[str, Any]) -> None:
@@ -27,6 +33,41 @@ def _validate(quant: dict[str, Any]) -> None:
             f"quant.quant_type={quant.get('quant_type')!r} is not valid for 4-bit "
             f"bitsandbytes; use {' or '.join(_QUANT_TYPES)}"
         )
+    threshold = quant.get("threshold", 6.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold <= 0:
+        raise ConfigError(f"quant.threshold={threshold!r} is not valid; use a number > 0")
+
+
+@dataclass(frozen=True)
+class BnbFormat:
+    """bitsandbytes' layers as they sit on ``device``: 4-bit weights two to a byte with an
+    absmax per block of 64 (fp32; 8-bit with a nested fp32 state under double quantization;
+    bf16 once its CPU kernels repack them), or LLM.int8()'s int8 weights with a fp32 scale per
+    output row, whose matmul quantizes the prompt's activations to int8 and holds the int32
+    product before scaling it back."""
+
+    bits: int
+    double_quant: bool
+    device: str
+
+    def linear_bytes(self, shape: tuple[int, int], bits: int) -> int:
+        out_f, in_f = shape
+        numel = out_f * in_f
+        if bits == 8:
+            return numel + out_f * 4
+        blocks = math.ceil(numel / BLOCK)
+        if self.device == "cpu":
+            state = blocks * 2
+        elif self.double_quant:
+            # 8-bit absmax per block + fp32 absmax per 256 blocks + the 256-entry fp32 code
+            state = blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + 256 * 4 + 4
+        else:
+            state = blocks * 4
+        return math.ceil(numel / 2) + state
+
+    def matmul_transient_bytes(self, shape: tuple[int, int], tokens: int) -> int:
+        out_f, in_f = shape
+        return tokens * (in_f + 4 * out_f) if self.bits == 8 else 0
 
 
 def bnb_config(quant: dict[str, Any], skip_modules: list[str], dtype: torch.dtype) -> Any:
@@ -52,9 +93,17 @@ def bnb_config(quant: dict[str, Any], skip_modules: list[str], dtype: torch.dtyp
 
 
 class BnbBackend:
+    @dataclass
+    class Options:
+        quant_type: str | None = None  # 4-bit: nf4 | fp4
+        double_quant: bool = False  # quantize the per-block absmax too (4-bit)
+        compute_dtype: str = "auto"  # auto = the run's dtype; float16 | bfloat16 | float32
+        threshold: float = 6.0  # LLM.int8(): activation outliers above it run in 16-bit
+
     name = "bnb"
     bit_widths = BITS
     kernels = ("bitsandbytes",)
+    calibration_memory = CalibrationMemory()
     runs_on_qpipe_kernel = False
     shardable = True
     bits_in_run_name = False  # the option says it: bnb_nf4, bnb_int8
@@ -68,8 +117,13 @@ class BnbBackend:
     def needs_calibration(self, quant: dict[str, Any]) -> bool:
         return False
 
-    def validate_kernel(self, quant: dict[str, Any], kernel: str) -> None:
-        return None
+    def resolve_kernel(self, requested: str, quant: dict[str, Any], device: str) -> str:
+        return fixed_kernel(self, requested)
+
+    def weight_format(
+        self, quant: dict[str, Any], dtype_bytes: int, device: str, kernel: str
+    ) -> WeightFormat:
+        return BnbFormat(int(quant["bits"]), bool(quant.get("double_quant", False)), device)
 
     def validate(self, quant: dict[str, Any]) -> None:
         _validate(quant)
@@ -82,6 +136,9 @@ class BnbBackend:
 
     def legal_group_sizes(self, quant: dict[str, Any]) -> list[int] | None:
         return None  # blocks run over the flattened weight: any shape is legal
+
+    def checkpoint_format(self, quant: dict[str, Any]) -> str | None:
+        return None
 
     def quantize(self, request: QuantizeRequest) -> QuantizeResult:
         config = bnb_config(request.quant, request.skip_modules, request.dtype)

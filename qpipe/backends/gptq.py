@@ -8,13 +8,15 @@ by column, with optional activation ordering) and writes compressed-tensors chec
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any  # noqa: UP035 (OmegaConf reads the Options annotations)
 
 import torch
 
 from qpipe.backends.llmc import LlmcBackend
 from qpipe.backends.llmc.validation import is_int
 from qpipe.errors import ConfigError
+from qpipe.memory.onload import CalibrationMemory
 
 ACT_ORDERS = ("static", "group", "weight", "none")
 
@@ -25,10 +27,16 @@ def _act_order(quant: Mapping[str, Any]) -> Any:
 
 
 class GptqBackend(LlmcBackend):
+    @dataclass
+    class Options(LlmcBackend.Options):
+        act_order: str | None = "static"  # static | group (g_idx saved) | weight | none
+        dampening: float = 0.01  # fraction of the Hessian's mean diagonal added for stability
+        block_size: int = 128  # columns rounded per GPTQ block
+
     name = "gptq"
-    options = frozenset({"act_order", "dampening", "block_size"})
     bit_widths = (2, 3, 4, 8)
     calibrates = True  # the Hessians come from the calibration activations
+    calibration_memory = CalibrationMemory(hessians=True)
 
     def check_options(self, quant: Mapping[str, Any]) -> None:
         act = _act_order(quant)

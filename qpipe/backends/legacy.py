@@ -50,7 +50,7 @@ def gptq_extractor(qcfg: Mapping[str, Any]) -> tuple[str, Extractor]:
             own.get("g_idx"),
             bits=bits,
             sym=sym,
-            checkpoint_format=fmt,
+            zeros_minus_one=fmt == "gptq",  # AutoGPTQ's v1 stores each zero point minus one
             group_size=_group_size(qcfg, module),
         )
 

@@ -9,29 +9,45 @@ hands the folder to transformers (kernel hf).
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any  # noqa: UP035 (OmegaConf reads the Options annotations)
 
 from qpipe.backends.base import QuantizeRequest, QuantizeResult
+from qpipe.backends.gptq import GptqBackend
 from qpipe.backends.llmc import CT_FORMAT, LlmcBackend, quantize_with_llmc, validate_quant
 from qpipe.errors import ConfigError
 from qpipe.memory.bitplan import CHOICES, validate_auto
+from qpipe.memory.formats import WeightFormat
 
-_AUTO_ONLY = {"choices", "algorithm", "weights_gb"}
-_GPTQ_ONLY = {"act_order", "dampening", "block_size"}
+# What rounds the plan's 8- and 4-bit layers: methods whose recipes take one config group per
+# width (AWQ's smoothing is searched for one width).
+ALGORITHMS = ("gptq", "rtn")
+_AUTO_ONLY = {"choices", "algorithm", "weights_gb", "backend"}
 
 
 def inner_quant(quant: dict[str, Any]) -> dict[str, Any]:
-    """The gptq/rtn ``quant`` dict that rounds the plan's quantized layers."""
+    """The ``quant`` dict of the method (gptq | rtn) that rounds the plan's quantized layers:
+    the keys it has, the plan's own left out."""
+    from qpipe.backends import get_backend
+
     algorithm = quant["algorithm"]
-    inner = {k: v for k, v in quant.items() if k not in _AUTO_ONLY}
-    if algorithm != "gptq":
-        inner = {k: v for k, v in inner.items() if k not in _GPTQ_ONLY}
+    keys = {f.name for f in fields(get_backend(algorithm).Options)}
+    inner = {
+        k: v
+        for k, v in quant.items()
+        if k not in _AUTO_ONLY and (k in keys or k in ("name", "method", "bits", "group_size"))
+    }
     inner.update(method=algorithm, name=f"auto-{algorithm}")
     return inner
 
 
 class MixedBackend(LlmcBackend):
+    @dataclass
+    class Options(GptqBackend.Options):  # the rounding's options (GPTQ's, which RTN ignores)
+        choices: list[int] | None = None  # the widths a layer may get: a subset of 16, 8, 4
+        algorithm: str = "gptq"  # gptq | rtn: what rounds the 8- and 4-bit layers
+        weights_gb: float | None = None  # a cap on the weights in GB (None: the card's room)
+
     name = "auto"
     bit_widths = CHOICES
     bits_in_run_name = False  # the widths are the plan's, one per layer
@@ -43,14 +59,25 @@ class MixedBackend(LlmcBackend):
 
         return get_backend(quant["algorithm"]).needs_calibration(inner_quant(quant))
 
-    def validate_kernel(self, quant: dict[str, Any], kernel: str) -> None:
-        return None  # 4-bit layers on QuantLinear, 8-bit on Int8Linear: every kernel loads them
-
     def validate(self, quant: dict[str, Any]) -> None:
         if quant.get("method") != self.name:
             raise ConfigError(f"quant.method={quant.get('method')!r} given to the auto backend")
+        if quant.get("algorithm") not in ALGORITHMS:
+            raise ConfigError(
+                f"quant.algorithm={quant.get('algorithm')!r} is not valid; use "
+                f"{' or '.join(ALGORITHMS)}"
+            )
         validate_auto(quant)
         validate_quant(inner_quant(quant))
+
+    def weight_format(
+        self, quant: dict[str, Any], dtype_bytes: int, device: str, kernel: str
+    ) -> WeightFormat:
+        """The rounding method's format, at the plan's lowest width (its layers' default)."""
+        from qpipe.backends import get_backend
+
+        inner = inner_quant(quant)
+        return get_backend(inner["method"]).weight_format(inner, dtype_bytes, device, kernel)
 
     def checkpoint_format(self, quant: dict[str, Any]) -> str:
         return CT_FORMAT

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
-from qpipe.backends.base import QuantizeRequest, QuantizeResult
+from qpipe.backends.base import QuantizeRequest, QuantizeResult, fixed_kernel
 from qpipe.config.safety import trust_remote_code
+from qpipe.memory.formats import DenseFormat, WeightFormat
+from qpipe.memory.onload import CalibrationMemory
 
 
 def load_hf(
@@ -29,9 +32,14 @@ def load_hf(
 
 
 class NoQuant:
+    @dataclass
+    class Options:
+        """quant=none has no options of its own."""
+
     name = "none"
     bit_widths = (16,)
     kernels = ("dense",)
+    calibration_memory = CalibrationMemory()
     runs_on_qpipe_kernel = False
     shardable = True
     bits_in_run_name = False
@@ -43,8 +51,13 @@ class NoQuant:
     def needs_calibration(self, quant: dict[str, Any]) -> bool:
         return False
 
-    def validate_kernel(self, quant: dict[str, Any], kernel: str) -> None:
-        return None
+    def resolve_kernel(self, requested: str, quant: dict[str, Any], device: str) -> str:
+        return fixed_kernel(self, requested)
+
+    def weight_format(
+        self, quant: dict[str, Any], dtype_bytes: int, device: str, kernel: str
+    ) -> WeightFormat:
+        return DenseFormat(dtype_bytes)
 
     def validate(self, quant: dict[str, Any]) -> None:
         return None
@@ -53,6 +66,9 @@ class NoQuant:
         return None
 
     def legal_group_sizes(self, quant: dict[str, Any]) -> list[int] | None:
+        return None
+
+    def checkpoint_format(self, quant: dict[str, Any]) -> str | None:
         return None
 
     def quantize(self, request: QuantizeRequest) -> QuantizeResult:

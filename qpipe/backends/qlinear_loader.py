@@ -153,7 +153,7 @@ def _modules_with(tensors: dict[str, torch.Tensor], suffix: str) -> Iterator[str
             yield key[: -len(suffix) - 1]
 
 
-def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def take_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Pop every tensor ``prefix.<leaf>`` (one level: the module's own tensors)."""
     keys = [k for k in tensors if k.startswith(prefix + ".") and "." not in k[len(prefix) + 1 :]]
     return {k[len(prefix) + 1 :]: tensors.pop(k) for k in keys}
@@ -177,7 +177,7 @@ def load_with_extractor(
         raise ConfigError(f"{checkpoint}: no quantized modules (no '*.{marker}' tensors)")
     for name in names:
         module = model.get_submodule(name)
-        own = {k: v.to(_convert_on(module, device)) for k, v in _take(tensors, name).items()}
+        own = {k: v.to(_convert_on(module, device)) for k, v in take_tensors(tensors, name).items()}
         bias = own.pop("bias", None)
         iw = extract(name, own, module)
         expected = (module.out_features, module.in_features)
@@ -187,7 +187,7 @@ def load_with_extractor(
                 f"{expected}"
             )
         model.set_submodule(name, _quantized_module(iw, bias, kernel, dtype, expected[1], name))
-    _assign_rest(model, tensors, dtype, checkpoint)
+    assign_rest(model, tensors, dtype, checkpoint)
     return model.to(device).eval()
 
 
@@ -224,7 +224,7 @@ def _quantized_module(
     return IntLinear.from_int(iw, bias, dtype=dtype, in_features=in_features)
 
 
-def _assign_rest(
+def assign_rest(
     model: torch.nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, where: Path
 ) -> None:
     rest = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
@@ -335,7 +335,7 @@ def _load_qpipe_w4(
         model.set_submodule(rename(name), q)
     tensors = read_tensors(checkpoint, model)
     # QuantLinear keeps integer buffers as they are and its scales in the run's dtype.
-    _assign_rest(model, tensors, dtype, checkpoint)
+    assign_rest(model, tensors, dtype, checkpoint)
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.to(dtype)

@@ -11,6 +11,8 @@ Two formats (``quant.format``):
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,23 @@ from qpipe.errors import ConfigError
 
 
 class RtnBackend(LlmcBackend):
+    @dataclass
+    class Options(LlmcBackend.Options):
+        # compressed-tensors (through llm-compressor) | qpipe-w4 (qpipe's QuantLinear layout,
+        # which pad_align.mode=pad needs)
+        format: str = CT_FORMAT
+
     name = "rtn"
 
     def checkpoint_format(self, quant: dict[str, Any]) -> str:
         return str(quant.get("format", CT_FORMAT))
+
+    def check_options(self, quant: Mapping[str, Any]) -> None:
+        fmt = quant.get("format", CT_FORMAT)
+        if fmt not in (CT_FORMAT, QPIPE_W4):
+            raise ConfigError(f"quant.format={fmt!r} is not valid; use {CT_FORMAT} or {QPIPE_W4}")
+        if fmt == QPIPE_W4 and quant.get("bits") != 4:
+            raise ConfigError(f"quant.format={QPIPE_W4} holds 4-bit weights; set quant.bits=4")
 
     def quantize(self, request: QuantizeRequest) -> QuantizeResult:
         validate_quant(request.quant)

@@ -63,7 +63,9 @@ def _force_schema_keys(args: list[str], groups: set[str]) -> list[str]:
         m = _ASSIGN.match(arg)
         key = m["key"] if m else ""
         group, _, rest = key.partition(".")
-        if rest and group in groups and schema_leaf(key.split(".")):
+        # a quant method's own keys are typed by its backend, which names a misspelt one
+        method_key = group == "quant" and "." not in rest
+        if rest and group in groups and (schema_leaf(key.split(".")) or method_key):
             option = _option_yaml(group, chosen.get(group))
             if option is not None and OmegaConf.select(option, rest, default=_MISSING) is _MISSING:
                 arg = "++" + arg
@@ -143,6 +145,26 @@ def load_group(group: str, name: str) -> DictConfig:
     return OmegaConf.load(path)
 
 
+def group_options(group: str) -> dict[str, Path]:
+    """Every option of a config group as Hydra would find it: the working directory's
+    ``conf/<group>/`` first (a file there replaces the built-in of its name), then qpipe's."""
+    found: dict[str, Path] = {}
+    for folder in (Path.cwd() / "conf" / group, CONF_DIR / group):
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.yaml")):
+                found.setdefault(path.stem, path)
+    return found
+
+
+def load_option(group: str, name: str) -> DictConfig:
+    """One option of a group where Hydra would find it (the user's ``conf/`` first)."""
+    path = group_options(group).get(name)
+    if path is None:
+        valid = sorted(group_options(group))
+        raise ConfigError(f"{group}={name!r} is not known; valid: {', '.join(valid)}")
+    return OmegaConf.load(path)
+
+
 def load_model_group(name: str) -> DictConfig:
     return load_group("model", name)
 
@@ -177,19 +199,6 @@ def dtype_from_name(name: str, default: torch.dtype) -> torch.dtype:
     if name not in _DTYPES:
         raise ConfigError(f"dtype {name!r} is not valid; use auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
-
-
-def resolve_kernel(cfg: DictConfig, device: str) -> str:
-    """``kernel: auto`` is our Triton kernel on GPU and the torch reference on CPU; on GPU,
-    weights of another width than 4 bits take the torch reference (Triton is 4-bit only)."""
-    kernel = str(cfg.get("kernel", "auto"))
-    valid = ("auto", "triton", "torch", "hf")
-    if kernel not in valid:
-        raise ConfigError(f"kernel={kernel!r} is not valid; use one of: {', '.join(valid)}")
-    if kernel == "auto":
-        four_bit = int(cfg.get("quant", {}).get("bits", 4) or 4) == 4
-        return "triton" if device.startswith("cuda") and four_bit else "torch"
-    return kernel
 
 
 def decode_batch_sizes(cfg: DictConfig, device: str) -> list[int]:

@@ -13,7 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional, get_type_hints  # noqa: UP035 (OmegaConf reads these annotations at runtime)
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from qpipe.errors import ConfigError
@@ -54,26 +54,20 @@ class ModelSchema:
 
 @dataclass
 class QuantSchema:
-    """Every method's options together; each backend refuses the options of other methods."""
+    """The keys every quant method has. A method's own options (bitsandbytes' quant_type,
+    GPTQ's act_order, ...) are typed by its backend's ``Options`` dataclass
+    (``qpipe/backends/<method>.py``), checked by ``check_options``."""
 
     name: str
     method: str
     bits: int
-    group_size: int = 0
-    symmetric: bool = True
-    quant_type: Optional[str] = None  # bnb 4-bit: nf4 | fp4
-    double_quant: bool = False
-    compute_dtype: str = "auto"
-    threshold: float = 6.0  # bnb int8 outlier threshold
-    act_order: Optional[str] = "static"  # gptq
-    dampening: float = 0.01
-    block_size: int = 128
-    duo_scaling: Any = True  # awq: true | false | "both"
-    n_grid: int = 20
-    format: str = "compressed-tensors"  # rtn: compressed-tensors | qpipe-w4
-    choices: Optional[list[int]] = None  # auto: the widths a layer may get
-    algorithm: Optional[str] = None  # auto: gptq | rtn
-    weights_gb: Optional[float] = None  # auto: a cap on the weights
+    group_size: int = 0  # 0: no groups (one scale per output channel, or none)
+    # the backend class that runs ``method`` ("package.module:Class"): how a quant option
+    # brings its backend, also from outside qpipe (see docs/extending.md)
+    backend: Optional[str] = None
+
+
+QUANT_COMMON = tuple(f.name for f in fields(QuantSchema))
 
 
 @dataclass
@@ -216,6 +210,13 @@ def check_schema(cfg: DictConfig, stage_keys: Collection[str] = frozenset()) -> 
     own = [k for k in cfg if k in stage_keys and k not in known]
     if own:
         cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in own])
+    if isinstance(cfg.get("quant"), DictConfig):
+        # a method's own options are its backend's to type (check_options)
+        cfg = OmegaConf.merge(cfg, {})
+        with open_dict(cfg):
+            cfg.quant = OmegaConf.masked_copy(
+                cfg.quant, [k for k in cfg.quant if k in QUANT_COMMON]
+            )
     try:
         return OmegaConf.merge(OmegaConf.structured(QpipeSchema), cfg)
     except OmegaConfBaseException as err:
@@ -237,3 +238,28 @@ def check_schema(cfg: DictConfig, stage_keys: Collection[str] = frozenset()) -> 
         elif "DictConfig" in first or "is not a subclass" in first:
             first = "expected a group of keys, not a single value"
         raise ConfigError(f"{key}={value!r} is not valid: {first}") from None
+
+
+def check_options(quant: DictConfig, options: type, label: str) -> dict[str, Any]:
+    """The method-specific keys of ``quant`` typed by its backend's ``options`` dataclass,
+    every default filled in; ConfigError (one line) for a key the method does not have (with
+    the closest one) or a value of the wrong type. ``label``: how the error names the option
+    (``quant=gptq``)."""
+    extra = OmegaConf.masked_copy(quant, [k for k in quant if k not in QUANT_COMMON])
+    own = [f.name for f in fields(options)]
+    unknown = [k for k in extra if k not in own]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), own, n=1)
+        hint = f"; did you mean quant.{close[0]}?" if close else ""
+        valid = ", ".join([*QUANT_COMMON, *own])
+        raise ConfigError(
+            f"quant.{unknown[0]} is not an option of {label} (its keys: {valid}){hint}"
+        )
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(options), extra)
+    except OmegaConfBaseException as err:
+        key = str(getattr(err, "key", None) or err.full_key or "?")
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        value = OmegaConf.select(extra, key, default="?")
+        raise ConfigError(f"quant.{key}={value!r} is not valid for {label}: {first}") from None
+    return OmegaConf.to_container(typed, resolve=True)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from qpipe.devices.hardware import Cards, resolve_cards
 from qpipe.memory import Estimate
 from qpipe.memory.budget_inputs import BudgetInputs
+from qpipe.memory.onload import CalibrationMemory, quantize_onload
 from qpipe.memory.placement import Placement, meta_model, plan_placement
 
 
@@ -110,7 +111,7 @@ def plan_devices(cfg: DictConfig, single: Estimate, inputs: BudgetInputs) -> Dev
         model,
         inputs.inventory,
         inputs.rules(),
-        inputs.quant,
+        inputs.weight_format,
         inputs.dims,
         inputs.workload,
         inputs.dtype_bytes,
@@ -155,15 +156,14 @@ def quantize_on_gpu(
     full_precision: Estimate,
     usable_gb: float,
     calibrates: bool,
+    calibration: CalibrationMemory,
 ) -> GpuQuantizing:
     """Where llm-compressor rounds ``inputs.quant``: the whole model on the card when it fits
-    there, else layer by layer from host memory. ``full_precision``: the ``quant=none``
-    estimate (what llm-compressor loads before it rounds); ``calibrates``: the method runs
-    calibration samples through each layer (its backend says)."""
-    from qpipe.memory.onload import quantize_onload
-
+    there, else layer by layer from host memory. ``full_precision``: the estimate of the
+    unquantized model (what llm-compressor loads before it rounds); ``calibrates``: the method
+    runs calibration samples through each layer, keeping ``calibration`` meanwhile (its
+    backend says both)."""
     quant = inputs.quant
-    method = quant.get("method")
     if not inputs.device.startswith("cuda"):
         return GpuQuantizing(None, {}, None)
     calib = cfg.get("calib") or {}
@@ -172,7 +172,7 @@ def quantize_on_gpu(
     onload = quantize_onload(
         inputs.inventory,
         inputs.rules(),
-        method,
+        calibration,
         inputs.dims,
         samples,
         seq_len,

@@ -23,12 +23,30 @@ self-cleaning fp32 workspace so one launch does it all) and a tensor-core tiled 
 kernel runs, so this package imports on machines without it.
 """
 
+import torch
+
 from qpipe.kernels.formats import from_autoawq, from_autogptq, from_compressed_tensors
+from qpipe.kernels.fp8_linear import Fp8Linear
+from qpipe.kernels.int8_linear import Int8Linear
+from qpipe.kernels.int_linear import IntLinear
 from qpipe.kernels.intweights import IntWeights, quantize_rtn
 from qpipe.kernels.layout import PackedW4, dequantize_kernel_order, pack_w4, unpack_w4
 from qpipe.kernels.quant_linear import QuantLinear, kernel_available
 
+LAYERS = (QuantLinear, Int8Linear, IntLinear, Fp8Linear)
+
+
+def layer_kernels(model: torch.nn.Module) -> list[str]:
+    """The kernels qpipe's quantized layers in ``model`` run on (sorted; empty when it has
+    none of them): what a run reports as its ``kernel``."""
+    return sorted({m.kernel for m in model.modules() if isinstance(m, LAYERS)})
+
+
 __all__ = [
+    "LAYERS",
+    "Fp8Linear",
+    "Int8Linear",
+    "IntLinear",
     "IntWeights",
     "PackedW4",
     "QuantLinear",
@@ -37,6 +55,7 @@ __all__ = [
     "from_autogptq",
     "from_compressed_tensors",
     "kernel_available",
+    "layer_kernels",
     "pack_w4",
     "quantize_rtn",
     "unpack_w4",

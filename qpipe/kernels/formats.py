@@ -103,18 +103,17 @@ def from_autogptq(
     *,
     bits: int = 4,
     sym: bool = True,
-    checkpoint_format: str = "gptq",
+    zeros_minus_one: bool = True,
     group_size: int | None = None,
 ) -> IntWeights:
     """AutoGPTQ/GPTQModel tensors -> IntWeights (exact). See the module docstring for layout.
 
-    ``checkpoint_format``: "gptq" (v1: stored zero + 1) or "gptq_v2" (stored zero).
+    ``zeros_minus_one``: the zero points are stored one less than they are (AutoGPTQ's v1
+    ``checkpoint_format``); False for GPTQModel's v2, which stores them as they are.
     ``sym``: the checkpoint's ``sym`` flag; its zeros must then all read back as the midpoint
-    (a mismatch means the wrong ``checkpoint_format`` was given) and are returned as None.
+    (a mismatch means the wrong format was named) and are returned as None.
     ``group_size``: optional; inferred from scales (and g_idx) when not given.
     """
-    if checkpoint_format not in ("gptq", "gptq_v2"):
-        raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format}")
     q = _unpack_words(qweight, bits, dim=0).t()  # [N, K]
     n, k = q.shape
     sc = scales.t().contiguous()  # [N, G]
@@ -126,14 +125,14 @@ def from_autogptq(
         zeros = None
     else:
         z = _unpack_words(qzeros, bits, dim=1)[:, :n].t()  # [N, G]
-        if checkpoint_format == "gptq":
+        if zeros_minus_one:
             z = z + 1
         mid = 2 ** (bits - 1)
         if sym:
             if not bool((z == mid).all()):
                 raise ValueError(
                     f"sym=True but qzeros do not decode to {mid} with "
-                    f"checkpoint_format={checkpoint_format!r}"
+                    f"zeros_minus_one={zeros_minus_one} (the checkpoint_format)"
                 )
             zeros = None
         else:

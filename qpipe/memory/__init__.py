@@ -12,10 +12,12 @@ from qpipe.memory.estimator import (
     quantized_matmuls,
     weights_gb,
 )
+from qpipe.memory.formats import DenseFormat, WeightFormat
 from qpipe.memory.inventory import Inventory, build_inventory, inventory_of
 
 __all__ = [
     "ArchDims",
+    "DenseFormat",
     "Estimate",
     "Inventory",
     "KernelFacts",
@@ -27,5 +29,6 @@ __all__ = [
     "estimate",
     "inventory_of",
     "quantized_matmuls",
+    "WeightFormat",
     "weights_gb",
 ]

@@ -20,19 +20,12 @@ from typing import Any
 import numpy as np
 
 from qpipe.errors import ConfigError, DoesNotFit
-from qpipe.memory.estimator import (
-    GB,
-    ArchDims,
-    Estimate,
-    Workload,
-    estimate,
-    quantized_linear_bytes,
-)
+from qpipe.memory.estimator import GB, ArchDims, Estimate, Workload, estimate
 from qpipe.memory.exclusion import PrecisionPlan
+from qpipe.memory.formats import WeightFormat
 from qpipe.memory.inventory import Inventory
 
 CHOICES = (16, 8, 4)
-ALGORITHMS = ("gptq", "rtn")
 HIGH = 16  # "16" is the run's dtype (bf16 on GPU, fp32 on CPU)
 
 
@@ -48,7 +41,9 @@ def predicted_loss(entry: Mapping[str, float], bits: int, lowest: int = 4) -> fl
 
 
 def validate_auto(quant: Mapping[str, Any]) -> None:
-    """One-line ConfigError for a bad ``quant=auto`` value (cheap)."""
+    """One-line ConfigError for a bad plan setting (cheap): its choices, its weights cap, and
+    ``quant.bits`` as the lowest choice. Which method rounds the layers is its backend's to
+    check."""
     choices = quant.get("choices")
     if (
         not isinstance(choices, list | tuple)
@@ -58,10 +53,6 @@ def validate_auto(quant: Mapping[str, Any]) -> None:
     ):
         raise ConfigError(
             f"quant.choices={choices!r} is not valid; use a non-empty subset of [16, 8, 4]"
-        )
-    if quant.get("algorithm") not in ALGORITHMS:
-        raise ConfigError(
-            f"quant.algorithm={quant.get('algorithm')!r} is not valid; use {' or '.join(ALGORITHMS)}"
         )
     budget = quant.get("weights_gb")
     if budget is not None and (
@@ -76,19 +67,14 @@ def validate_auto(quant: Mapping[str, Any]) -> None:
         )
 
 
-def pricing_quant(quant: Mapping[str, Any], bits: int) -> dict[str, Any]:
-    """The ``quant`` dict the estimator prices a ``bits``-bit layer of the plan with."""
-    return {**quant, "method": quant["algorithm"], "bits": bits}
-
-
 def layer_bytes(
-    shape: Sequence[int], bias: int, bits: int, quant: Mapping[str, Any], dtype_bytes: int
+    shape: Sequence[int], bias: int, bits: int, fmt: WeightFormat, dtype_bytes: int
 ) -> int:
-    """Exact bytes of one Linear (weight + bias) at ``bits`` (16 = the run's dtype)."""
+    """Exact bytes of one Linear (weight + bias) at ``bits`` (16 = the run's dtype) in the
+    format of the method that rounds the plan's layers."""
     if bits >= HIGH:
         return math.prod(shape) * dtype_bytes + bias * dtype_bytes
-    packed = quantized_linear_bytes(tuple(shape), pricing_quant(quant, bits), dtype_bytes)
-    return packed + bias * dtype_bytes
+    return fmt.linear_bytes(tuple(shape), bits) + bias * dtype_bytes
 
 
 def solve_knapsack(
@@ -168,6 +154,7 @@ def plan_bits(
     layers: Sequence[str],
     sensitivity: Mapping[str, Mapping[str, float]],
     quant: Mapping[str, Any],
+    fmt: WeightFormat,
     dtype_bytes: int,
     budget_bytes: int,
     fixed_bytes: int,
@@ -183,7 +170,7 @@ def plan_bits(
     for name in layers:
         m = info[name]
         bias = m.numel - math.prod(m.weight_shape)
-        costs[name] = {b: layer_bytes(m.weight_shape, bias, b, quant, dtype_bytes) for b in choices}
+        costs[name] = {b: layer_bytes(m.weight_shape, bias, b, fmt, dtype_bytes) for b in choices}
         losses[name] = {b: predicted_loss(sensitivity[name], b, low) for b in choices}
     room = budget_bytes - fixed_bytes
     chosen = solve_knapsack(costs, losses, room)
@@ -234,26 +221,26 @@ def plan_for_budget(
     sensitivity: Mapping[str, Mapping[str, float]],
     source: str,
     quant: Mapping[str, Any],
+    fmt: WeightFormat,
     dims: ArchDims,
     workload: Workload,
     dtype_bytes: int,
     runtime_gb: float,
-    device: str,
     usable_gb: float,
 ) -> tuple[BitPlan, PrecisionPlan, Estimate]:
     """The ``quant=auto`` plan for a card with ``usable_gb`` (and ``quant.weights_gb`` as a cap
     on the weights, if set): the rules' targets get bits, the rules' skips stay as they are.
+    ``fmt``: the weight format of the method that rounds the layers, at the lowest choice.
     Returns the plan, the precision plan it makes, and the estimate of that plan."""
     low = min(int(c) for c in quant["choices"])
-    pricing = pricing_quant(quant, low)
-    floor = estimate(inventory, rules, pricing, dims, workload, dtype_bytes, runtime_gb, device)
+    floor = estimate(inventory, rules, fmt, dims, workload, dtype_bytes, runtime_gb)
     info = {m.name: m for m in inventory.linears()}
     planned_low = sum(
         layer_bytes(
             info[n].weight_shape,
             info[n].numel - math.prod(info[n].weight_shape),
             low,
-            quant,
+            fmt,
             dtype_bytes,
         )
         for n in rules.targets
@@ -264,7 +251,7 @@ def plan_for_budget(
         not_weights = (floor.total_gb - floor.weights_gb) * GB
         budget = min(budget, float(quant["weights_gb"]) * GB + not_weights)
     bits = plan_bits(
-        inventory, rules.targets, sensitivity, quant, dtype_bytes, int(budget), fixed, source
+        inventory, rules.targets, sensitivity, quant, fmt, dtype_bytes, int(budget), fixed, source
     )
     plan = PrecisionPlan(
         targets=[n for n, b in bits.bits.items() if b < HIGH],
@@ -274,5 +261,5 @@ def plan_for_budget(
         },
         bits={n: b for n, b in bits.bits.items() if b < HIGH},
     )
-    est = estimate(inventory, plan, pricing, dims, workload, dtype_bytes, runtime_gb, device)
+    est = estimate(inventory, plan, fmt, dims, workload, dtype_bytes, runtime_gb)
     return bits, plan, est

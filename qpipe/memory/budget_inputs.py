@@ -13,6 +13,7 @@ from typing import Any
 
 from qpipe.memory.estimator import ArchDims, VisionDims, Workload
 from qpipe.memory.exclusion import PrecisionPlan, plan_precision
+from qpipe.memory.formats import WeightFormat
 from qpipe.memory.inventory import Inventory
 
 
@@ -26,18 +27,20 @@ class BudgetInputs:
     dtype_bytes: int
     # a named GPU is planned as "cuda" wherever qpipe runs (plan a 24 GB card from a laptop)
     device: str
-    kernel: str  # qpipe's quantized layers' matmul on that device (triton, torch, hf)
+    kernel: str  # the chosen option's matmul on that device (its backend resolved it)
     runtime_gb: float
     quant: dict[str, Any]  # the chosen option
+    weight_format: WeightFormat  # how the chosen option's quantized layers sit in memory
+    quantizes: bool  # the chosen option changes the weights at all (quant=none does not)
     exclude: dict[str, Any]
     measured: dict[str, dict[str, float]] | None  # the sensitivity stage's, when it measured
     vision: VisionDims | None  # a VLM's image in the workload's context
     capacity_gb: float  # of one card (the first, when cards differ), or of the host
 
-    def rules(self, quant: dict[str, Any] | None = None) -> PrecisionPlan:
-        """The modules ``quant`` (the chosen option by default) quantizes, by the exclude
-        rules; ``quant=none`` quantizes none."""
-        quantized = (self.quant if quant is None else quant)["method"] != "none"
+    def rules(self, quantizes: bool | None = None) -> PrecisionPlan:
+        """The modules an option that ``quantizes`` (the chosen option's by default) rounds,
+        by the exclude rules; an option that quantizes nothing rounds none."""
+        quantized = self.quantizes if quantizes is None else quantizes
         return plan_precision(
             self.inventory, self.exclude, quantized, self.measured, self.dtype_bytes
         )

@@ -5,12 +5,12 @@ box and as the stable metric names (``mem.*_gb``) expect.
 
 What is counted, and why it is a good predictor of the allocator's peak:
 - weights, module by module, in the format each module will really have after loading:
-  high-precision modules at the run's dtype; quantized Linear layers as their packed payload
-  plus the format's side tensors (bnb absmax / double-quant state, int8 row scales, GPTQ/AWQ
-  group scales and zero points);
+  high-precision modules at the run's dtype; quantized Linear layers as their backend's
+  ``WeightFormat`` says (packed payload plus side tensors: scales, zero points, absmax);
 - the KV cache for ``batch_size × context_len`` tokens;
 - the largest transient of one forward pass over the prompt (the MLP's intermediates dominate
-  for decoders at batch 1; the last position's fp32 logits ride on top);
+  for decoders at batch 1; the last position's fp32 logits ride on top), plus what the
+  format's own matmul holds while it runs;
 - fine-tuning: fp32 master weights, gradients and AdamW's two moments (16 bytes a parameter)
   plus stored activations (Korthikanti et al. 2022, ``s·b·h·(34 + 5·a·s/h)`` bytes a layer);
 - a runtime overhead (CUDA context + library workspaces) that depends on the device, taken
@@ -23,14 +23,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qpipe.memory.formats import WeightFormat
 from qpipe.memory.inventory import Inventory, ModuleInfo
 
 if TYPE_CHECKING:
     from qpipe.memory.exclusion import PrecisionPlan
 
 GB = 1e9
-BNB_BLOCK = 64  # bitsandbytes' 4-bit block size
-BNB_NESTED_BLOCK = 256  # double-quant: absmax quantized to 8 bits in blocks of 256
 
 
 def weights_gb(n_params: float, bits: float) -> float:
@@ -82,52 +81,17 @@ def arch_dims(config: Any) -> ArchDims:
     )
 
 
-def quantized_linear_bytes(
-    shape: tuple[int, ...], quant: dict[str, Any], dtype_bytes: int, device: str = "cuda"
-) -> int:
-    """Bytes of one Linear weight ``[out, in]`` in the quantized format of ``quant`` as it sits
-    on ``device`` (bitsandbytes repacks 4-bit weights for its CPU kernels: bf16 absmax, no
-    double quantization)."""
-    out_f, in_f = shape
-    numel = out_f * in_f
-    method, bits = quant["method"], int(quant["bits"])
-    if method == "bnb" and bits == 4:
-        blocks = math.ceil(numel / BNB_BLOCK)
-        if device == "cpu":
-            state = blocks * 2
-        elif quant.get("double_quant", False):
-            # 8-bit absmax per block + fp32 absmax per 256 blocks + the 256-entry fp32 code
-            state = blocks + math.ceil(blocks / BNB_NESTED_BLOCK) * 4 + 256 * 4 + 4
-        else:
-            state = blocks * 4
-        return math.ceil(numel / 2) + state
-    if method == "bnb" and bits == 8:
-        return numel + out_f * 4  # int8 weights + one fp32 scale per output row
-    if method in ("gptq", "awq", "rtn"):
-        group = int(quant.get("group_size") or in_f)
-        if group <= 0:
-            group = in_f
-        groups = math.ceil(in_f / group)
-        payload = math.ceil(numel * bits / 8)
-        # As qpipe holds them once loaded (QuantLinear, Int8Linear): scales in the run's
-        # dtype, one uint8 zero point per group; g_idx only where act-order saves one.
-        scales = out_f * groups * dtype_bytes
-        zeros = 0 if quant.get("symmetric", True) else out_f * groups
-        g_idx = in_f * 4 if quant.get("act_order") in (True, "group", "dynamic") else 0
-        return payload + scales + zeros + g_idx
-    return numel * dtype_bytes
-
-
 def _module_weight_bytes(
-    module: ModuleInfo, quantized: bool, quant: dict[str, Any], dtype_bytes: int, device: str
+    module: ModuleInfo, fmt: WeightFormat | None, bits: int, dtype_bytes: int
 ) -> tuple[int, int]:
-    """(payload-equivalent bytes, format overhead bytes) of one module."""
-    if not quantized:
+    """(payload-equivalent bytes, format overhead bytes) of one module; ``fmt`` None: the
+    module stays in the run's dtype."""
+    if fmt is None:
         return module.numel * dtype_bytes, 0
     weight = math.prod(module.weight_shape)
     bias = module.numel - weight
-    packed = quantized_linear_bytes(module.weight_shape, quant, dtype_bytes, device)
-    payload = math.ceil(weight * int(quant["bits"]) / 8)
+    packed = fmt.linear_bytes(module.weight_shape, bits)
+    payload = math.ceil(weight * bits / 8)
     return payload + bias * dtype_bytes, packed - payload
 
 
@@ -245,28 +209,20 @@ def activation_bytes(
     return max(mlp, attention) + logits
 
 
-def int8_matmul_bytes(shape: tuple[int, ...], workload: Workload) -> int:
-    """bitsandbytes' int8 matmul (LLM.int8) over the prompt: the activations quantized to
-    int8 [tokens, in] and the int32 product [tokens, out] before it is scaled back."""
-    out_f, in_f = shape
-    tokens = workload.batch_size * workload.context_len
-    return tokens * (in_f + 4 * out_f)
-
-
 def estimate(
     inventory: Inventory,
     plan: PrecisionPlan,
-    quant: dict[str, Any],
+    fmt: WeightFormat,
     dims: ArchDims,
     workload: Workload,
     dtype_bytes: int,
     runtime_gb: float = 0.0,
-    device: str = "cuda",
     vision: VisionDims | None = None,
     kernels: KernelFacts | None = None,
 ) -> Estimate:
-    """The memory a run needs, module by module, for this plan and workload; ``vision``: an
-    image in the context (its tokens count in ``workload.context_len``)."""
+    """The memory a run needs, module by module, for this plan and workload. ``fmt``: how the
+    plan's targets sit in memory (their backend's weight format); ``vision``: an image in the
+    context (its tokens count in ``workload.context_len``)."""
     targets = set(plan.targets)
     quantized_bytes = high_bytes = overhead = buffers = 0
     params_quantized = 0
@@ -274,9 +230,8 @@ def estimate(
     for module in inventory.modules:
         is_q = module.name in targets
         # A mixed plan (quant=auto) gives some targets their own bit width.
-        bits = plan.bits.get(module.name) if is_q else None
-        module_quant = quant if bits is None else {**quant, "bits": bits}
-        payload, extra = _module_weight_bytes(module, is_q, module_quant, dtype_bytes, device)
+        bits = int(plan.bits.get(module.name, fmt.bits))
+        payload, extra = _module_weight_bytes(module, fmt if is_q else None, bits, dtype_bytes)
         if is_q:
             quantized_bytes += payload
             params_quantized += math.prod(module.weight_shape)
@@ -291,10 +246,12 @@ def estimate(
     kernels = kernels or KernelFacts()
     kv = kv_cache_bytes(dims, workload, dtype_bytes)
     act = activation_bytes(dims, workload, dtype_bytes, kernels.fused_projections)
-    int8 = quant.get("method") == "bnb" and int(quant.get("bits") or 0) == 8
-    if workload.mode == "inference" and int8 and targets:
+    if workload.mode == "inference" and targets:
+        # What the format's own matmul holds over the prompt (bitsandbytes' int8 activations
+        # and int32 product, FP8's quantized activations), in the widest quantized layer.
+        tokens = workload.batch_size * workload.context_len
         shapes = [m.weight_shape for m in inventory.modules if m.name in targets]
-        act += max(int8_matmul_bytes(shape, workload) for shape in shapes)
+        act += max(fmt.matmul_transient_bytes(shape, tokens) for shape in shapes)
     image_tokens = image_kv = vision_act = 0
     if vision is not None and workload.mode == "inference":
         image_tokens = vision.image_tokens
@@ -340,7 +297,7 @@ SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def quantized_matmuls(
-    inventory: Inventory, plan: PrecisionPlan, quant: dict[str, Any], dtype_bytes: int, fused: bool
+    inventory: Inventory, plan: PrecisionPlan, fmt: WeightFormat, fused: bool
 ) -> list[tuple[tuple[int, int], int]]:
     """((out, in), bytes as loaded) of every quantized matmul the model will run: each target
     Linear, or with ``fused`` each sibling group whose members are all quantized as one."""
@@ -359,8 +316,6 @@ def quantized_matmuls(
                 group = names
         shapes = [by_name[n].weight_shape for n in group]
         shape = (sum(sh[0] for sh in shapes), shapes[0][1])
-        bits = plan.bits.get(name)
-        q = quant if bits is None else {**quant, "bits": bits}
-        out.append((shape, quantized_linear_bytes(shape, q, dtype_bytes)))
+        out.append((shape, fmt.linear_bytes(shape, int(plan.bits.get(name, fmt.bits)))))
         done.update(group)
     return out

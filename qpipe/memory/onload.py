@@ -31,6 +31,16 @@ if TYPE_CHECKING:
     from qpipe.memory.exclusion import PrecisionPlan
 
 
+@dataclass(frozen=True)
+class CalibrationMemory:
+    """What a method keeps on the GPU while llm-compressor calibrates one layer (its backend
+    states it): GPTQ one fp32 Hessian ``in_features²`` per quantized Linear of the layer; AWQ
+    the layer's outputs for every calibration sample, for its grid search."""
+
+    hessians: bool = False
+    layer_outputs: bool = False
+
+
 @dataclass
 class OnloadEstimate:
     """GB on the GPU while llm-compressor quantizes a model kept in host memory."""
@@ -50,14 +60,15 @@ class OnloadEstimate:
 def quantize_onload(
     inventory: Inventory,
     plan: PrecisionPlan,
-    method: str,
+    calibration: CalibrationMemory,
     dims: ArchDims,
     samples: int,
     seq_len: int,
     dtype_bytes: int,
     runtime_gb: float,
 ) -> OnloadEstimate:
-    """The GPU memory llm-compressor's layer-by-layer onloading needs for ``method``."""
+    """The GPU memory llm-compressor's layer-by-layer onloading needs for a method that keeps
+    ``calibration`` while it calibrates a layer."""
     targets = set(plan.targets)
     subgraphs: dict[str, int] = {}
     hessians: dict[str, int] = {}
@@ -72,7 +83,7 @@ def quantize_onload(
         else:
             key = "embeddings"
         subgraphs[key] = subgraphs.get(key, 0) + module.numel * dtype_bytes
-        if method == "gptq" and module.name in targets and module.weight_shape:
+        if calibration.hessians and module.name in targets and module.weight_shape:
             hessians[key] = hessians.get(key, 0) + module.weight_shape[1] ** 2 * 4
     largest = max(subgraphs, key=lambda k: subgraphs[k] + hessians.get(k, 0))
     weights = subgraphs[largest]
@@ -80,7 +91,7 @@ def quantize_onload(
     tokens = seq_len  # one calibration sample per batch
     mlp = tokens * (3 * dims.intermediate + 2 * dims.hidden) * dtype_bytes
     logits = tokens * dims.vocab * dtype_bytes
-    cached = samples * seq_len * dims.hidden * dtype_bytes if method == "awq" else 0
+    cached = samples * seq_len * dims.hidden * dtype_bytes if calibration.layer_outputs else 0
     activations = max(mlp, logits if largest == "head" else 0)
     total = (weights + hessian + cached + activations) / GB + runtime_gb
     return OnloadEstimate(

@@ -40,8 +40,8 @@ from qpipe.memory.estimator import (
     Workload,
     activation_bytes,
     kv_cache_bytes,
-    quantized_linear_bytes,
 )
+from qpipe.memory.formats import WeightFormat
 from qpipe.memory.inventory import Inventory, ModuleInfo
 
 if TYPE_CHECKING:
@@ -147,18 +147,23 @@ class _EstimatedSizes:
 
 
 def module_bytes(
-    module: ModuleInfo, quantized: bool, quant: dict[str, Any], dtype_bytes: int
+    module: ModuleInfo, fmt: WeightFormat | None, dtype_bytes: int
 ) -> tuple[int, float]:
-    """(bytes of the module once loaded, bytes per element of its weight)."""
-    if not quantized or module.weight_shape is None:
+    """(bytes of the module once loaded, bytes per element of its weight); ``fmt`` None: the
+    module stays in the run's dtype."""
+    if fmt is None or module.weight_shape is None:
         return module.numel * dtype_bytes, float(dtype_bytes)
     weight = math.prod(module.weight_shape)
-    packed = quantized_linear_bytes(module.weight_shape, quant, dtype_bytes, "cuda")
+    packed = fmt.linear_bytes(module.weight_shape, fmt.bits)
     return packed + (module.numel - weight) * dtype_bytes, packed / weight
 
 
 def _element_sizes(
-    model: torch.nn.Module, inventory: Inventory, targets: set[str], quant: dict, dtype_bytes: int
+    model: torch.nn.Module,
+    inventory: Inventory,
+    targets: set[str],
+    fmt: WeightFormat,
+    dtype_bytes: int,
 ) -> dict[str, float]:
     by_module = {m.name: m for m in inventory.modules}
     sizes: dict[str, float] = {}
@@ -168,7 +173,7 @@ def _element_sizes(
         if info is None:
             continue
         quantized = owner in targets and leaf == "weight"
-        sizes[name] = module_bytes(info, quantized, quant, dtype_bytes)[1]
+        sizes[name] = module_bytes(info, fmt if quantized else None, dtype_bytes)[1]
     return sizes
 
 
@@ -194,7 +199,7 @@ def plan_placement(
     model: torch.nn.Module,
     inventory: Inventory,
     plan: PrecisionPlan,
-    quant: dict[str, Any],
+    fmt: WeightFormat,
     dims: ArchDims,
     workload: Workload,
     dtype_bytes: int,
@@ -210,7 +215,7 @@ def plan_placement(
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    targets = set(plan.targets) if quant.get("method", "none") != "none" else set()
+    targets = set(plan.targets)
     kv_total = kv_cache_bytes(dims, workload, dtype_bytes)
     logits = workload.batch_size * dims.vocab * 4 if dims.decoder else 0
     block_act = activation_bytes(dims, workload, dtype_bytes) - logits
@@ -223,7 +228,7 @@ def plan_placement(
     }
     if offload_gb > 0:
         max_memory["cpu"] = int(offload_gb * GB)
-    sizes = _EstimatedSizes(_element_sizes(model, inventory, targets, quant, dtype_bytes))
+    sizes = _EstimatedSizes(_element_sizes(model, inventory, targets, fmt, dtype_bytes))
     # accelerate warns for every planned GPU this machine lacks: planning offline is the point.
     quiet = logging.getLogger("accelerate.utils.modeling")
     level = quiet.level
@@ -254,7 +259,7 @@ def plan_placement(
     head_device: int | str = main
     for module in inventory.modules:
         where = device_of(module.name, device_map)
-        size = module_bytes(module, module.name in targets, quant, dtype_bytes)[0]
+        size = module_bytes(module, fmt if module.name in targets else None, dtype_bytes)[0]
         weights[where] = weights.get(where, 0) + size
         execute = main if where in ("cpu", "disk") else where
         if where in ("cpu", "disk"):

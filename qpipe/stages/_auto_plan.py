@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qpipe.backends import get_backend
 from qpipe.evaluation.layer_kl import prior_sensitivity
 from qpipe.memory.bitplan import plan_for_budget, plan_table
 from qpipe.memory.budget_inputs import BudgetInputs
@@ -18,17 +19,20 @@ def auto_plan(ctx: StageContext, inputs: BudgetInputs, usable_gb: float) -> dict
     missing = [n for n in rules.targets if not measured or n not in measured]
     source = "measured" if not missing else "prior"
     table = measured if not missing else prior_sensitivity(inventory, rules.targets)
+    quant = inputs.quant
+    backend = get_backend(quant["method"])  # its format is the rounding method's
+    fmt = backend.weight_format(quant, inputs.dtype_bytes, inputs.device, inputs.kernel)
     bits, plan, est = plan_for_budget(
         inventory,
         rules,
         table,
         source,
-        inputs.quant,
+        quant,
+        fmt,
         inputs.dims,
         inputs.workload,
         inputs.dtype_bytes,
         inputs.runtime_gb,
-        inputs.device,
         usable_gb,
     )
     shapes = {m.name: m.weight_shape for m in inventory.linears()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpipe.backends import get_backend
+from qpipe.backends import get_backend, quant_options
 from qpipe.devices.budget import DeviceVerdict, GpuQuantizing
 from qpipe.memory import Estimate
 from qpipe.memory.budget_inputs import BudgetInputs
@@ -25,10 +25,11 @@ def mappable_reason(quant: dict[str, Any], kernel: str, offloads: bool) -> str |
         )
     if backend.shardable or kernel == "hf":
         return None
+    spread = [o for o, m in quant_options().items() if get_backend(m).shardable]
     return (
-        f"quant={quant.get('name')} loads on qpipe's QuantLinear, which places a model on one "
+        f"quant={quant.get('name')} loads on qpipe's own layers, which place a model on one "
         "device; spreading it over cards/host memory runs through transformers: use kernel=hf "
-        "(or quant=none / bnb_*)"
+        f"(or quant={' / '.join(spread)})"
     )
 
 

@@ -71,7 +71,9 @@ class StageContext:
     def settings(self) -> Settings:
         # A stage called on its own (a test, a notebook) gets them resolved from cfg.
         if self._settings is None:
-            self._settings = resolve_settings(self.cfg, stage_keys=set(self.cfg))
+            from qpipe.backends import get_backend
+
+            self._settings = resolve_settings(self.cfg, get_backend, stage_keys=set(self.cfg))
         return self._settings
 
     def output(self, stage: str, key: str, default: Any = None) -> Any:

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
-
-from qpipe.backends import get_backend
-from qpipe.config.compose import load_group
+from qpipe.backends import get_backend, option_config, quant_options
 from qpipe.dag import load_dag, pipeline_ref
 from qpipe.devices.envinfo import device_facts, library_versions, measure_cuda_context_gb
 from qpipe.errors import BackendUnavailable, QpipeError
 from qpipe.models.source import check_weights_reachable
 from qpipe.stages.base import StageContext, StageResult
 
-# One representative option per method, to tell the user what else would run here.
-_REPRESENTATIVES = {
-    "none": "none",
-    "bnb": "bnb_nf4",
-    "gptq": "gptq",
-    "awq": "awq",
-    "rtn": "rtn",
-    "auto": "auto",
-}
 
-
-def _loads_weights(dag_name: str) -> bool:
-    return any(
-        spec.module.rsplit(".", 1)[-1] in ("baseline", "quantize", "load")
-        for spec in load_dag(dag_name).stages.values()
-    )
+def _stage_codes(dag_name: str) -> set[str]:
+    """The built-in stages the pipeline runs (by their code, whatever they are named)."""
+    return {spec.module.rsplit(".", 1)[-1] for spec in load_dag(dag_name).stages.values()}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -39,32 +24,30 @@ def run(ctx: StageContext) -> StageResult:
     facts["libraries"] = library_versions()
     facts["cuda_context_gb"] = measure_cuda_context_gb(device)
 
-    runnable = {}
-    for method, option in _REPRESENTATIVES.items():
-        if method == quant["method"]:
-            runnable[method] = get_backend(method).unavailable_reason(quant, device) or "ok"
+    # Every quant option (the user's own included): what else would run on this machine.
+    backend = get_backend(quant["method"])
+    reason = backend.unavailable_reason(quant, device)
+    if reason:
+        raise BackendUnavailable(f"quant={quant['name']} cannot run on {device}: {reason}")
+    runnable = {quant["name"]: "ok"}
+    for option, method in quant_options().items():
+        if option in runnable:
             continue
         try:
-            probe = OmegaConf.to_container(load_group("quant", option), resolve=True)
-            runnable[method] = get_backend(method).unavailable_reason(probe, device) or "ok"
+            other = get_backend(method).unavailable_reason(option_config(option), device)
+            runnable[option] = other or "ok"
         except (ImportError, QpipeError) as err:  # another method's library may be missing
-            runnable[method] = str(err)
-    reason = runnable[quant["method"]]
-    if reason != "ok":
-        raise BackendUnavailable(f"quant={quant['name']} cannot run on {device}: {reason}")
+            runnable[option] = str(err)
 
-    if _loads_weights(pipeline_ref(cfg)):
+    stages = _stage_codes(pipeline_ref(cfg))
+    if stages & {"baseline", "quantize", "load"}:
         check_weights_reachable(cfg.model)
 
     facts.update(dtype=settings.dtype_name, kernel=settings.kernel, backends=runnable)
-    # The kernel setting only matters to checkpoints qpipe runs itself; the others name the
-    # matmuls they do run on.
-    kernels = get_backend(quant["method"]).kernels
-    used_kernel = settings.kernel if settings.kernel in kernels else kernels[0]
-    params = {
-        "device.name": facts.get("gpu_name", "cpu"),
-        "kernel": used_kernel,
-        "dtype": facts["dtype"],
-    }
+    params = {"device.name": facts.get("gpu_name", "cpu"), "dtype": facts["dtype"]}
+    if "load" not in stages:
+        # What would run (its backend resolved it); a run that loads the model logs the
+        # kernels its layers did run on (the load stage).
+        params["kernel"] = settings.kernel
     params.update({f"lib.{k}": v for k, v in facts["libraries"].items()})
     return StageResult(outputs=facts, params=params)

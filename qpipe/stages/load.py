@@ -16,6 +16,7 @@ from qpipe.backends import get_backend
 from qpipe.devices.measure import MemoryWindow
 from qpipe.devices.peak_memory import device_map_for, loaded_weights_metrics
 from qpipe.evaluation.vision import source_processor
+from qpipe.kernels import layer_kernels
 from qpipe.kernels.fusion import fuse_projections
 from qpipe.models import load_tokenizer
 from qpipe.models.checkpoints import inspect_checkpoint
@@ -53,8 +54,12 @@ def run(ctx: StageContext) -> StageResult:
     seconds = time.perf_counter() - start
     metrics = {"time.load_model_s": seconds, "load.fused_projections": float(len(fused))}
     metrics |= loaded_weights_metrics(model)
+    # What the layers run on, as loaded (a layer its kernel cannot take runs on another):
+    # qpipe's own layers say; a library's (bitsandbytes, transformers) is what was resolved.
+    ran = "+".join(layer_kernels(model)) or kernel
     return StageResult(
-        outputs={"checkpoint": str(checkpoint), "device": device, "kernel": kernel},
+        outputs={"checkpoint": str(checkpoint), "device": device, "kernel": ran},
+        params={"kernel": ran},
         metrics=metrics,
         objects={
             "model": model,

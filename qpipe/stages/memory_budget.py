@@ -73,21 +73,27 @@ def budget_inputs(ctx: StageContext) -> BudgetInputs:
     config = load_config(cfg.model)
     model_class = settings.model_class
     sensitivity = ctx.output("sensitivity", "measured")
+    quant = settings.quant.as_dict()
+    backend = get_backend(quant["method"])
+    dtype_bytes = settings.budget_dtype.itemsize
+    kernel = settings.budget_kernel
     return BudgetInputs(
         model_config=config,
         model_class=model_class,
         inventory=build_inventory(config, model_class),
         dims=arch_dims(config),
         workload=workload,
-        dtype_bytes=settings.budget_dtype.itemsize,
+        dtype_bytes=dtype_bytes,
         device=device,
-        kernel=settings.budget_kernel,
+        kernel=kernel,
         runtime_gb=_runtime_gb(ctx, device),
         exclude=OmegaConf.to_container(cfg.exclude, resolve=True),
         measured=ctx.output("sensitivity", "layers") if sensitivity else None,
         vision=_image_cost(cfg, config),
         capacity_gb=_capacity_gb(ctx),
-        quant=settings.quant.as_dict(),
+        quant=quant,
+        weight_format=backend.weight_format(quant, dtype_bytes, device, kernel),
+        quantizes=backend.quantizes,
     )
 
 
@@ -102,9 +108,10 @@ def run(ctx: StageContext) -> StageResult:
         quantize_on_gpu(
             ctx.cfg,
             inputs,
-            pricing.options["none"],
+            pricing.full_precision,
             devices.usable_gb,
             calibrates=backend.needs_calibration(inputs.quant),
+            calibration=backend.calibration_memory,
         )
         if backend.gpu_quantizing_priced
         else GpuQuantizing(None, {}, None)

@@ -8,33 +8,23 @@ Nothing is changed here: the plan is data, applied by the backend while it quant
 
 from __future__ import annotations
 
-from typing import Any
-
-from omegaconf import OmegaConf
-
 from qpipe.backends import get_backend
 from qpipe.backends.align import plan_alignment
 from qpipe.stages.base import StageContext, StageResult
 
 
-def _quant_dict(ctx: StageContext) -> dict[str, Any]:
-    return OmegaConf.to_container(ctx.cfg.quant, resolve=True)
-
-
 def run(ctx: StageContext) -> StageResult:
-    quant = _quant_dict(ctx)
+    quant = ctx.settings.quant.as_dict()
     backend = get_backend(str(quant["method"]))
     targets = list(ctx.output("exclude_layers", "targets", []) or [])
     shapes = dict(ctx.output("exclude_layers", "shapes", {}) or {})
-    # Formats are a property of our backends, not of the Backend protocol: bnb/none have none.
-    fmt_of = getattr(backend, "checkpoint_format", None)
     plan = plan_alignment(
         shapes,
         targets,
         group_size=int(quant.get("group_size", 0) or 0),
         legal=backend.legal_group_sizes(quant),
         mode=str(ctx.cfg.get("pad_align", {}).get("mode", "auto")),
-        fmt=fmt_of(quant) if fmt_of else None,
+        fmt=backend.checkpoint_format(quant),
     )
     metrics = {
         "align.modules_changed": float(plan["modules_changed"]),

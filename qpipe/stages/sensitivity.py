@@ -55,7 +55,7 @@ def run(ctx: StageContext) -> StageResult:
     settings = ctx.settings
     bits = settings.quant.bits
     group_size = settings.quant.group_size
-    symmetric = settings.quant.symmetric
+    symmetric = bool(settings.quant.options.get("symmetric", True))
     layers = measured_layers(cfg, settings.model_class)
     tokenizer = load_tokenizer(cfg.model)
     ids = calibration_batch(

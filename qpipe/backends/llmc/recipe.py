@@ -1,6 +1,8 @@
 """The llm-compressor recipe as plain data (YAML-ready) from the ``quant`` config: the
-compressed-tensors scheme every method shares here, each method's modifiers from its backend
-class (``GptqBackend.modifiers``, ``AwqBackend.modifiers``, RTN's on ``LlmcBackend``).
+compressed-tensors scheme of each method's targets (grouped integers for most, as
+``config_groups`` below writes them; a method may state its own) and its modifiers, both from
+its backend class (``GptqBackend.modifiers``, ``AwqBackend.modifiers``, RTN's on
+``LlmcBackend``).
 
 The recipe is written as YAML and handed to ``oneshot`` as that YAML: the file saved next to
 the checkpoint (``recipe.yaml``) is exactly what ran, and
@@ -17,8 +19,7 @@ import torch
 import yaml
 
 from qpipe.backends.align import module_group_size
-from qpipe.backends.llmc.method import LLMC_METHODS, llmc_method
-from qpipe.errors import ConfigError
+from qpipe.backends.llmc.method import llmc_method
 
 
 def _weights_args(quant: Mapping[str, Any], group_size: int) -> dict[str, Any]:
@@ -90,12 +91,10 @@ def build_recipe(
     """The llm-compressor recipe for ``quant`` as plain data (YAML-ready); ``bits`` gives a
     mixed plan's width per target; ``model`` lets a method write what it reads from the
     architecture into the recipe (AWQ's mappings)."""
-    method = quant["method"]
-    groups = config_groups(quant, targets, pad_plan, bits)
+    method = llmc_method(quant["method"])
+    groups = method.config_groups(quant, targets, pad_plan, bits)
     scheme = {"ignore": list(ignore), "config_groups": groups}
-    if method not in LLMC_METHODS:
-        raise ConfigError(f"quant.method={method!r} has no llm-compressor recipe")
-    modifiers = llmc_method(method).modifiers(quant, scheme, model, targets)
+    modifiers = method.modifiers(quant, scheme, model, targets)
     return {"quant_stage": {"quant_modifiers": modifiers}}
 
 

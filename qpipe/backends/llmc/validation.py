@@ -1,14 +1,16 @@
 """What a ``quant`` value for llm-compressor may be, checked before any heavy work: the
-options every method shares here; each method's own (its keys, bit widths, ranges) on its
-backend class (see ``method.py``)."""
+options every method shares here; each method's own (its keys, bit widths, group sizes,
+ranges) on its backend class (see ``method.py``)."""
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
-from qpipe.backends.llmc.method import LLMC_METHODS, llmc_method
+from qpipe.backends.llmc.method import llmc_method
+from qpipe.config.schema import QUANT_COMMON
 from qpipe.errors import ConfigError
 
 CT_FORMAT = "compressed-tensors"
@@ -16,7 +18,6 @@ CT_FORMAT = "compressed-tensors"
 # Triton kernel tiles K in multiples of 16 that must divide the group; regroup picks the
 # largest of these that divides K (16 only for odd widths such as 688 = 43 x 16).
 LEGAL_GROUP_SIZES = [16, 32, 64, 128, 256]
-COMMON_OPTIONS = frozenset({"name", "method", "bits", "group_size", "symmetric"})
 
 
 def one_of(values: Sequence[Any]) -> str:
@@ -33,10 +34,8 @@ def validate_quant(quant: Mapping[str, Any]) -> None:
     """One-line ConfigError naming the bad ``quant`` value and the valid ones. Cheap: no
     library import, no weights; call it before any heavy work."""
     method = quant.get("method")
-    if method not in LLMC_METHODS:
-        raise ConfigError(f"quant.method={method!r} is not one of {', '.join(LLMC_METHODS)}")
-    facts = llmc_method(method)
-    keys = COMMON_OPTIONS | facts.options
+    facts = llmc_method(str(method))
+    keys = {*QUANT_COMMON, *(f.name for f in fields(facts.Options))}
     unknown = sorted(set(quant) - keys)
     if unknown:
         raise ConfigError(
@@ -49,34 +48,17 @@ def validate_quant(quant: Mapping[str, Any]) -> None:
             f"quant.bits={bits!r} is not valid for {method}; use {one_of(facts.bit_widths)}"
         )
     gs = quant.get("group_size")
-    if not is_int(gs) or (gs != 0 and gs not in LEGAL_GROUP_SIZES):
+    legal = facts.legal_group_sizes(dict(quant)) or []
+    if not is_int(gs) or (gs != 0 and gs not in legal):
+        sizes = f"one of {', '.join(map(str, legal))} or 0" if legal else "0"
         raise ConfigError(
-            f"quant.group_size={gs!r} is not valid; use one of "
-            f"{', '.join(map(str, LEGAL_GROUP_SIZES))} or 0 (one scale per output channel)"
+            f"quant.group_size={gs!r} is not valid; use {sizes} (one scale per output channel)"
         )
     if not isinstance(quant.get("symmetric", True), bool):
         raise ConfigError(
             f"quant.symmetric={quant.get('symmetric')!r} is not valid; use true or false"
         )
     facts.check_options(quant)
-
-
-def validate_kernel(quant: Mapping[str, Any], kernel: str) -> None:
-    """One-line ConfigError when ``kernel`` cannot run the checkpoint ``quant`` will produce:
-    found before quantizing, not after."""
-    from qpipe.backends.qlinear_loader import QPIPE_W4
-
-    if kernel == "triton" and int(quant.get("bits", 4)) != 4:
-        raise ConfigError(
-            f"quant.bits={quant.get('bits')} with kernel=triton: qpipe's Triton kernels run "
-            "4-bit weights only; use kernel=torch or auto (torch reference), kernel=hf, or "
-            "quant.bits=4"
-        )
-    if kernel == "hf" and quant.get("format") == QPIPE_W4:
-        raise ConfigError(
-            f"kernel=hf cannot load quant.format={QPIPE_W4} (qpipe's own layout); "
-            "use kernel=torch|triton or quant.format=compressed-tensors"
-        )
 
 
 def llmcompressor_missing() -> str | None:

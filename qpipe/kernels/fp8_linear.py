@@ -1,0 +1,106 @@
+"""``Fp8Linear``: a drop-in ``nn.Linear`` holding FP8 (e4m3) weights with one fp32 scale per
+output channel, the layout of a compressed-tensors ``float-quantized`` checkpoint.
+
+Two kernels:
+- ``scaled_mm`` (GPUs with FP8 tensor cores, compute capability ≥ 8.9): the activations are
+  quantized to e4m3 per token at run time (dynamic scales, W8A8) and one ``torch._scaled_mm``
+  multiplies them with the weight, applying both scales in its epilogue;
+- ``torch`` (every other GPU, and the CPU): weight-only, the weight dequantized to the
+  compute dtype for each call (``w.to(dtype) * scale``), then one matmul.
+A layer whose shape the FP8 matmul cannot take (K or N not a multiple of 16) runs weight-only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+KERNELS = ("scaled_mm", "torch")
+_ALIGN = 16  # _scaled_mm wants K and N multiples of 16
+
+
+@functools.cache
+def fp8_tensor_cores(device_index: int = 0) -> bool:
+    """Whether this machine's GPU multiplies FP8 on its tensor cores (sm_89 and later)."""
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` [N, K] as e4m3 with one fp32 scale per row (symmetric, absmax / 448):
+    what llm-compressor's FP8_DYNAMIC scheme writes, for tests and references."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` [M, K] as e4m3 and the fp32 scale [M, 1] each was divided by. The scale is
+    rounded to ``x``'s dtype before dividing, so the scale the matmul applies is exactly the
+    one used here."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = (amax.float() / FP8_MAX).clamp(min=1e-12).to(x.dtype)
+    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale.float()
+
+
+class Fp8Linear(torch.nn.Module):
+    """y = x @ (W8 · s).T + b, W8 e4m3 [N, K], s fp32 [N]."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        kernel: str = "torch",
+    ) -> None:
+        super().__init__()
+        if weight.dtype != FP8:
+            raise ValueError(f"Fp8Linear holds {FP8} weights, got {weight.dtype}")
+        if kernel not in KERNELS:
+            raise ValueError(f"Fp8Linear kernel={kernel!r}: one of {', '.join(KERNELS)}")
+        self.out_features, self.in_features = weight.shape
+        aligned = self.in_features % _ALIGN == 0 and self.out_features % _ALIGN == 0
+        self.kernel = kernel if aligned else "torch"
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight_scale", scale.reshape(-1).float().contiguous())
+        self.bias = (
+            None if bias is None else torch.nn.Parameter(bias.to(dtype), requires_grad=False)
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[out_features, in_features] in ``dtype``."""
+        return self.weight.to(dtype).mul_(self.weight_scale.to(dtype)[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "scaled_mm" and x.is_cuda:
+            xq, xs = quantize_per_token(x2)
+            y = torch._scaled_mm(
+                xq,
+                self.weight.t(),
+                scale_a=xs,
+                scale_b=self.weight_scale.view(1, -1),
+                out_dtype=x.dtype,
+            )
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            # Half-precision matmul on CPU is slow and not always implemented: fp32 there.
+            compute = torch.float32 if x.device.type == "cpu" else x.dtype
+            b = None if self.bias is None else self.bias.to(compute)
+            y = F.linear(x2.to(compute), self.dequantize(compute), b).to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, kernel={self.kernel}"
+        )
