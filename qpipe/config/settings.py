@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qpipe.config.compose import resolve_device, resolve_dtype, resolve_kernel
+from qpipe.config.finetune import FinetuneSettings, resolve_finetune
 from qpipe.config.schema import check_schema
 from qpipe.errors import ConfigError
 
@@ -68,6 +69,7 @@ class Settings:
     budget_device: str
     budget_dtype: torch.dtype
     budget_kernel: str
+    finetune: FinetuneSettings | None = None  # workload.mode=finetune or a train stage
 
     @property
     def dtype_name(self) -> str:
@@ -88,16 +90,23 @@ def resolve_settings(cfg: DictConfig, stage_keys: Collection[str] = frozenset())
     if task not in TASKS:
         raise ConfigError(f"model.task={task!r} is not valid; use {_or(TASKS)}")
     budget_device = device if typed.hardware.name == "auto" else "cuda"
+    quant = _quant_settings(typed.quant, cfg.quant)
+    # A pipeline with a train stage fine-tunes whatever workload.mode says.
+    finetune = None
+    if typed.workload.mode == "finetune" or "train" in stage_keys:
+        gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+        finetune = resolve_finetune(typed, budget_device, quant.method, quant.bits, gpus)
     return Settings(
         device=device,
         dtype=resolve_dtype(typed, device),
         kernel=kernel,
         model_class=str(typed.model.model_class),
         task=task,
-        quant=_quant_settings(typed.quant, cfg.quant),
+        quant=quant,
         budget_device=budget_device,
         budget_dtype=resolve_dtype(typed, budget_device),
         budget_kernel=resolve_kernel(typed, budget_device),
+        finetune=finetune,
     )
 
 
