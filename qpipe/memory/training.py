@@ -411,9 +411,7 @@ def zero_model_states(
         grads16 = 2 * trainable if stage == 1 else 2 * trainable // n
         if offload_optimizer:
             return 2 * trainable + frozen_bytes, max(4 * n * params, fp32_part)
-        return 2 * trainable + frozen_bytes + grads16 + (
-            fp32_part - 2 * trainable
-        ) // n, 4 * n * params
+        return 2 * trainable + frozen_bytes + grads16 + fp32_part // n, 4 * n * params
     layer = 4 * largest_layer
     if offload_optimizer and offload_params:
         return layer, 18 * trainable

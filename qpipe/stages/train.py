@@ -48,24 +48,28 @@ def run(ctx: StageContext) -> StageResult:
     metrics["train.loss_drop_pct"] = (result.losses[0] - result.losses[-1]) / result.losses[0] * 100
     metrics["train.step_s"] = sorted(result.seconds)[len(result.seconds) // 2]
     metrics["train.trainable_params"] = float(result.trainable_params)
-    # CPU: what grew over the loaded model, so the estimate's loaded weights come off it
+    # GPU: the allocator's absolute peak against the budget's mem.est_<phase>_gb; CPU: what
+    # the resident set grew over the loaded model, against the estimate less its loaded weights
     offset = 0.0 if meter.on_gpu else est["loaded_weights_gb"]
+    growth = "" if meter.on_gpu else "_growth"
     keys = {"forward": "forward", "backward": "backward", "optimizer": "optimizer_step"}
     for phase in PHASES:
+        key = keys[phase]
         measured = result.peaks_gb[phase]
         estimated = est["phases_gb"][phase] - offset
-        metrics[f"mem.est_{keys[phase]}_gb"] = estimated
-        metrics[f"mem.measured_{keys[phase]}_gb"] = measured
+        if not meter.on_gpu:
+            metrics[f"mem.est_{key}{growth}_gb"] = estimated
+        metrics[f"mem.measured_{key}{growth}_gb"] = measured
         if measured > 0:
-            metrics[f"mem.{keys[phase]}_error_pct"] = (estimated - measured) / measured * 100
+            metrics[f"mem.{key}_error_pct"] = (estimated - measured) / measured * 100
         if phase in result.nvml_gb:
             nvml = result.nvml_gb[phase]
-            metrics[f"mem.nvml_{keys[phase]}_gb"] = nvml
+            metrics[f"mem.nvml_{key}_gb"] = nvml
             total = est["phases_gb"][phase] + est["runtime_gb"] + est["paged_gb"]
-            metrics[f"mem.{keys[phase]}_total_error_pct"] = (total - nvml) / nvml * 100
+            metrics[f"mem.{key}_total_error_pct"] = (total - nvml) / nvml * 100
     peak = max(result.peaks_gb.values())
     est_peak = est["peak_gb"] - offset
-    metrics["mem.measured_peak_gb"] = peak
+    metrics[f"mem.measured_peak{growth}_gb"] = peak
     metrics["mem.est_error_pct"] = (est_peak - peak) / peak * 100
     if result.nvml_gb:
         nvml = max(result.nvml_gb.values())
