@@ -152,7 +152,10 @@ def run_row(name: str, out: Path, extra: list[str], timeout: float) -> dict:
         params = int(row.get("metrics", {}).get("model.params_b", 0) * 1e9)
         row["anchors"] = anchors(params)
         if zero and code == 0:
-            row["measured"] = _deepspeed_row(args, run_dir)
+            import torch
+
+            cuda = torch.cuda.is_available()
+            row["measured"] = _deepspeed_row(args, run_dir) if cuda else {"skipped": "no CUDA"}
     text = (log or "") + str(row.get("failure") or "")
     row["oom"] = "out of memory" in text.lower() or "outofmemory" in text.lower()
     train = run_dir / "logged" / "stages" / "train.json"
