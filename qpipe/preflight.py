@@ -33,6 +33,8 @@ def validate_config(cfg: DictConfig) -> Settings:
     quant = settings.quant.as_dict()
     backend = get_backend(settings.quant.method)
     backend.validate(quant)
+    if settings.finetune is not None:
+        _check_finetune_base(settings, backend.finetune_base(quant))
     validate_exclude(OmegaConf.to_container(cfg.exclude, resolve=True))
     wants_calib = backend.needs_calibration(quant) or backend.plans_widths
     if wants_calib or cfg.exclude.get("by") == "sensitivity":  # the sensitivity stage's texts
@@ -75,6 +77,23 @@ def validate_config(cfg: DictConfig) -> Settings:
         if int(cfg.eval.max_new_tokens) < 2:
             raise ConfigError("eval.max_new_tokens must be ≥ 2 to time decoding")
     return settings
+
+
+def _check_finetune_base(settings: Settings, base: str | None) -> None:
+    """QLoRA trains adapters over a 4-bit base; full fine-tuning and LoRA over 16/32-bit
+    weights: the quant option must be such a base (its backend says)."""
+    from qpipe.backends import finetune_base_options
+
+    method = settings.finetune.method
+    kind = "qlora" if method == "qlora" else "dense"
+    if base == kind:
+        return
+    what = "LoRA adapters over a 4-bit base" if kind == "qlora" else "over 16/32-bit weights"
+    options = " or ".join(f"quant={o}" for o in finetune_base_options(kind))
+    raise ConfigError(
+        f"finetune.method={method} trains {what}, but quant={settings.quant.name}; "
+        f"use {options or 'a quant option that is such a base'}"
+    )
 
 
 def _number(value: object) -> bool:

@@ -118,6 +118,28 @@ def weight_format_of(
     return backend.weight_format(quant, dtype_bytes, device, resolved)
 
 
+def finetune_base_option(kind: str, current: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The quant option fine-tuning of ``kind`` trains over (``dense``: full and LoRA;
+    ``qlora``: a 4-bit base): ``current`` when it is one, else the first registered option
+    whose backend says it is (options of one kind hold their weights alike)."""
+    if current is not None and get_backend(current["method"]).finetune_base(current) == kind:
+        return current
+    for option, method in quant_options().items():
+        quant = option_config(option)
+        if get_backend(method).finetune_base(quant) == kind:
+            return quant
+    raise ConfigError(f"no quant option is a base fine-tuning of kind {kind!r} trains over")
+
+
+def finetune_base_options(kind: str) -> list[str]:
+    """Every quant option fine-tuning of ``kind`` may train over (for an error's hint)."""
+    return [
+        option
+        for option, method in quant_options().items()
+        if get_backend(method).finetune_base(option_config(option)) == kind
+    ]
+
+
 def kernel_names() -> set[str]:
     """Every ``kernel`` value some registered backend runs (and ``auto``)."""
     names = {"auto"}
@@ -130,6 +152,8 @@ __all__ = [
     "Backend",
     "QuantizeRequest",
     "QuantizeResult",
+    "finetune_base_option",
+    "finetune_base_options",
     "get_backend",
     "kernel_names",
     "methods",

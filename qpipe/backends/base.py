@@ -144,6 +144,12 @@ class Backend(Protocol):
         method has no layout of its own to align)."""
         ...
 
+    def finetune_base(self, quant: dict[str, Any]) -> str | None:
+        """What fine-tuning may train over this option's weights: ``dense`` (full fine-tuning
+        and LoRA: weights in 16/32 bits), ``qlora`` (LoRA adapters over a frozen 4-bit base
+        peft and bitsandbytes train through), or None."""
+        ...
+
     def quantize(self, request: QuantizeRequest) -> QuantizeResult:
         """Quantize ``request.source`` into ``request.output_dir``."""
         ...
@@ -227,4 +233,7 @@ class BackendBase:
         return None
 
     def checkpoint_format(self, quant: dict[str, Any]) -> str | None:
+        return None
+
+    def finetune_base(self, quant: dict[str, Any]) -> str | None:
         return None

@@ -140,6 +140,9 @@ class BnbBackend:
     def checkpoint_format(self, quant: dict[str, Any]) -> str | None:
         return None
 
+    def finetune_base(self, quant: dict[str, Any]) -> str | None:
+        return "qlora" if int(quant.get("bits", 0)) == 4 else None  # QLoRA's base: 4-bit bnb
+
     def quantize(self, request: QuantizeRequest) -> QuantizeResult:
         config = bnb_config(request.quant, request.skip_modules, request.dtype)
         with warnings.catch_warnings():

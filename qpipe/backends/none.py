@@ -71,6 +71,9 @@ class NoQuant:
     def checkpoint_format(self, quant: dict[str, Any]) -> str | None:
         return None
 
+    def finetune_base(self, quant: dict[str, Any]) -> str | None:
+        return "dense"
+
     def quantize(self, request: QuantizeRequest) -> QuantizeResult:
         return QuantizeResult(checkpoint=request.source, format="hf")
 

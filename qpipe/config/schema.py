@@ -129,6 +129,34 @@ class WorkloadSchema:
 
 
 @dataclass
+class LoraSchema:
+    rank: int = 16
+    alpha: float = 32.0
+    targets: Any = "all-linear"  # all-linear | a list of module names (checked by finetune.py)
+    dropout: float = 0.0
+
+
+@dataclass
+class FinetuneSchema:
+    """``finetune.*``: read with workload.mode=finetune or a pipeline with a train stage
+    (values checked by qpipe/config/finetune.py)."""
+
+    method: str = "lora"  # full | lora | qlora
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit | sgd
+    precision: str = "auto"  # auto | mixed | bf16 | fp32
+    gradient_checkpointing: bool = False
+    lora: LoraSchema = field(default_factory=LoraSchema)
+    sharding: str = "none"  # none | zero1 | zero2 | zero3 | fsdp
+    cards: Any = "auto"  # auto (= hardware.count) | a number
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    train_vision: bool = False
+    steps: int = 3
+    lr: float = 1e-4
+    grad_accum: int = 1
+
+
+@dataclass
 class ExcludeSchema:
     lm_head: bool
     embeddings: bool
@@ -171,6 +199,7 @@ class QpipeSchema:
     mlflow: MlflowSchema
     placement: PlacementSchema = field(default_factory=PlacementSchema)
     sensitivity: SensitivitySchema = field(default_factory=SensitivitySchema)
+    finetune: FinetuneSchema = field(default_factory=FinetuneSchema)
     eval: Optional[EvalSchema] = None
     calib: Optional[CalibSchema] = None
     device: str = "auto"

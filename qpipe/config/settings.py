@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from qpipe.config.compose import resolve_device, resolve_dtype
+from qpipe.config.finetune import FinetuneSettings, resolve_finetune
 from qpipe.config.schema import check_options, check_schema
 from qpipe.errors import ConfigError
 
@@ -77,6 +78,7 @@ class Settings:
     budget_device: str
     budget_dtype: torch.dtype
     budget_kernel: str
+    finetune: FinetuneSettings | None = None  # workload.mode=finetune or a train stage
 
     @property
     def dtype_name(self) -> str:
@@ -103,6 +105,11 @@ def resolve_settings(
         raise ConfigError(f"model.task={task!r} is not valid; use {_or(TASKS)}")
     budget_device = device if typed.hardware.name == "auto" else "cuda"
     options = quant.as_dict()
+    # A pipeline with a train stage fine-tunes whatever workload.mode says.
+    finetune = None
+    if typed.workload.mode == "finetune" or "train" in stage_keys:
+        gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+        finetune = resolve_finetune(typed, budget_device, gpus)
     return Settings(
         device=device,
         dtype=resolve_dtype(typed, device),
@@ -113,6 +120,7 @@ def resolve_settings(
         budget_device=budget_device,
         budget_dtype=resolve_dtype(typed, budget_device),
         budget_kernel=backend.resolve_kernel(requested, options, budget_device),
+        finetune=finetune,
     )
 
 

@@ -9,7 +9,7 @@ import gc
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -54,6 +54,20 @@ def _release_freed_heap() -> None:
         # Not glibc (musl, macOS): there is nothing to trim.
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(libc_name).malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _map_large_allocations() -> None:
+    """glibc serves large blocks from the heap once a freed one raised its mmap threshold,
+    and keeps them when freed: the resident set then shows freed activations as in use. A
+    fixed threshold of 64 KiB maps every large block and unmaps it when freed, so RSS follows
+    what is really allocated (for the rest of the process: a few page faults more)."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(libc_name).mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
 
 
 def _reset_host_peak() -> bool:
@@ -196,3 +210,56 @@ class MemoryWindow:
     @property
     def used_gb(self) -> float:
         return max(self.peak - self.baseline, 0) / 1e9
+
+
+@dataclass
+class PhaseMeter:
+    """The peak of one phase at a time (a training step's forward, backward, optimizer step):
+    on GPU the torch allocator's peak (absolute) and NVML's view of the process at the
+    phase's end; on CPU the resident set's peak above ``baseline`` (the RSS when the meter
+    was made: the loaded model and the libraries). ``peaks`` keeps each phase's largest."""
+
+    device: str
+    baseline: int = 0
+    peaks: dict[str, float] = field(default_factory=dict)
+    nvml: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.on_gpu:
+            _map_large_allocations()
+            _release_freed_heap()
+            self.baseline = psutil.Process().memory_info().rss
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @contextlib.contextmanager
+    def phase(self, name: str, record: bool = True):
+        """Measure what runs inside as phase ``name`` (``record=False``: run it unmeasured)."""
+        if record:
+            self._start()
+        yield
+        if record:
+            self._stop(name)
+
+    def _start(self) -> None:
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            # freed heap that glibc kept from the last phase would count as this one's
+            _release_freed_heap()
+            _reset_host_peak()
+
+    def _stop(self, name: str) -> None:
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 1e9
+            used = nvml_process_used_gb(torch.device(self.device).index or 0)
+            if used is not None:
+                self.nvml[name] = max(self.nvml.get(name, 0.0), used)
+        else:
+            high = _host_peak_bytes() or psutil.Process().memory_info().rss
+            peak = max(high - self.baseline, 0) / 1e9
+        self.peaks[name] = max(self.peaks.get(name, 0.0), peak)

@@ -11,8 +11,8 @@ What is counted, and why it is a good predictor of the allocator's peak:
 - the largest transient of one forward pass over the prompt (the MLP's intermediates dominate
   for decoders at batch 1; the last position's fp32 logits ride on top), plus what the
   format's own matmul holds while it runs;
-- fine-tuning: fp32 master weights, gradients and AdamW's two moments (16 bytes a parameter)
-  plus stored activations (Korthikanti et al. 2022, ``s·b·h·(34 + 5·a·s/h)`` bytes a layer);
+- fine-tuning (``workload.mode=finetune`` without a plan): full fine-tuning with AdamW as
+  ``qpipe.memory.training`` prices it (the fine-tuning plans are priced there);
 - a runtime overhead (CUDA context + library workspaces) that depends on the device, taken
   from the ``hardware`` config: the allocator never sees it, the process does.
 """
@@ -23,6 +23,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qpipe.memory import training
 from qpipe.memory.formats import WeightFormat
 from qpipe.memory.inventory import Inventory, ModuleInfo
 
@@ -193,12 +194,9 @@ def kv_cache_bytes(dims: ArchDims, workload: Workload, dtype_bytes: int) -> int:
 def activation_bytes(
     dims: ArchDims, workload: Workload, dtype_bytes: int, fused_mlp: bool = False
 ) -> int:
-    """Largest transient of one forward over the whole prompt (inference), or the activations
-    kept for backward (fine-tuning). ``fused_mlp``: gate and up as one matmul (KernelFacts)."""
+    """Largest transient of one forward over the whole prompt (inference; fine-tuning's
+    activations are priced in ``estimate``). ``fused_mlp``: gate and up as one matmul."""
     b, s, h = workload.batch_size, workload.context_len, dims.hidden
-    if workload.mode == "finetune":
-        per_layer = s * b * h * (34 + 5 * dims.heads * s / h)
-        return int(dims.layers * per_layer)
     q_dim = dims.heads * dims.head_dim
     kv_dim = dims.kv_heads * dims.head_dim
     widths = 4 if fused_mlp else 3  # act(gate), up, their product (+ the fused pair's half)
@@ -264,9 +262,10 @@ def estimate(
         features = workload.batch_size * vision.tiles * vision.tokens_per_tile * dims.hidden
         act = max(act + features * dtype_bytes, vision_act)
     optimizer = 0
-    if workload.mode == "finetune":
-        # fp32 master weights + gradients + AdamW moments replace the inference weights.
-        optimizer = adamw_training_gb(inventory.total_params) * GB - weights
+    if workload.mode == "finetune":  # full fine-tuning with AdamW (qpipe.memory.training)
+        optimizer, act = training.full_finetune_extras(
+            inventory, dims, workload.batch_size, workload.context_len, weights
+        )
         kv = 0
     tuning = kernels.tuning_bytes if workload.mode == "inference" else 0
     peak = weights + buffers + kv + act + optimizer + tuning

@@ -20,6 +20,7 @@ from qpipe.models import load_config
 from qpipe.models.processor import is_vlm, vision_dims
 from qpipe.stages._budget_pricing import price_options
 from qpipe.stages._budget_verdict import verdict
+from qpipe.stages._finetune_budget import finetune_budget
 from qpipe.stages.base import StageContext, StageResult
 
 
@@ -101,6 +102,8 @@ def run(ctx: StageContext) -> StageResult:
     """Price the chosen quant option and the others, plan the devices for the chosen one, and
     say whether it fits (stopping the pipeline with the numbers when it does not)."""
     inputs = budget_inputs(ctx)
+    if ctx.settings.finetune is not None:  # training: priced by qpipe.memory.training
+        return finetune_budget(ctx, inputs)
     pricing = price_options(ctx, inputs)
     devices = plan_devices(ctx.cfg, pricing.chosen, inputs)
     backend = get_backend(inputs.quant["method"])

@@ -180,6 +180,9 @@ class LlmcBackend:
         """The layout of the checkpoint this backend writes (pad_align picks its mode by it)."""
         return CT_FORMAT
 
+    def finetune_base(self, quant: dict[str, Any]) -> str | None:
+        return None  # qpipe trains over its own layers nowhere yet
+
     def quantize(self, request: QuantizeRequest) -> QuantizeResult:
         return quantize_with_llmc(request)
 
