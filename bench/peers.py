@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -182,29 +181,34 @@ def build_marlin(src: Path | None = None, build_dir: Path | None = None, log=pri
     return marlin
 
 
-def make_marlin(iw, x: torch.Tensor, copies: int, ref: torch.Tensor):
-    """(calls, bytes per call, note, check) of Marlin on ``iw``'s (symmetric g128) integers."""
+def marlin_layers(iw, copies: int, device: torch.device) -> list:
+    """``copies`` Marlin layers holding ``iw``'s (symmetric g128) integers, packed once."""
     marlin = build_marlin()
     n, k = iw.shape
     if iw.zeros is not None or iw.g_idx is not None or iw.group_size != GROUP:
         raise ValueError("Marlin takes symmetric g128 weights without act-order")
     if n % 256 or k % 128:
         raise ValueError(f"Marlin needs N % 256 == 0 and K % 128 == 0, got {n}x{k}")
-    dev = x.device
-    scales = iw.scales.to(device=dev, dtype=torch.float16)  # [N, G]
-    linear = torch.nn.Linear(k, n, bias=False, dtype=torch.float16, device=dev)
+    scales = iw.scales.to(device=device, dtype=torch.float16)  # [N, G]
+    linear = torch.nn.Linear(k, n, bias=False, dtype=torch.float16, device=device)
     with torch.no_grad():  # (q - 8) * s in fp16: Layer.pack rounds w / s back to q - 8
-        linear.weight.copy_(iw.dequantize(torch.float32).to(dev).half())
-    first = marlin.Layer(k, n, groupsize=GROUP).to(dev)
+        linear.weight.copy_(iw.dequantize(torch.float32).to(device).half())
+    first = marlin.Layer(k, n, groupsize=GROUP).to(device)
     first.pack(linear, scales)
     del linear
     layers = [first]
     for _ in range(copies - 1):  # packing is slow (numpy): copy the packed tensors
-        layer = marlin.Layer(k, n, groupsize=GROUP).to(dev)
+        layer = marlin.Layer(k, n, groupsize=GROUP).to(device)
         layer.B.copy_(first.B)
         layer.s.copy_(first.s)
         layers.append(layer)
-    m = x.shape[0]
+    return layers
+
+
+def marlin_calls(layers: list, x: torch.Tensor, ref: torch.Tensor):
+    """(calls, bytes per call, note, check) of Marlin layers on activations ``x``."""
+    first = layers[0]
+    m, n = x.shape[0], first.s.shape[1]
     nbytes = first.B.numel() * 4 + first.s.numel() * 2 + x.numel() * 2 + m * n * 2
     calls = [lambda layer_=layer_: layer_(x) for layer_ in layers]
     note = "Marlin (IST-DASLab, built here) Layer, sym int4 g128, fp16"
@@ -225,6 +229,3 @@ def _version(dist: str) -> str:
         return version(dist)
     except Exception:  # noqa: BLE001
         return "?"
-
-
-PEERS: dict[str, Callable] = {"gemlite": make_gemlite, "marlin": make_marlin}

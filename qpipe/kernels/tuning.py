@@ -114,7 +114,12 @@ def candidates(m: int, n: int, k: int, group_size: int, device: torch.device) ->
 
 
 def _launch_any(x, qweight, scales, zeros, group_size, bias, cfg, out=None) -> torch.Tensor:
-    """One launch with an explicit configuration: the fragment kernel's or a Triton one's."""
+    """One launch with an explicit configuration: the fragment kernel's, a Triton W4 or a
+    W8 one's."""
+    if qweight.dtype == torch.uint8:  # 8-bit weights (Int8Linear)
+        from qpipe.kernels.triton_w8a16 import launch as w8_launch
+
+        return w8_launch(x, qweight, scales, zeros, group_size, bias, cfg, out=out)
     if cfg.kind == "frag":
         from qpipe.kernels.frag_w4a16 import launch as frag_launch
 
@@ -168,7 +173,7 @@ def tuning_transient_bytes(layer_bytes: list[int], l2_bytes: int) -> int:
 
 def _cold_copies(qweight, scales, zeros) -> list:
     """Enough copies of the weights to outrun the L2 (the originals first)."""
-    nbytes = qweight.numel() * 4 + scales.numel() * scales.element_size()
+    nbytes = qweight.numel() * qweight.element_size() + scales.numel() * scales.element_size()
     l2 = getattr(torch.cuda.get_device_properties(qweight.device), "L2_cache_size", 50 << 20)
     n = cold_copy_count(nbytes, l2)
     extra = [
@@ -218,7 +223,8 @@ class Tuner:
         zeros: torch.Tensor | None,
         group_size: int,
         bias: torch.Tensor | None,
-    ) -> KernelConfig:
+    ):
+        """The 4-bit launch configuration for this call (timed once per key)."""
         m, k = x.shape
         if qweight.dim() == 3:  # the fragment order: only the fragment kernel reads it
             from qpipe.kernels import frag_w4a16
@@ -236,6 +242,30 @@ class Tuner:
                 return self.best[key]
             base = heuristic(m, n, k, group_size, x.device)
             space = lambda: candidates(m, n, k, group_size, x.device)  # noqa: E731
+        return self._tune(key, base, space, x, qweight, scales, zeros, group_size, bias)
+
+    def choose_w8(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        group_size: int,
+        bias: torch.Tensor | None,
+    ):
+        """The 8-bit launch configuration (GEMV or tensor cores) for this call."""
+        from qpipe.kernels import triton_w8a16 as w8
+
+        m, k = x.shape
+        n = qweight.shape[0]
+        key = "w8|" + self.key(x, n, k, group_size, zeros is not None)
+        if key in self.best:
+            return self.best[key]
+        base = w8.heuristic(m, n, k, group_size, x.device)
+        space = lambda: w8.candidates(m, n, k, group_size, x.device)  # noqa: E731
+        return self._tune(key, base, space, x, qweight, scales, zeros, group_size, bias)
+
+    def _tune(self, key, base, space, x, qweight, scales, zeros, group_size, bias):
         can_time = (
             x.is_cuda
             and os.environ.get("QPIPE_AUTOTUNE", "1") != "0"
@@ -256,8 +286,7 @@ class Tuner:
                 first = y.float()
             err = float((y.float() - first).norm() / first.norm().clamp_min(1e-30))
             if not err < 1e-2:
-                self.skipped.append(f"{key} {cfg}: differs from {timed[0][1] if timed else '?'} "
-                                    f"by {err:.3g}")  # fmt: skip
+                self.skipped.append(f"{key} {cfg}: differs from the first candidate by {err:.3g}")
                 continue
             timed.append((us, cfg))
         del copies
@@ -303,8 +332,30 @@ def _frag_runs(x: torch.Tensor) -> bool:
     return unavailable(x.device) is None
 
 
+def w8a16_tuned(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The 8-bit matmul (``triton_w8a16``) with the tuner's configuration for this shape."""
+    from qpipe.kernels.triton_w8a16 import launch as w8_launch
+    from qpipe.kernels.triton_w8a16 import w8a16_matmul
+
+    if not x.is_cuda:  # the interpreter: the heuristic, with w8a16_matmul's checks
+        return w8a16_matmul(x, qweight, scales, zeros, group_size, bias)
+    cfg = TUNER.choose_w8(x, qweight, scales, zeros, group_size, bias)
+    return w8_launch(x, qweight, scales, zeros, group_size, bias, cfg)
+
+
 def _config_of(cfg: dict):
     """A remembered configuration (JSON) as its class."""
+    if "block_m" in cfg and "prefetch" not in cfg:
+        from qpipe.kernels.triton_w8a16 import W8Config
+
+        return W8Config(**cfg)
     if cfg.get("kind") == "frag":
         from qpipe.kernels.frag_w4a16 import FragConfig
 
