@@ -290,6 +290,12 @@ int main(int argc, char** argv) {
   auto cnt = std::unique_ptr<int[]>(new int[tiles]);
   for (int i = 0; i < tiles; ++i) cnt[i] = 0;
 
+  int shift = 0;  // log2(group_size / 64): the kernel's group_shift
+  while ((64 << shift) < gs) ++shift;
+  if ((64 << shift) != gs) {
+    std::fprintf(stderr, "group size %d is not 64 times a power of two\n", gs);
+    return 2;
+  }
   Kernel kernel = pick(T, R, W, P, bf16, has_z, has_bias);
   for (u32 bz = 0; bz < gridDim.z; ++bz)
     for (u32 by = 0; by < gridDim.y; ++by)
@@ -302,7 +308,7 @@ int main(int argc, char** argv) {
             blockIdx.x = bx, blockIdx.y = by, blockIdx.z = bz;
             current_block = &block;
             kernel(x.get(), qw.get(), s.get(), z.get(), bias.get(), y.get(), ws.get(), cnt.get(),
-                   M, N, K, sxm, gs, split, cps);
+                   M, N, K, sxm, shift, split, cps);
             // a thread that returned early still counts in the block's barrier
             block.bar.arrive_and_drop();
           });

@@ -46,6 +46,12 @@ class FragConfig:
         return asdict(self)
 
 
+def takes_group(group_size: int) -> bool:
+    """Groups the kernel reads: 64 columns times a power of two (64, 128, 256, ...)."""
+    chunks = group_size // FRAG_K
+    return group_size % FRAG_K == 0 and chunks > 0 and chunks & (chunks - 1) == 0
+
+
 def t_for(m: int) -> int:
     """n8 tiles per block for M activation rows (M > 64 runs in blocks of 64)."""
     return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
@@ -163,8 +169,8 @@ def plan(
     n, kq = frag_dims(qweight, scales)
     if k != kq:
         raise ValueError(f"qweight holds {kq} columns, x has {k}")
-    if group_size % FRAG_K or kq % group_size:
-        raise ValueError(f"the fragment kernel needs groups of a multiple of 64, got {group_size}")
+    if not takes_group(group_size) or kq % group_size:
+        raise ValueError(f"the fragment kernel needs groups of 64 x 2**i columns, got {group_size}")
     if x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype:
         raise ValueError(f"fp16/bf16 activations with scales of their dtype, got {x.dtype} and "
                          f"{scales.dtype}")  # fmt: skip
@@ -179,7 +185,8 @@ def plan(
         (bias if bias is not None else scales).data_ptr(),
         y.data_ptr(), ws.data_ptr(), cnt.data_ptr(),
     ]  # fmt: skip
-    ints = [m, n, k, x.stride(0), group_size, cfg.split_k, per_split]
+    shift = (group_size // FRAG_K).bit_length() - 1
+    ints = [m, n, k, x.stride(0), shift, cfg.split_k, per_split]
     bound = cuda_rtc.BoundLaunch(kernel, x.device, grid, cfg.warps * 32, pointers, ints)
     return bound, (qweight, scales, zeros, bias, ws, cnt)
 

@@ -50,7 +50,10 @@ def default_form(n: int, words: int, group_size: int) -> str:
     without the fragment kernel converts the fragments to tiles at its first call."""
     if not can_tile(n, words, group_size):
         return "rows"
-    return "tiled" if os.environ.get("QPIPE_FRAG", "") == "0" else "frag"
+    chunks = group_size // FRAG_K  # the fragment kernel's groups: 64 x a power of two columns
+    if os.environ.get("QPIPE_FRAG", "") == "0" or chunks & (chunks - 1):
+        return "tiled"
+    return "frag"
 
 
 def _shape_of(form: str, n: int, words: int) -> tuple[int, ...]:

@@ -17,8 +17,11 @@
 // 16 t + 4 kk + 0..3 for A and for B alike, so each lane's activations for a chunk are the
 // 16 contiguous halves x[m][64 c + 16 t ...] (two 16-byte loads).
 // Dequantizing: one lop3 drops two nibbles into an fp16x2 (or bf16x2) as 1024 + q (128 + q),
-// one add/fma subtracts 1024 + z exactly, one multiply applies the group scale: the operand is
-// (q - z) * s rounded once, the torch reference's weights bit for bit.
+// one add/fma subtracts 1024 + z exactly. With few accumulators the MMA sees those exact
+// integers and each group's fp32 partial is multiplied by its scale once; with many, one more
+// multiply puts the scale into the operand ((q - z) * s rounded once: the torch reference's
+// weights bit for bit). A group is a power-of-two number of 64-column chunks (group_shift).
+// The weight words of the next P chunks are in flight while a chunk is computed.
 //
 // Grid: x = row blocks of WARPS * R * 16 rows (each warp R row tiles), y = split-K, z = blocks
 // of 8 T activation rows. Split-K partials go to their own workspace slot [split][M][N]; the
@@ -130,35 +133,40 @@ QP_INLINE u32 pair_of(float v) {
   return h | (h << 16);
 }
 
-// One word (8 weights of rows g and g + 8) -> the MMA's four A registers, (q - z) * s each.
+// One word (8 weights of rows g and g + 8) -> the MMA's four A registers: q - z exactly, times
+// the group scale when SCALED (else the scale multiplies the fp32 partial of the group).
 // za / zb: the fp16x2 (bf16x2) constants that make q - z of rows g / g + 8; sa / sb their scales.
-template <bool BF16>
+template <bool BF16, bool SCALED>
 QP_INLINE void dequant(u32 w, u32 za, u32 zb, u32 sa, u32 sb, u32& a0, u32& a1, u32& a2,
                        u32& a3) {
   if (BF16) {
     // bf16 has 7 mantissa bits: each nibble goes to bits 0-3 (16-19) under 0x4300 (128).
     const u32 one = 0x3f803f80u, neg0 = 0x80008000u, magic = 0x43004300u, lo = 0x000f000fu;
-    const u32 t0 = lop3_and_or(w, lo, magic);        // nibbles 0, 4: row g, columns 0, 1
-    const u32 t1 = lop3_and_or(w >> 4, lo, magic);   // nibbles 1, 5: row g + 8, columns 0, 1
-    const u32 t2 = lop3_and_or(w >> 8, lo, magic);   // nibbles 2, 6: row g, columns 2, 3
-    const u32 t3 = lop3_and_or(w >> 12, lo, magic);  // nibbles 3, 7: row g + 8, columns 2, 3
-    a0 = bfma2(bfma2(t0, one, za), sa, neg0);
-    a1 = bfma2(bfma2(t1, one, zb), sb, neg0);
-    a2 = bfma2(bfma2(t2, one, za), sa, neg0);
-    a3 = bfma2(bfma2(t3, one, zb), sb, neg0);
+    a0 = bfma2(lop3_and_or(w, lo, magic), one, za);        // nibbles 0, 4: row g, columns 0, 1
+    a1 = bfma2(lop3_and_or(w >> 4, lo, magic), one, zb);   // nibbles 1, 5: row g + 8
+    a2 = bfma2(lop3_and_or(w >> 8, lo, magic), one, za);   // nibbles 2, 6: row g, columns 2, 3
+    a3 = bfma2(lop3_and_or(w >> 12, lo, magic), one, zb);  // nibbles 3, 7: row g + 8
+    if (SCALED) {
+      a0 = bfma2(a0, sa, neg0);
+      a1 = bfma2(a1, sb, neg0);
+      a2 = bfma2(a2, sa, neg0);
+      a3 = bfma2(a3, sb, neg0);
+    }
   } else {
     // 0x000f000f keeps nibbles 0 and 4 (1024 + q under 0x6400); 0x00f000f0 nibbles 1 and 5 as
     // 1024 + 16 q, brought back by a multiply with 1/16 inside the fma.
     const u32 magic = 0x64006400u, lo = 0x000f000fu, hi = 0x00f000f0u, sixteenth = 0x2c002c00u;
     const u32 w8 = w >> 8;
-    const u32 t0 = lop3_and_or(w, lo, magic);   // row g, columns 0, 1
-    const u32 t1 = lop3_and_or(w, hi, magic);   // row g + 8, columns 0, 1 (x 16)
-    const u32 t2 = lop3_and_or(w8, lo, magic);  // row g, columns 2, 3
-    const u32 t3 = lop3_and_or(w8, hi, magic);  // row g + 8, columns 2, 3 (x 16)
-    a0 = hmul2(hadd2(t0, za), sa);
-    a1 = hmul2(hfma2(t1, sixteenth, zb), sb);
-    a2 = hmul2(hadd2(t2, za), sa);
-    a3 = hmul2(hfma2(t3, sixteenth, zb), sb);
+    a0 = hadd2(lop3_and_or(w, lo, magic), za);              // row g, columns 0, 1
+    a1 = hfma2(lop3_and_or(w, hi, magic), sixteenth, zb);   // row g + 8, columns 0, 1
+    a2 = hadd2(lop3_and_or(w8, lo, magic), za);             // row g, columns 2, 3
+    a3 = hfma2(lop3_and_or(w8, hi, magic), sixteenth, zb);  // row g + 8, columns 2, 3
+    if (SCALED) {
+      a0 = hmul2(a0, sa);
+      a1 = hmul2(a1, sb);
+      a2 = hmul2(a2, sa);
+      a3 = hmul2(a3, sb);
+    }
   }
 }
 
@@ -167,27 +175,36 @@ __global__ void __launch_bounds__(WARPS * 32)
     w4_frag_kernel(const u16* __restrict__ x, const uint4* __restrict__ qw,
                    const u16* __restrict__ s, const u8* __restrict__ z,
                    const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ ws,
-                   int* __restrict__ cnt, int M, int N, int K, int stride_xm, int group_size,
+                   int* __restrict__ cnt, int M, int N, int K, int stride_xm, int group_shift,
                    int split_k, int chunks_per_split) {
+  // Few accumulators (R T <= 4): the MMAs see the exact integers q - z and a group's fp32
+  // partial is scaled once (no multiply per weight). Many: the scale goes into the operand.
+  constexpr bool AFTER = R * T <= 4;
+  constexpr int PAR = (R * T == 1) ? 2 : 1;  // two partial sets: no chain of dependent MMAs
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;
   const int t = lane & 3;
   const int row_tiles = N >> 4;
   const int chunks = K >> 6;
-  const int chunks_per_group = group_size >> 6;
+  const int group_mask = (1 << group_shift) - 1;  // chunks per group - 1 (a power of two)
   const int rt0 = (blockIdx.x * WARPS + warp) * R;  // this warp's first 16-row tile
   const int m0 = blockIdx.z * (8 * T);                // this block's first activation row
   const int c0 = blockIdx.y * chunks_per_split;
   const int c1 = min(c0 + chunks_per_split, chunks);
 
   float acc[R][T][4];
+  float part[PAR][R][T][4];  // AFTER: this group's unscaled partials
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int j = 0; j < T; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[r][j][e] = 0.0f;
+      for (int e = 0; e < 4; ++e) {
+        acc[r][j][e] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < PAR; ++q) part[q][r][j][e] = 0.0f;
+      }
 
   bool live[R];   // warp-uniform: whether row tile r exists
   int row[R];     // this lane's rows: row[r] and row[r] + 8
@@ -198,14 +215,11 @@ __global__ void __launch_bounds__(WARPS * 32)
     row[r] = (rt0 + r) * 16 + g;
     wp[r] = qw + ((i64)(rt0 + r) * chunks) * 32 + lane;
   }
-  bool x_ok[T];   // whether this lane's activation row of n8 tile j exists
+  // This lane's activation row of n8 tile j. Rows past M read row M - 1: their products land
+  // only in output columns that are never stored (an MMA column depends on its B column only).
   const u16* xp[T];
 #pragma unroll
-  for (int j = 0; j < T; ++j) {
-    const int m = m0 + 8 * j + g;
-    x_ok[j] = m < M;
-    xp[j] = x + (i64)(x_ok[j] ? m : 0) * stride_xm + 16 * t;
-  }
+  for (int j = 0; j < T; ++j) xp[j] = x + (i64)min(m0 + 8 * j + g, M - 1) * stride_xm + 16 * t;
   // symmetric: the zero is 8 for every group
   const u32 za_sym = pair_of<BF16>(BF16 ? -136.0f : -1032.0f);
   const u32 zb_sym = pair_of<BF16>(BF16 ? -136.0f : -72.0f);
@@ -218,7 +232,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     for (int p = 0; p < P; ++p) {
       const int c = c0 + p;
       if (c < c1) {
-        const i64 gi = (i64)(c / chunks_per_group) * N;
+        const i64 gi = (i64)(c >> group_shift) * N;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           if (live[r]) {
@@ -234,36 +248,11 @@ __global__ void __launch_bounds__(WARPS * 32)
       for (int p = 0; p < P; ++p) {
         const int cc = c + p;
         if (cc < c1) {
-          uint4 w[R];
-          u32 sv[R], zv[R];
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            w[r] = wb[p][r];
-            sv[r] = sb[p][r];
-            zv[r] = zb[p][r];
-          }
-          const int cn = cc + P;  // refill this slot: chunk cn, P chunks ahead
-          if (cn < c1) {
-            const i64 gi = (i64)(cn / chunks_per_group) * N;
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-              if (live[r]) {
-                wb[p][r] = ld_weights(wp[r] + (i64)cn * 32);
-                sb[p][r] = (u32)s[gi + row[r]] | ((u32)s[gi + row[r] + 8] << 16);
-                zb[p][r] =
-                    HAS_Z ? ((u32)z[gi + row[r]] | ((u32)z[gi + row[r] + 8] << 8)) : 0u;
-              }
-            }
-          }
           u32 xf[T][8];  // this lane's 16 activations of chunk cc, per n8 tile
 #pragma unroll
           for (int j = 0; j < T; ++j) {
-            uint4 lo4 = {0u, 0u, 0u, 0u};
-            uint4 hi4 = {0u, 0u, 0u, 0u};
-            if (x_ok[j]) {
-              lo4 = ld_x(xp[j] + (i64)cc * 64);
-              hi4 = ld_x(xp[j] + (i64)cc * 64 + 8);
-            }
+            const uint4 lo4 = ld_x(xp[j] + (i64)cc * 64);
+            const uint4 hi4 = ld_x(xp[j] + (i64)cc * 64 + 8);
             xf[j][0] = lo4.x;
             xf[j][1] = lo4.y;
             xf[j][2] = lo4.z;
@@ -276,22 +265,57 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             if (live[r]) {
-              const u32 sa = prmt(sv[r], 0x1010u);  // (s_g, s_g)
-              const u32 sbb = prmt(sv[r], 0x3232u); // (s_g+8, s_g+8)
+              const u32 sa = prmt(sb[p][r], 0x1010u);   // (s_g, s_g)
+              const u32 sbb = prmt(sb[p][r], 0x3232u);  // (s_g+8, s_g+8)
               u32 za = za_sym, zbb = zb_sym;
               if (HAS_Z) {
-                const float zg = (float)(zv[r] & 0xffu), zg8 = (float)((zv[r] >> 8) & 0xffu);
+                const float zg = (float)(zb[p][r] & 0xffu);
+                const float zg8 = (float)((zb[p][r] >> 8) & 0xffu);
                 za = pair_of<BF16>(BF16 ? -(128.0f + zg) : -(1024.0f + zg));
                 zbb = pair_of<BF16>(BF16 ? -(128.0f + zg8) : -(64.0f + zg8));
               }
 #pragma unroll
               for (int kk = 0; kk < 4; ++kk) {
-                const u32 word = kk == 0 ? w[r].x : (kk == 1 ? w[r].y : (kk == 2 ? w[r].z : w[r].w));
+                const u32 word =
+                    kk == 0 ? wb[p][r].x : (kk == 1 ? wb[p][r].y : (kk == 2 ? wb[p][r].z : wb[p][r].w));
                 u32 a0, a1, a2, a3;
-                dequant<BF16>(word, za, zbb, sa, sbb, a0, a1, a2, a3);
+                dequant<BF16, !AFTER>(word, za, zbb, sa, sbb, a0, a1, a2, a3);
+#pragma unroll
+                for (int j = 0; j < T; ++j) {
+                  float* d = AFTER ? part[kk % PAR][r][j] : acc[r][j];
+                  mma16816<BF16>(d, a0, a1, a2, a3, xf[j][2 * kk], xf[j][2 * kk + 1]);
+                }
+              }
+              if (AFTER && (((cc + 1) & group_mask) == 0 || cc + 1 == c1)) {
+                // the group ends here: its partial times its scale (rows g, g + 8)
+                const float s_g = to_float<BF16>((u16)(sb[p][r] & 0xffffu));
+                const float s_g8 = to_float<BF16>((u16)(sb[p][r] >> 16));
 #pragma unroll
                 for (int j = 0; j < T; ++j)
-                  mma16816<BF16>(acc[r][j], a0, a1, a2, a3, xf[j][2 * kk], xf[j][2 * kk + 1]);
+#pragma unroll
+                  for (int e = 0; e < 4; ++e) {
+                    float v = part[0][r][j][e];
+                    part[0][r][j][e] = 0.0f;
+#pragma unroll
+                    for (int q = 1; q < PAR; ++q) {
+                      v += part[q][r][j][e];
+                      part[q][r][j][e] = 0.0f;
+                    }
+                    acc[r][j][e] += v * (e < 2 ? s_g : s_g8);
+                  }
+              }
+            }
+          }
+          const int cn = cc + P;  // refill this slot (now used): chunk cn, P chunks ahead
+          if (cn < c1) {
+            const i64 gi = (i64)(cn >> group_shift) * N;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              if (live[r]) {
+                wb[p][r] = ld_weights(wp[r] + (i64)cn * 32);
+                sb[p][r] = (u32)s[gi + row[r]] | ((u32)s[gi + row[r] + 8] << 16);
+                zb[p][r] =
+                    HAS_Z ? ((u32)z[gi + row[r]] | ((u32)z[gi + row[r] + 8] << 8)) : 0u;
               }
             }
           }
