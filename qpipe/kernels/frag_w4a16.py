@@ -217,16 +217,18 @@ class FragLauncher:
     def __init__(self, x, qweight, scales, zeros, group_size, bias, cfg: FragConfig) -> None:
         y = torch.empty(x.shape[0], scales.shape[1], dtype=x.dtype, device=x.device)
         self._bound, self._keep = plan(x, qweight, scales, zeros, group_size, bias, cfg, y)
+        if x.stride(0) != x.shape[1] or x.stride(1) != 1:
+            raise ValueError("a bound launch takes contiguous rows")
         self._n = scales.shape[1]
-        self._stride = x.stride(0)
         self.cfg = cfg
 
     def takes(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` has the layout the launch was bound for."""
-        return x.stride(0) == self._stride and x.stride(1) == 1 and x.data_ptr() % 16 == 0
+        """Whether ``x`` (rows of K, any leading shape) has the layout the launch was bound
+        for: contiguous, 16-byte aligned."""
+        return x.is_contiguous() and x.data_ptr() % 16 == 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(x.shape[0], self._n, dtype=x.dtype, device=x.device)
+        y = torch.empty(x.shape[:-1] + (self._n,), dtype=x.dtype, device=x.device)
         self._bound.set_pointer(X_SLOT, x.data_ptr())
         self._bound.set_pointer(Y_SLOT, y.data_ptr())
         self._bound()

@@ -127,9 +127,10 @@ class QuantLinear(torch.nn.Module):
             self.register_parameter("bias", None)
         self.kernel = kernel
         self._checked: tuple[torch.device, torch.dtype] | None = None
-        # eager decode: (M, dtype, device index) -> a bound launcher or None (the op's path)
+        # eager decode: (elements of x, dtype, device index) -> a bound launcher or None (the
+        # op's path)
         self._launchers: dict[tuple[int, torch.dtype, int], Any] = {}
-        self._frag_ok: dict[int, bool] = {}  # device index -> the fragment kernel runs there
+        self._direct = False  # set by the first triton call: forward's fast path is open
 
     # -- construction ------------------------------------------------------------------
 
@@ -247,7 +248,7 @@ class QuantLinear(torch.nn.Module):
         # .to()/.cuda()/.half() replace the tensors the cached launchers point at
         self._launchers.clear()
         self._checked = None
-        self._frag_ok = {}
+        self._direct = False
         return super()._apply(fn, recurse)
 
     @property
@@ -340,6 +341,13 @@ class QuantLinear(torch.nn.Module):
         return x2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Eager decoding's fast path (a few microseconds of Python): a launcher bound for this
+        # many elements takes x as it is, any leading shape, and returns y in x's shape.
+        # (is_compiling first: Dynamo prunes the branch and never sees the launchers)
+        if not torch.compiler.is_compiling() and self._direct and x.shape[-1] == self.in_features:
+            launcher = self._launchers.get((x.numel(), x.dtype, x.get_device()))
+            if launcher is not None and launcher.takes(x):
+                return launcher(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got {x.shape[-1]}")
         lead = x.shape[:-1]
@@ -379,7 +387,9 @@ class QuantLinear(torch.nn.Module):
             self._check_triton(x2)
             self._settle_form(x2.device)
             self._checked = (x2.device, x2.dtype)
-        key = (x2.shape[0], x2.dtype, x2.device.index)
+            # inputs that need no padding or permutation may take forward's fast path
+            self._direct = self.k_padded == self.in_features and self.perm is None
+        key = (x2.numel(), x2.dtype, x2.get_device())
         launcher = self._launchers.get(key, _UNBUILT)
         if launcher is _UNBUILT:
             launcher = self._build_launcher(x2)

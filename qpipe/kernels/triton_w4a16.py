@@ -946,7 +946,8 @@ class DirectLauncher:
         return x.is_contiguous() and x.data_ptr() % 16 == 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(x.shape[0], self._n, dtype=x.dtype, device=x.device)
+        # x: contiguous rows of K, any leading shape (the kernel was bound with their number)
+        y = torch.empty(x.shape[:-1] + (self._n,), dtype=x.dtype, device=x.device)
         stream = torch._C._cuda_getCurrentRawStream(x.device.index)
         g0, g1, g2 = self._grid
         self._run(
