@@ -696,6 +696,35 @@ def sweep_w8(shapes, ms, replays: int, log=print) -> list[dict]:
     return rows
 
 
+def merge(paths: list[Path], out: Path | None, tag: str) -> None:
+    """One table from the result files of several calls (on one card): their rows in order,
+    the first file's header and environment, every call's command kept."""
+    import harness
+
+    datas = [json.loads(Path(p).read_text()) for p in paths]
+    header = {k: v for k, v in datas[0].items() if k not in ("env", "results")}
+    header["command"] = " && ".join(d["command"] for d in datas)
+    env = dict(datas[0]["env"])
+    for d in datas[1:]:
+        env.setdefault("gemlite_configs", {}).update(d["env"].get("gemlite_configs") or {})
+        env["skipped_shapes"] = env.get("skipped_shapes", []) + d["env"].get("skipped_shapes", [])
+    results = []
+    for d in datas:
+        for r in d["results"]:
+            r = dict(r)
+            r["shape"] = tuple(r["shape"])
+            results.append(Result(**r))
+    cards = {d["device"]["name"] for d in datas}
+    if len(cards) > 1:
+        sys.exit(f"--merge: the files come from different cards ({', '.join(sorted(cards))})")
+    stem = f"kernels_{harness.card_slug(header['device'])}" + (f"_{tag}" if tag else "")
+    md = markdown(env, results, header)
+    if out:
+        harness.write_result(stem, {**header, "env": env, "results": [r.__dict__ for r in results]},
+                             md, out)  # fmt: skip
+    print(md)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=None,
@@ -711,11 +740,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="start no new shape after this many seconds (the files keep the rest)")  # fmt: skip
     ap.add_argument("--gemlite-autotune", action="store_true",
                     help="let GemLite autotune shapes it has no H100 config for (slow)")  # fmt: skip
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="kernels_*.json of several calls -> one table (kernels_<card>[_<tag>])")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="time explicit kernel configs")
     ap.add_argument("--sweep-w8", action="store_true", help="time explicit W8A16 configs")
     ap.add_argument("--layouts", default="rows", help="--sweep: rows,tiled (layout.tile_w4)")
     ap.add_argument("--kinds", default="", help="--sweep: only these kernel kinds (gemv,mm,mmp)")
     args = ap.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out, args.tag)
+        return
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA device")
     shapes = parse_shapes(args.shapes)

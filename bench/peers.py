@@ -229,3 +229,10 @@ def _version(dist: str) -> str:
         return version(dist)
     except Exception:  # noqa: BLE001
         return "?"
+
+
+if __name__ == "__main__":  # python bench/peers.py: build Marlin ahead (a GPU call's background)
+    try:
+        build_marlin()
+    except PeerUnavailable as err:
+        sys.exit(f"marlin: {err}")

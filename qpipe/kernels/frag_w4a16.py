@@ -125,10 +125,15 @@ def _expr(cfg: FragConfig, bf16: bool, has_z: bool, has_bias: bool) -> str:
     return f"w4_frag_kernel<{cfg.t}, {cfg.r}, {cfg.warps}, {cfg.prefetch}, {flags}>"
 
 
-@functools.cache
+COMPILED: dict[tuple[str, str], cuda_rtc.Kernel] = {}  # (instantiation, arch) -> kernel
+
+
 def _kernel(expr: str, arch: str) -> cuda_rtc.Kernel:
-    cubin, lowered = cuda_rtc.compile_cubin(_source(), [expr], arch)
-    return cuda_rtc.Kernel(cubin, lowered[expr])
+    kernel = COMPILED.get((expr, arch))
+    if kernel is None:
+        cubin, lowered = cuda_rtc.compile_cubin(_source(), [expr], arch)
+        kernel = COMPILED[(expr, arch)] = cuda_rtc.Kernel(cubin, lowered[expr])
+    return kernel
 
 
 def _arch(device: torch.device) -> str:
