@@ -7,6 +7,7 @@
 //
 // Usage: frag_emulator CASE_FILE OUT_FILE. CASE_FILE (little endian): int32 header
 //   M N K group_size bf16 has_z has_bias T R WARPS P split_k chunks_per_split stride_xm
+//   grid_x grid_y grid_z threads group_shift (the launch as frag_w4a16.geometry plans it)
 // then x (u16 [M, stride_xm]), qw (u32 [N/16, K/64, 128]), s (u16 [G, N]), z (u8 [G, N],
 // when has_z), bias (u16 [N], when has_bias). OUT_FILE: y (u16 [M, N]) then the counters
 // (int32, one per output tile), which must be all zero again.
@@ -264,9 +265,10 @@ int main(int argc, char** argv) {
   }
   FILE* f = std::fopen(argv[1], "rb");
   if (!f) return 2;
-  auto h = read_vec<int>(f, 14);
+  auto h = read_vec<int>(f, 19);
   const int M = h[0], N = h[1], K = h[2], gs = h[3], bf16 = h[4], has_z = h[5], has_bias = h[6];
   const int T = h[7], R = h[8], W = h[9], P = h[10], split = h[11], cps = h[12], sxm = h[13];
+  const int shift = h[18];
   const int G = K / gs;
   auto x = exact(read_vec<u16>(f, (size_t)M * sxm));
   auto qw_words = read_vec<u32>(f, (size_t)N * K / 8);
@@ -277,11 +279,12 @@ int main(int argc, char** argv) {
   auto bias = has_bias ? exact(read_vec<u16>(f, (size_t)N)) : nullptr;
   std::fclose(f);
 
-  const int rows_per_block = W * R * 16;
-  gridDim.x = (N + rows_per_block - 1) / rows_per_block;
-  gridDim.y = split;
-  gridDim.z = (M + 8 * T - 1) / (8 * T);
-  blockDim.x = W * 32;
+  gridDim.x = h[14], gridDim.y = h[15], gridDim.z = h[16];
+  blockDim.x = h[17];
+  if (blockDim.x != (u32)W * 32 || gridDim.y != (u32)split || (64 << shift) != gs) {
+    std::fprintf(stderr, "the planned launch does not fit the configuration\n");
+    return 2;
+  }
   const int tiles = gridDim.x * gridDim.z;
   auto y = std::unique_ptr<u16[]>(new u16[(size_t)M * N]);
   for (size_t i = 0; i < (size_t)M * N; ++i) y[i] = 0x7e00;  // poison: NaN in fp16
@@ -290,12 +293,6 @@ int main(int argc, char** argv) {
   auto cnt = std::unique_ptr<int[]>(new int[tiles]);
   for (int i = 0; i < tiles; ++i) cnt[i] = 0;
 
-  int shift = 0;  // log2(group_size / 64): the kernel's group_shift
-  while ((64 << shift) < gs) ++shift;
-  if ((64 << shift) != gs) {
-    std::fprintf(stderr, "group size %d is not 64 times a power of two\n", gs);
-    return 2;
-  }
   Kernel kernel = pick(T, R, W, P, bf16, has_z, has_bias);
   for (u32 bz = 0; bz < gridDim.z; ++bz)
     for (u32 by = 0; by < gridDim.y; ++by)

@@ -161,13 +161,18 @@ def _write_case(path: Path, case, seed: int):
     zeros = torch.randint(0, 16, (groups, n), generator=gen, dtype=torch.uint8) if has_z else None
     scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).to(dt)
     bias = torch.randn(n, generator=gen).to(dt) if has_bias else None
+    from qpipe.kernels.frag_w4a16 import FragConfig, geometry
+
     sxm = sxm or k
     x_full = torch.randn(m, sxm, generator=gen).to(dt)
-    chunks = k // 64
-    header = [m, n, k, gs, int(bf16), int(has_z), int(has_bias), t, r, w, p, split,
-              -(-chunks // split), sxm]  # fmt: skip
+    # the launch exactly as the Python side plans it for the GPU
+    cfg = FragConfig(t=t, r=r, warps=w, prefetch=p, split_k=split)
+    grid, block, ints = geometry(m, n, k, sxm, gs, cfg)
+    assert ints[:4] == [m, n, k, sxm] and ints[5] == split
+    header = [m, n, k, gs, int(bf16), int(has_z), int(has_bias), t, r, w, p, split, ints[6], sxm,
+              *grid, block, ints[4]]  # fmt: skip
     with open(path, "wb") as f:
-        f.write(struct.pack("<14i", *header))
+        f.write(struct.pack("<19i", *header))
         f.write(x_full.view(torch.int16).numpy().tobytes())
         f.write(frag_w4(pack_int4_rows(q)).numpy().tobytes())
         f.write(scales.view(torch.int16).numpy().tobytes())
@@ -178,9 +183,7 @@ def _write_case(path: Path, case, seed: int):
     ref = x_full[:, :k].double() @ _dequant_ref(q, scales, zeros, gs, dt).t()
     if bias is not None:
         ref = ref + bias.double()
-    rows = w * r * 16
-    tiles = -(-n // rows) * -(-m // (8 * t))
-    return ref, dt, tiles
+    return ref, dt, grid[0] * grid[2]
 
 
 @pytest.mark.parametrize("case", EMULATED, ids=[f"m{c[0]}_{'x'.join(map(str, c[7]))}_s{c[8]}"

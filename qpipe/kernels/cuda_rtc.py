@@ -223,7 +223,8 @@ class Kernel:
         if fn is None:
             lib = cuda()
             with torch.cuda.device(index):
-                torch.cuda.current_stream()  # the device's primary context is current here
+                torch.cuda.current_stream()  # torch's state on this device exists
+                _make_primary_current(lib, index)
                 module, fn = ctypes.c_void_p(), ctypes.c_void_p()
                 check_cuda(lib.cuModuleLoadData(ctypes.byref(module), self._cubin), "module load")
                 check_cuda(
@@ -233,6 +234,22 @@ class Kernel:
             self._modules.append(module)
             self._functions[index] = fn
         return fn
+
+
+def _make_primary_current(lib: ctypes.CDLL, index: int) -> None:
+    """Device ``index``'s primary context (the one torch's runtime calls use) current on this
+    thread for the driver calls that follow (a module belongs to the context it loads into)."""
+    ctx = ctypes.c_void_p()
+    check_cuda(lib.cuCtxGetCurrent(ctypes.byref(ctx)), "current context")
+    if ctx.value:
+        dev = ctypes.c_int()
+        check_cuda(lib.cuCtxGetDevice(ctypes.byref(dev)), "context device")
+        if dev.value == index:
+            return
+    dev = ctypes.c_int()
+    check_cuda(lib.cuDeviceGet(ctypes.byref(dev), index), "device")
+    check_cuda(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "primary context")
+    check_cuda(lib.cuCtxSetCurrent(ctx), "set context")
 
 
 class BoundLaunch:

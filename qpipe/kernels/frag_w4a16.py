@@ -179,9 +179,7 @@ def plan(
     if x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype:
         raise ValueError(f"fp16/bf16 activations with scales of their dtype, got {x.dtype} and "
                          f"{scales.dtype}")  # fmt: skip
-    chunks = k // FRAG_K
-    per_split = -(-chunks // cfg.split_k)
-    grid = (-(-n // (cfg.warps * cfg.r * TILE_N)), cfg.split_k, -(-m // (8 * cfg.t)))
+    grid, block, ints = geometry(m, n, k, x.stride(0), group_size, cfg)
     ws, cnt = WORKSPACE.for_launch(x.device, cfg.split_k, m, n, grid[0] * grid[2])
     kernel = kernel_for(cfg, x.dtype, zeros is not None, bias is not None, x.device)
     pointers = [
@@ -190,10 +188,20 @@ def plan(
         (bias if bias is not None else scales).data_ptr(),
         y.data_ptr(), ws.data_ptr(), cnt.data_ptr(),
     ]  # fmt: skip
-    shift = (group_size // FRAG_K).bit_length() - 1
-    ints = [m, n, k, x.stride(0), shift, cfg.split_k, per_split]
-    bound = cuda_rtc.BoundLaunch(kernel, x.device, grid, cfg.warps * 32, pointers, ints)
+    bound = cuda_rtc.BoundLaunch(kernel, x.device, grid, block, pointers, ints)
     return bound, (qweight, scales, zeros, bias, ws, cnt)
+
+
+def geometry(
+    m: int, n: int, k: int, stride_xm: int, group_size: int, cfg: FragConfig
+) -> tuple[tuple[int, int, int], int, list[int]]:
+    """(grid, threads per block, the kernel's int parameters) of one launch: blocks of
+    warps x r x 16 rows, the splits of K's 64-column chunks, blocks of 8 t activation rows."""
+    chunks = k // FRAG_K
+    per_split = -(-chunks // cfg.split_k)
+    grid = (-(-n // (cfg.warps * cfg.r * TILE_N)), cfg.split_k, -(-m // (8 * cfg.t)))
+    shift = (group_size // FRAG_K).bit_length() - 1  # log2 of a group's chunks
+    return grid, cfg.warps * 32, [m, n, k, stride_xm, shift, cfg.split_k, per_split]
 
 
 def launch(
