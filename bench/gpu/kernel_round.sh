@@ -66,8 +66,9 @@ gpu_tests() {  # gpu_tests FILE pytest-args...: the GPU-marked tests, with devic
       | grep --line-buffered -v -E "^\s*$|it/s\]"
   } | tee "$W/$file"
 }
-table() {  # table TAG SHAPES IMPLS: new shapes start until 60 s before the deadline
+table() {  # table TAG SHAPES IMPLS BUDGET: no new shape after BUDGET s (nor 60 s before the deadline)
   local budget=$(($(left) - 60))
+  [ "$4" -lt "$budget" ] && budget=$4
   python3 bench/kernel_bench.py --out "$W" --tag "$1" --shapes "$2" --ms 1,4,16,64 \
     --budget-s "$budget" --impls "$3"
 }
@@ -90,7 +91,7 @@ A)
   # Marlin compiles in the background (about a minute of CPU) while the GPU checks run
   (timeout 300 python3 bench/peers.py >"$W/marlin_build.log" 2>&1 &)
   part frag_check 80 python3 bench/frag_check.py --out "$W" --shapes all
-  part kernels 250 table a issue34 fp16,tinygemm,bnb_nf4,qpipe,qpipe_w8,gemlite,marlin
+  part kernels 250 table a issue34 fp16,tinygemm,bnb_nf4,qpipe,qpipe_w8,gemlite,marlin 180
   part gpu_tests 100 gpu_tests gpu_tests_a.txt --noconftest tests/test_frag_kernel.py \
     tests/test_kernels_w8a16.py tests/test_kernels_quant_linear.py tests/test_kernels_triton.py \
     -k "frag or w8 or quant_linear or tiled or direct_launcher or cuda_graph or every_config"
@@ -101,7 +102,7 @@ B)
   part install 40 install .peers/wheels/*.whl .carry/wheels34/*.whl
   part smollm2 30 bash bench/carry_smollm2.sh add part-ab
   part real_weights 240 gpu_tests gpu_tests_real_weights.txt -s tests/test_decode_real_gpu.py -k w4
-  part kernels 240 table b issue20 fp16,tinygemm,bnb_nf4,qpipe,qpipe_w8,gemlite,marlin
+  part kernels 240 table b issue20 fp16,tinygemm,bnb_nf4,qpipe,qpipe_w8,gemlite,marlin 170
   A_JSON=$(ls /tmp/round_A/kernels_*_a.json 2>/dev/null | head -1)
   B_JSON=$(ls "$W"/kernels_*_b.json 2>/dev/null | head -1)
   if [ -n "$A_JSON" ] && [ -n "$B_JSON" ]; then
@@ -112,7 +113,7 @@ B)
   ;;
 C)
   part install 60 install .peers/wheels/*.whl .carry/bnb/*.whl
-  part kernels 460 table c all fp16,bnb_nf4,qpipe
+  part kernels 460 table c all fp16,bnb_nf4,qpipe 390
   cat "$W"/kernels_*_c.md | grep -v "^$"
   ;;
 *) echo "unknown step $step (A, B or C)"; exit 2 ;;
