@@ -218,6 +218,8 @@ def launch(
     x = _aligned(x)
     y = out if out is not None else torch.empty(x.shape[0], scales.shape[1], dtype=x.dtype,
                                                 device=x.device)  # fmt: skip
+    if tuple(y.shape) != (x.shape[0], scales.shape[1]) or not y.is_contiguous():
+        raise ValueError(f"out is {tuple(y.shape)}, the product is {(x.shape[0], scales.shape[1])}")
     bound, _ = plan(x, qweight, scales, zeros, group_size, bias, cfg, y)
     bound()
     return y

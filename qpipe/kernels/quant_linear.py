@@ -288,7 +288,10 @@ class QuantLinear(torch.nn.Module):
     def convert_form(self, form: str) -> None:
         """Hold qweight in ``form`` from now on (exact; "tiled" and "frag" need whole tiles)."""
         words = -(-self.k_padded // PACK)
-        if form != "rows" and not can_tile(self.out_features, words, self.group_size):
+        chunks = self.group_size // FRAG_K
+        if (form != "rows" and not can_tile(self.out_features, words, self.group_size)) or (
+            form == "frag" and chunks & (chunks - 1)
+        ):
             raise ValueError(f"{self.out_features} x {self.k_padded} at group {self.group_size} "
                              f"has no {form} form")  # fmt: skip
         if form != self.form:

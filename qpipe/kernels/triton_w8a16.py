@@ -470,6 +470,8 @@ def launch(
     if x.stride(1) != 1:
         x = x.contiguous()
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if tuple(y.shape) != (m, n) or y.stride(1) != 1:
+        raise ValueError(f"w8a16: out is {tuple(y.shape)}, the product is {(m, n)}")
     if cfg.kind == "gemv":
         if not gemv_takes(m, k) or qweight.data_ptr() % 4:
             raise ValueError(f"the W8 GEMV takes M <= {GEMV_MAX_M} and K % 4 == 0, got {m} x {k}")

@@ -137,7 +137,10 @@ def _time_cold(
 ) -> tuple[float, torch.Tensor]:
     """(µs per call, the output): a CUDA graph calls the kernel once per weight copy (together
     larger than the L2, so weights stream from HBM as in a real decoder), median over replays."""
-    y = torch.empty(x.shape[0], copies[0][1].shape[1], dtype=x.dtype, device=x.device)
+    qweight, scales = copies[0][0], copies[0][1]
+    # N: the 4-bit scales are [G, N], the 8-bit ones [N, G] (and their weights [N, K] bytes)
+    n = qweight.shape[0] if qweight.dtype == torch.uint8 else scales.shape[1]
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     _launch_any(x, *copies[0], group_size, bias, cfg, out=y)  # compile, size the workspace
     torch.cuda.synchronize()
     first = y.clone()
