@@ -266,6 +266,8 @@ class Peer:
             raise peers.PeerUnavailable(peers.unavailable(self.name))
         if self.name == "marlin":
             peers.build_marlin()
+        else:
+            peers._gemlite()  # an import failure skips the column here, once
         self.iw = iw
         self.copies = n_copies(iw.shape[0] * iw.shape[1] // 2, l2)
         self.state = {}  # Marlin packs once per shape, whatever M

@@ -311,6 +311,7 @@ class QuantLinear(torch.nn.Module):
             and tuple(got.shape) != tuple(self.qweight.shape)
         ):
             state_dict[key] = to_form(got, self.out_features, self.form)
+        self._launchers.clear()  # assign=True replaces the tensors bound launchers point at
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def packed(self) -> PackedW4:
