@@ -15,7 +15,8 @@
 #           SmolLM2's real-weight checks on the W4 kernels, the kernel table on issue 20's eight
 #           shapes, the two tables merged.
 #   call C  (optional) carry [".peers", ".carry/bnb"]: bash bench/gpu/kernel_round.sh C
-#           the bnb nf4 column beside fp16 and qpipe on all shapes.
+#           on all shapes: fp16, bnb nf4, qpipe (v3, the fragment kernel) and qpipe_v2 (the
+#           same weights as v2 tiles on today's Triton kernels): before and after, one call.
 set -uo pipefail
 step=${1:?usage: kernel_round.sh A|B|C}
 cd "$(dirname "$0")/../.."
@@ -113,7 +114,7 @@ B)
   ;;
 C)
   part install 60 install .peers/wheels/*.whl .carry/bnb/*.whl
-  part kernels 460 table c all fp16,bnb_nf4,qpipe 390
+  part kernels 460 table c all fp16,bnb_nf4,qpipe,qpipe_v2 390
   cat "$W"/kernels_*_c.md | grep -v "^$"
   ;;
 *) echo "unknown step $step (A, B or C)"; exit 2 ;;
