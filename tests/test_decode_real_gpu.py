@@ -55,9 +55,10 @@ def _w4(model):
             q = QuantLinear.from_linear(module, group_size=128, symmetric=False, kernel="triton")
             setattr(model.get_submodule(parent), leaf, q)
     assert fuse_projections(model)
-    # group 128: down_proj (K = 1536) is held tiled, the K = 576 layers row-major; both run
-    forms = {m.tiled for m in model.modules() if isinstance(m, QuantLinear)}
-    assert forms == {True, False}, forms
+    # group 128: down_proj (K = 1536) is held in the fragment order (layout v3: the fragment
+    # kernel where it runs, else tiles for the Triton kernels), the K = 576 layers row-major
+    forms = {m.form for m in model.modules() if isinstance(m, QuantLinear)}
+    assert forms == {"frag", "rows"}, forms
     return model
 
 

@@ -452,7 +452,7 @@ def _qpipe_w4_version(folder: Path) -> str:
     save_qpipe_w4(model, folder, {"bits": 4, "group_size": 32, "method": "rtn"})
     inspect_checkpoint(folder)  # as written, it is good
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["layout_version"] = 3  # a version from a newer qpipe
+    config["quantization_config"]["layout_version"] = 9  # a version from a newer qpipe
     (folder / "config.json").write_text(json.dumps(config))
     return "config.json"
 
@@ -465,7 +465,7 @@ def _qpipe_w4_version(folder: Path) -> str:
         ("config has more layers than the tensors", _more_layers, {}, "has no tensor for it"),
         ("config has fewer layers than the tensors", _fewer_layers, {}, "does not have"),
         ("missing shard", _missing_shard, {"max_shard_size": "300KB"}, "is missing"),
-        ("qpipe-w4 of another layout version", _qpipe_w4_version, {}, "layout version 3"),
+        ("qpipe-w4 of another layout version", _qpipe_w4_version, {}, "layout version 9"),
     ],
 )
 def test_corrupt_or_mismatched_checkpoint_is_named_when_opened(

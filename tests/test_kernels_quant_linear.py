@@ -84,31 +84,41 @@ def test_state_dict_roundtrip_through_safetensors(tmp_path):
     assert set(ql.state_dict()) == {"qweight", "scales", "zeros", "bias"}
 
 
-def test_tiled_form_is_exact_and_reads_layout_version_1(tmp_path):
-    """Shapes with whole 1 KB tiles are held tiled (layout v2); a v1 state dict (row-major
-    words) loads into the tiled module exactly; fusing tiled siblings concatenates tiles."""
+def test_held_forms_are_exact_and_read_layout_versions_1_and_2(tmp_path):
+    """Shapes with whole 16-row x 128-column tiles are held in the fragment order (layout v3),
+    others row-major; v1 (row-major words) and v2 (1 KB tiles) state dicts load into a v3
+    module exactly; a module converted to tiles computes the same; fusing concatenates the
+    fragment tiles."""
     from qpipe.kernels.fusion import concat
-    from qpipe.kernels.layout import tile_w4, untile_w4
+    from qpipe.kernels.layout import frag_w4, tile_w4, untile_w4
 
     q = torch.randint(-(2**31), 2**31 - 1, (48, 32), dtype=torch.int64).to(torch.int32)
     assert torch.equal(untile_w4(tile_w4(q)), q) and not torch.equal(tile_w4(q).reshape(48, 32), q)
     lin = _linear(256, 48, seed=4)
     ql = QuantLinear.from_linear(lin, group_size=128, symmetric=False, dtype=torch.float32)
-    assert (
-        ql.tiled and tuple(ql.qweight.shape) == (3, 16 * 32) and ql.config()["layout_version"] == 2
-    )
+    assert ql.form == "frag" and tuple(ql.qweight.shape) == (3, 4, 128)
+    assert ql.config()["layout_version"] == 3
     rows = QuantLinear.from_linear(_linear(256, 40, seed=4), group_size=128)  # N % 16 != 0
-    assert not rows.tiled and tuple(rows.qweight.shape) == (40, 32)
+    assert rows.form == "rows" and tuple(rows.qweight.shape) == (40, 32)
     x = torch.randn(3, 256)
     assert torch.allclose(ql(x), x @ ql.dequantize().t() + lin.bias.detach(), atol=1e-5)
-    v1 = {**ql.state_dict(), "qweight": ql.qweight_rows().clone()}  # as version 1 saved it
-    fresh = QuantLinear.from_config({**ql.config(), "layout_version": 1})
-    fresh.load_state_dict(v1)
-    assert torch.equal(fresh.qweight, ql.qweight) and torch.equal(fresh(x), ql(x))
+    words = ql.qweight_rows().clone()
+    assert torch.equal(frag_w4(words), ql.qweight)
+    for version, saved in ((1, words), (2, tile_w4(words))):  # as versions 1 and 2 saved it
+        fresh = QuantLinear.from_config({**ql.config(), "layout_version": version})
+        fresh.load_state_dict({**ql.state_dict(), "qweight": saved.clone()})
+        assert torch.equal(fresh.qweight, ql.qweight) and torch.equal(fresh(x), ql(x))
+    tiled = QuantLinear.from_config(ql.config())
+    tiled.load_state_dict(ql.state_dict())
+    tiled.convert_form("tiled")
+    assert tiled.tiled and torch.equal(tiled(x), ql(x))
+    back = QuantLinear.from_config(ql.config())  # a tiled module's state dict loads as v3
+    back.load_state_dict(tiled.state_dict())
+    assert torch.equal(back.qweight, ql.qweight)
     other = QuantLinear.from_linear(_linear(256, 32, seed=5), group_size=128, symmetric=False,
                                     dtype=torch.float32)  # fmt: skip
     fused = concat([ql, other])
-    assert fused.tiled
+    assert fused.form == "frag"
     assert torch.equal(fused(x), torch.cat([ql(x), other(x)], dim=-1))
 
 

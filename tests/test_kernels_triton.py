@@ -69,7 +69,12 @@ CASES = [
     ("gemv_tiled_m4_bf16", 4, 32, 256, 128, True, False, "bfloat16", ("gemv", 16, 1), False, None),
     ("mm_tiled_split_n48", 18, 48, 512, 128, False, False, "float16", ("mm", 32, 2), True, None),
     ("mmp_tiled_bf16", 5, 32, 256, 128, False, False, "bfloat16", ("mmp", 16, 2), False, None),
+    # "_frag": the fragment order (layout v3) handed to the op where that kernel cannot run
+    # (here: the interpreter): tiled on the fly for the Triton kernels
+    ("gemv_frag_to_tiles", 2, 32, 256, 128, False, False, "float16", ("gemv", 16, 2), True, None),
     ("module_pad_mode", 3, 40, 576, 128, True, False, "float16", None, True, 520),
+    # a module holding the fragment order: its first call converts it to tiles
+    ("module_frag_fallback", 3, 32, 256, 128, False, False, "bfloat16", None, True, None),
     ("module_mm_heuristic", 24, 24, 128, 64, False, True, "bfloat16", None, False, None),
 ]
 
@@ -106,23 +111,30 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _run_interpreted_cases() -> None:
     """Child process: TRITON_INTERPRET=1 is already set; print one JSON line per case."""
-    from qpipe.kernels.layout import tile_w4
-    from qpipe.kernels.triton_w4a16 import WORKSPACE, KernelConfig
+    from qpipe.kernels.layout import frag_w4, tile_w4
+    from qpipe.kernels.triton_w4a16 import KernelConfig
     from qpipe.kernels.tuning import w4a16_matmul
+    from qpipe.kernels.workspace import WORKSPACE
 
     for i, (name, m, n, k, gs, sym, act, dt, cfg, bias, inf) in enumerate(CASES):
         ql, x = _build_case(m, n, k, gs, sym, act, getattr(torch, dt), bias, inf, seed=i)
         ref = _reference(ql, x)
+        form = ql.form
         if cfg is None:
             ql.kernel = "triton"
             y = ql(x)
+            form = f"{form}->{ql.form}"
         else:
             kind, bn, split, *depth = cfg
             kc = KernelConfig(
                 kind, block_n=bn, block_k=128, split_k=split, block_m=16, prefetch=(depth or [2])[0]
             )
             # each form on purpose, whichever the module holds
-            qweight = tile_w4(ql.qweight_rows()) if "_tiled" in name else ql.qweight_rows()
+            qweight = ql.qweight_rows()
+            if "_tiled" in name:
+                qweight = tile_w4(qweight)
+            elif "_frag" in name:
+                qweight = frag_w4(qweight)
             y = w4a16_matmul(
                 ql._prepare_input(x), qweight, ql.scales, ql.zeros, gs, ql.bias, cfg=kc
             )
@@ -135,6 +147,7 @@ def _run_interpreted_cases() -> None:
             "shape_ok": tuple(y.shape) == (m, n),
             "dtype_ok": y.dtype == getattr(torch, dt),
             "workspace_clean": clean,
+            "form": form,
         }
         print("CASE " + json.dumps(out), flush=True)
 
@@ -164,6 +177,8 @@ def test_interpreted_kernel_matches_reference(interpreted_results, case):
     # fp32 accumulation: what is left is the rounding of the output to fp16 / bf16
     assert r["rel"] < (2e-3 if dtype == "float16" else 1e-2), r
     assert r["workspace_clean"], "split-K must leave its ticket counters zeroed"
+    if name == "module_frag_fallback":  # no fragment kernel here: today's kernels, on tiles
+        assert r["form"] == "frag->tiled", r
 
 
 # -- GPU --------------------------------------------------------------------------------------

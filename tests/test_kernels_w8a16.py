@@ -18,10 +18,15 @@ import torch
 # Odd on purpose: N not a multiple of the tile, M past one MMA block, a split that leaves the
 # last split short of tiles.
 CASES = [
-    ("m1_g32_sym_bias", 1, 40, 256, 32, True, True, None),
+    ("m1_g32_sym_bias", 1, 40, 256, 32, True, True, None),  # the heuristic: the GEMV
     ("m3_g64_asym_split3", 3, 24, 384, 64, False, False, (16, 16, 64, 3)),
     ("m17_g128_asym_bias", 17, 40, 256, 128, False, True, (16, 32, 64, 2)),
     ("m2_k576_partial_group", 2, 24, 576, 128, False, False, (16, 16, 128, 2)),
+    # the GEMV (M <= 4): (_, block_n, block_k, split, warps, stages, "gemv")
+    ("gemv_m1_asym_split3", 1, 40, 384, 64, False, True, (1, 16, 64, 3, 4, 1, "gemv")),
+    ("gemv_m2_sym_k576", 2, 24, 576, 128, True, False, (1, 16, 128, 2, 4, 1, "gemv")),
+    ("gemv_m3_asym_bias", 3, 40, 256, 128, False, True, (1, 32, 128, 1, 4, 1, "gemv")),
+    ("gemv_m4_g32_split2", 4, 24, 256, 32, False, False, (1, 16, 32, 2, 4, 1, "gemv")),
 ]
 
 
@@ -92,6 +97,30 @@ def test_reference_is_kept_for_act_order_and_odd_group_sizes() -> None:
     odd = IntWeights(q=q, scales=s[:, :1].repeat(1, 3), zeros=None, group_size=40, g_idx=None,
                      bits=8)  # fmt: skip
     assert Int8Linear(odd, None, torch.float32).kernel == "torch"  # 40: no K tile divides it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
+def test_gpu_w8_every_candidate_matches_reference(dtype: torch.dtype, m: int) -> None:
+    """Every configuration the tuner may pick (GEMV and tensor cores, every split)."""
+    from qpipe.kernels.triton_w8a16 import candidates, launch
+    from qpipe.kernels.workspace import WORKSPACE
+
+    layer, x = _case(m, 1000, 2048, 128, False, True, seed=10 + m)
+    layer = layer.to("cuda", dtype)
+    x = x.to("cuda", dtype) * 3.0  # activations beyond fp16's comfortable range for a dot
+    ref = _reference(layer, x)
+    tol = 2e-3 if dtype == torch.float16 else 8e-3
+    cands = candidates(m, 1000, 2048, 128, x.device)
+    assert any(c.kind == "gemv" for c in cands) == (m <= 4)
+    for cfg in cands:
+        y = launch(x, layer.qweight, layer.scales, layer.zeros, 128, layer.bias, cfg)
+        rel = float((y.double() - ref).norm() / ref.norm())
+        assert bool(torch.isfinite(y).all()) and rel < tol, (cfg, rel)
+    _, cnt = WORKSPACE._bufs[x.device]
+    assert bool((cnt == 0).all())
 
 
 @pytest.mark.gpu

@@ -113,7 +113,9 @@ def concat(mods: list[QuantLinear]) -> QuantLinear:
     # until the siblings are dropped, never three times.
     fused = QuantLinear.from_config(cfg, kernel=first.kernel, device="meta")
     with torch.no_grad():
-        if all(m.tiled for m in mods):  # whole row groups: the tiles concatenate as they are
+        forms = {m.form for m in mods}
+        if len(forms) == 1 and forms != {"rows"}:  # whole 16-row tiles (tiled or fragment
+            # order): they concatenate along N as they are
             fused.qweight = torch.cat([m.qweight for m in mods], dim=0)
         else:
             fused.qweight = fused.held_form(torch.cat([m.qweight_rows() for m in mods], dim=0))

@@ -1,4 +1,4 @@
-"""qpipe's own packed int4 layout ("qpipe-w4", version 2), as the Triton kernels read it.
+"""qpipe's own packed int4 layout ("qpipe-w4", version 3), as qpipe's kernels read it.
 
 All tensors live in *kernel order* of the input columns: for act-order checkpoints the columns
 are sorted by group once at load time (``perm``) and the activation is permuted the same way at
@@ -21,6 +21,11 @@ qweight  int32 [N, ceil(K / 8)]   row n, word w holds columns 8w .. 8w + 7 of ou
                                   contiguous KB instead of 16 strided 64-byte pieces (H200, M=1,
                                   28672 x 8192: 49.4 -> 39.8 us). Version 1 (row-major always)
                                   checkpoints are tiled at load, exactly.
+                                  Version 3 holds the same shapes in the tensor-core fragment
+                                  order (``frag_w4``, int32 [N / 16, K / 64, 128]) that the
+                                  fragment kernel (``w4_frag.cu``) reads; older checkpoints are
+                                  converted at load, exactly, and a device without that kernel
+                                  converts them to the tiled form for the Triton kernels.
 scales   fp16/bf16 [G, N]         per group, contiguous along N (one coalesced vector per group).
 zeros    uint8 [G, N] or absent   integer zero points (asymmetric); absent => 2**(bits - 1).
                                   uint8 keeps AutoGPTQ v1's zero of 16 exact.
@@ -39,7 +44,7 @@ import torch
 from qpipe.kernels.intweights import IntWeights, num_groups
 
 LAYOUT_NAME = "qpipe-w4"
-LAYOUT_VERSION = 2  # 2: qweight tiled where the shape allows (tile_w4); 1: always row-major
+LAYOUT_VERSION = 3  # 3: fragment order (frag_w4); 2: tiled (tile_w4); 1: always row-major
 PACK = 8  # int4 values per int32 word
 # Elements converted per step when packing or unpacking: bounds the int64 temporaries (8 bytes
 # each) to ~128 MB however large the matrix.
@@ -48,11 +53,17 @@ NIBBLE_OF_COL = (0, 4, 1, 5, 2, 6, 3, 7)  # column 8w + c of a word lives in thi
 # The kernels' tiled order (``tile_w4``): 16 rows x 16 words (128 columns), 1 KB per tile.
 TILE_N = 16
 TILE_W = 16
+# The fragment order (``frag_w4``): per 16-row tile, chunks of 64 columns, 128 words a chunk
+# (32 lanes x 4 words, one 16-byte load per lane of a warp).
+FRAG_K = 64
+FRAG_WORDS = 128
+FORMS = ("rows", "tiled", "frag")
 
 
 @dataclass
 class PackedW4:
-    """The kernel layout of one linear layer (see the module docstring)."""
+    """The kernel layout of one linear layer (see the module docstring); qweight in any of
+    its forms (rows, tiled, frag: ``form_of``)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -63,7 +74,7 @@ class PackedW4:
 
     @property
     def n(self) -> int:
-        return self.qweight.shape[0]
+        return self.scales.shape[1]
 
 
 def _col_shifts(device: torch.device) -> torch.Tensor:
@@ -106,6 +117,96 @@ def tile_w4(qweight: torch.Tensor) -> torch.Tensor:
     n, w = qweight.shape
     t = qweight.reshape(n // TILE_N, TILE_N, w // TILE_W, TILE_W).permute(0, 2, 1, 3)
     return t.reshape(n // TILE_N, TILE_N * w)
+
+
+def _nibbles(words: torch.Tensor) -> torch.Tensor:
+    """int32 [...] -> uint8 [..., 8]: nibble i (bits 4i .. 4i + 3) of each word at [..., i]."""
+    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
+    return ((words.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)
+
+
+def _words(nibbles: torch.Tensor) -> torch.Tensor:
+    """``_nibbles``' inverse: uint8 [..., 8] -> int32 [...]."""
+    shifts = torch.arange(0, 32, 4, device=nibbles.device, dtype=torch.int64)
+    packed = (nibbles.to(torch.int64) << shifts).sum(dim=-1)  # disjoint fields: an OR
+    return (packed - ((packed >> 31) << 32)).to(torch.int32)
+
+
+# frag_w4's order as a permutation of q [N, K] viewed as (row tile, h, g, chunk, t, kk, jh, jl):
+# row = 16 tile + 8 h + g, column = 64 chunk + 16 t + 4 kk + 2 jh + jl. A chunk's 128 words are
+# lane (4 g + t) x kk, and nibble i = 4 jl + 2 jh + h of a word: w4_frag.cu's fragments.
+_FRAG_AXES = (0, 3, 2, 4, 5, 7, 6, 1)
+_ROWS_AXES = (0, 7, 2, 1, 3, 4, 6, 5)  # its inverse
+
+
+def frag_w4(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 [N, W] row-major -> int32 [N / 16, K / 64, 128], K = 8 W, in the order the
+    fragment kernel's lanes consume it (``w4_frag.cu``). Exact (a permutation of nibbles);
+    needs N % 16 == 0 and K % 64 == 0 (``can_tile``'s shapes always qualify)."""
+    n, w = qweight.shape
+    k = w * PACK
+    if n % TILE_N or k % FRAG_K:
+        raise ValueError(f"frag_w4 needs N % 16 == 0 and K % 64 == 0, got {n} x {k}")
+    out = torch.empty(n // TILE_N, k // FRAG_K, FRAG_WORDS, dtype=torch.int32,
+                      device=qweight.device)  # fmt: skip
+    step = max(1, CHUNK_ELEMENTS // (TILE_N * k))  # row tiles per step: bounded temporaries
+    for t0 in range(0, n // TILE_N, step):
+        rows = qweight[t0 * TILE_N : (t0 + step) * TILE_N]
+        q = unpack_int4_rows(rows, k).view(-1, 2, 8, k // FRAG_K, 4, 4, 2, 2)
+        nib = q.permute(*_FRAG_AXES).reshape(-1, k // FRAG_K, FRAG_WORDS, PACK)
+        out[t0 : t0 + step] = _words(nib)
+    return out
+
+
+def unfrag_w4(frag: torch.Tensor) -> torch.Tensor:
+    """``frag_w4``'s inverse: int32 [N / 16, K / 64, 128] -> [N, K / 8] row-major."""
+    tiles, chunks, _ = frag.shape
+    k = chunks * FRAG_K
+    out = torch.empty(tiles * TILE_N, k // PACK, dtype=torch.int32, device=frag.device)
+    step = max(1, CHUNK_ELEMENTS // (TILE_N * k))
+    for t0 in range(0, tiles, step):
+        nib = _nibbles(frag[t0 : t0 + step]).view(-1, chunks, 8, 4, 4, 2, 2, 2)
+        q = nib.permute(*_ROWS_AXES).reshape(-1, k)
+        out[t0 * TILE_N : (t0 + step) * TILE_N] = pack_int4_rows(q)
+    return out
+
+
+def unpack_q(qweight: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """uint8 [N, k] integers of a qweight in any form (no repacking on the way)."""
+    form = form_of(qweight, n)
+    if form == "frag":
+        tiles, chunks, _ = qweight.shape
+        q = _nibbles(qweight).view(tiles, chunks, 8, 4, 4, 2, 2, 2).permute(*_ROWS_AXES)
+        return q.reshape(n, chunks * FRAG_K)[:, :k]
+    return unpack_int4_rows(untile_w4(qweight) if form == "tiled" else qweight, k)
+
+
+def form_of(qweight: torch.Tensor, n: int) -> str:
+    """Which form a qweight of an N-output layer is in: "rows" [N, W], "tiled" [N / 16, 16 W]
+    or "frag" [N / 16, K / 64, 128] (told apart by shape, as checkpoints of every version are)."""
+    if qweight.dim() == 3:
+        return "frag"
+    return "rows" if qweight.shape[0] == n else "tiled"
+
+
+def to_rows(qweight: torch.Tensor, n: int) -> torch.Tensor:
+    """Any form -> row-major [N, W] (the tensor itself when it already is)."""
+    form = form_of(qweight, n)
+    if form == "frag":
+        return unfrag_w4(qweight)
+    return untile_w4(qweight) if form == "tiled" else qweight
+
+
+def to_form(qweight: torch.Tensor, n: int, form: str) -> torch.Tensor:
+    """Any form -> ``form`` (exact; the tensor itself when it already is in it)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown qweight form {form!r}; choose one of {', '.join(FORMS)}")
+    if form_of(qweight, n) == form:
+        return qweight
+    rows = to_rows(qweight, n)
+    if form == "frag":
+        return frag_w4(rows)
+    return tile_w4(rows) if form == "tiled" else rows
 
 
 def untile_w4(tiled: torch.Tensor) -> torch.Tensor:
@@ -165,7 +266,7 @@ def pack_w4(w: IntWeights, dtype: torch.dtype = torch.float16) -> PackedW4:
 
 def dequantize_kernel_order(p: PackedW4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[N, K] dequantized weights in kernel column order, computed in float32."""
-    q = unpack_int4_rows(p.qweight, p.k).float()
+    q = unpack_q(p.qweight, p.n, p.k).float()
     grp = torch.arange(p.k, device=q.device) // p.group_size
     s = p.scales.float().t()[:, grp]
     if p.zeros is None:
@@ -176,7 +277,7 @@ def dequantize_kernel_order(p: PackedW4, dtype: torch.dtype = torch.float32) -> 
 
 def unpack_w4(p: PackedW4) -> IntWeights:
     """The kernel layout back to IntWeights in original column order (exact)."""
-    q = unpack_int4_rows(p.qweight, p.k)
+    q = unpack_q(p.qweight, p.n, p.k)
     g_idx = None
     if p.perm is not None:
         inv = torch.empty_like(p.perm, dtype=torch.long)

@@ -47,9 +47,9 @@ def w8a16_linear(
     bias: torch.Tensor | None,
     group_size: int,
 ) -> torch.Tensor:
-    from qpipe.kernels.triton_w8a16 import w8a16_matmul
+    from qpipe.kernels.tuning import w8a16_tuned
 
-    return w8a16_matmul(x, qweight, scales, zeros, group_size, bias)
+    return w8a16_tuned(x, qweight, scales, zeros, group_size, bias)
 
 
 @w8a16_linear.register_fake

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from qpipe.kernels import ops  # noqa: F401  (importing ops registers torch.ops.
 from qpipe.kernels.interpreter import interpreting
 from qpipe.kernels.intweights import IntWeights, num_groups, quantize_rtn
 from qpipe.kernels.layout import (
+    FRAG_K,
+    FRAG_WORDS,
     LAYOUT_NAME,
     LAYOUT_VERSION,
     PACK,
@@ -28,16 +31,35 @@ from qpipe.kernels.layout import (
     PackedW4,
     can_tile,
     dequantize_kernel_order,
+    form_of,
     pack_w4,
-    tile_w4,
+    to_form,
+    to_rows,
     unpack_w4,
-    untile_w4,
 )
 
 KERNELS = ("torch", "triton")
-# Eager calls up to this many rows (decode batches) launch through a bound DirectLauncher.
-DIRECT_MAX_M = 16
+# Eager calls up to this many rows (decode batches) launch through a bound launcher.
+DIRECT_MAX_M = 64
 _UNBUILT = object()
+
+
+def default_form(n: int, words: int, group_size: int) -> str:
+    """The qweight form a new module holds: the fragment order (layout v3) where the shape
+    has whole tiles (``QPIPE_FRAG=0``: the tiled form, v2), row-major elsewhere. A device
+    without the fragment kernel converts the fragments to tiles at its first call."""
+    if not can_tile(n, words, group_size):
+        return "rows"
+    chunks = group_size // FRAG_K  # the fragment kernel's groups: 64 x a power of two columns
+    if os.environ.get("QPIPE_FRAG", "") == "0" or chunks & (chunks - 1):
+        return "tiled"
+    return "frag"
+
+
+def _shape_of(form: str, n: int, words: int) -> tuple[int, ...]:
+    if form == "frag":
+        return (n // TILE_N, words * PACK // FRAG_K, FRAG_WORDS)
+    return (n // TILE_N, TILE_N * words) if form == "tiled" else (n, words)
 
 
 @functools.cache
@@ -85,13 +107,9 @@ class QuantLinear(torch.nn.Module):
         self.k_padded = k
         g = num_groups(k, group_size)
         words = -(-k // PACK)
-        # Held tiled where the shape allows (layout.tile_w4: whole 1 KB tiles per K tile of a
-        # kernel program), row-major otherwise; the kernels read the form from the shape.
-        shape = (
-            (out_features // TILE_N, TILE_N * words)
-            if can_tile(out_features, words, group_size)
-            else (out_features, words)
-        )
+        # Held in the fragment order where the shape has whole tiles (layout v3), row-major
+        # otherwise; the kernels and the state-dict loader tell the form from the shape.
+        shape = _shape_of(default_form(out_features, words, group_size), out_features, words)
         self.register_buffer("qweight", torch.zeros(shape, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(g, out_features, dtype=dtype, device=device))
         self.register_buffer(
@@ -109,8 +127,10 @@ class QuantLinear(torch.nn.Module):
             self.register_parameter("bias", None)
         self.kernel = kernel
         self._checked: tuple[torch.device, torch.dtype] | None = None
-        # eager decode: (M, dtype, device index) -> DirectLauncher or None (use the slow path)
+        # eager decode: (elements of x, dtype, device index) -> a bound launcher or None (the
+        # op's path)
         self._launchers: dict[tuple[int, torch.dtype, int], Any] = {}
+        self._direct = False  # set by the first triton call: forward's fast path is open
 
     # -- construction ------------------------------------------------------------------
 
@@ -228,6 +248,7 @@ class QuantLinear(torch.nn.Module):
         # .to()/.cuda()/.half() replace the tensors the cached launchers point at
         self._launchers.clear()
         self._checked = None
+        self._direct = False
         return super()._apply(fn, recurse)
 
     @property
@@ -246,30 +267,56 @@ class QuantLinear(torch.nn.Module):
         self._kernel = value
 
     @property
+    def form(self) -> str:
+        """How qweight is held: "frag" (layout v3's fragment order), "tiled" (v2's 1 KB tiles)
+        or "rows" (row-major, every shape)."""
+        return form_of(self.qweight, self.out_features)
+
+    @property
     def tiled(self) -> bool:
-        """Whether qweight is held in ``layout.tile_w4``'s tiles (else row-major)."""
-        return self.qweight.shape[0] != self.out_features
+        """Whether qweight is held in ``layout.tile_w4``'s tiles."""
+        return self.form == "tiled"
 
     def held_form(self, rows: torch.Tensor) -> torch.Tensor:
         """A row-major [N, W] qweight in the form this module holds (exact permutation)."""
-        return tile_w4(rows) if self.tiled else rows
+        return to_form(rows, self.out_features, self.form)
 
     def qweight_rows(self) -> torch.Tensor:
-        """qweight as row-major [N, W] words (a copy when held tiled)."""
-        return untile_w4(self.qweight) if self.tiled else self.qweight
+        """qweight as row-major [N, W] words (a copy when held in another form)."""
+        return to_rows(self.qweight, self.out_features)
+
+    def convert_form(self, form: str) -> None:
+        """Hold qweight in ``form`` from now on (exact; "tiled" and "frag" need whole tiles)."""
+        words = -(-self.k_padded // PACK)
+        chunks = self.group_size // FRAG_K
+        if (form != "rows" and not can_tile(self.out_features, words, self.group_size)) or (
+            form == "frag" and chunks & (chunks - 1)
+        ):
+            raise ValueError(f"{self.out_features} x {self.k_padded} at group {self.group_size} "
+                             f"has no {form} form")  # fmt: skip
+        if form != self.form:
+            self.qweight = to_form(self.qweight, self.out_features, form)
+            self._launchers.clear()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A layout-version-1 checkpoint holds row-major words: tiled here, exactly.
+        # Checkpoints of layout versions 1 (rows) and 2 (tiles), or a module that held another
+        # form: converted to the form held here, exactly (the form is told by the shape).
         key = prefix + "qweight"
         got = state_dict.get(key)
-        rows = (self.out_features, self.qweight.shape[1] // TILE_N)
-        if got is not None and self.tiled and tuple(got.shape) == rows:
-            state_dict[key] = tile_w4(got)
+        words = -(-self.k_padded // PACK)
+        shapes = {_shape_of(f, self.out_features, words) for f in ("rows", "tiled", "frag")}
+        if (
+            isinstance(got, torch.Tensor)
+            and tuple(got.shape) in shapes
+            and tuple(got.shape) != tuple(self.qweight.shape)
+        ):
+            state_dict[key] = to_form(got, self.out_features, self.form)
+        self._launchers.clear()  # assign=True replaces the tensors bound launchers point at
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def packed(self) -> PackedW4:
         return PackedW4(
-            qweight=self.qweight_rows(),
+            qweight=self.qweight,
             scales=self.scales,
             zeros=self.zeros,
             perm=self.perm,
@@ -298,6 +345,13 @@ class QuantLinear(torch.nn.Module):
         return x2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Eager decoding's fast path (a few microseconds of Python): a launcher bound for this
+        # many elements takes x as it is, any leading shape, and returns y in x's shape.
+        # (is_compiling first: Dynamo prunes the branch and never sees the launchers)
+        if not torch.compiler.is_compiling() and self._direct and x.shape[-1] == self.in_features:
+            launcher = self._launchers.get((x.numel(), x.dtype, x.get_device()))
+            if launcher is not None and launcher.takes(x):
+                return launcher(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got {x.shape[-1]}")
         lead = x.shape[:-1]
@@ -331,27 +385,58 @@ class QuantLinear(torch.nn.Module):
                 x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size
             )
         # Eager: every microsecond of Python here is paid per layer per token, so the checks
-        # run once per (device, dtype), and at decode sizes a bound launcher skips both the
-        # op dispatcher and Triton's argument binding.
+        # run once per (device, dtype), and at decode sizes a bound launcher skips the op
+        # dispatcher, the tuner's lookup and (Triton kernels) Triton's argument binding.
         if (x2.device, x2.dtype) != self._checked:
             self._check_triton(x2)
+            self._settle_form(x2.device)
             self._checked = (x2.device, x2.dtype)
-        from qpipe.kernels.triton_w4a16 import DirectLauncher
+            # inputs that need no padding or permutation may take forward's fast path
+            self._direct = self.k_padded == self.in_features and self.perm is None
+        key = (x2.numel(), x2.dtype, x2.get_device())
+        launcher = self._launchers.get(key, _UNBUILT)
+        if launcher is _UNBUILT:
+            launcher = self._build_launcher(x2)
+            if launcher is not _UNBUILT:
+                self._launchers[key] = launcher
+        if launcher is not None and launcher is not _UNBUILT and launcher.takes(x2):
+            return launcher(x2)
         from qpipe.kernels.tuning import w4a16_matmul
 
-        m = x2.shape[0]
-        if m <= DIRECT_MAX_M and x2.is_cuda and x2.is_contiguous() and x2.data_ptr() % 16 == 0:
-            key = (m, x2.dtype, x2.get_device())
-            launcher = self._launchers.get(key, _UNBUILT)
-            if launcher is _UNBUILT and not torch.cuda.is_current_stream_capturing():
-                from qpipe.kernels.tuning import TUNER
-
-                args = (x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
-                launcher = DirectLauncher.build(*args, TUNER.choose(*args))
-                self._launchers[key] = launcher
-            if launcher is not None and launcher is not _UNBUILT:
-                return launcher(x2)
         return w4a16_matmul(x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+
+    def _settle_form(self, device: torch.device) -> None:
+        """Fragment-order weights on a device without the fragment kernel: converted to the
+        tiled form once (exact), so today's Triton kernels run them from here on."""
+        if self.form != "frag":
+            return
+        from qpipe.kernels.frag_w4a16 import unavailable
+
+        if unavailable(device) is not None:
+            self.convert_form("tiled")
+
+    def _build_launcher(self, x2: torch.Tensor):
+        """A bound launcher for this M (None: use the op's path for it), or _UNBUILT where
+        this call cannot build one (not cached: a later call may)."""
+        if (
+            not x2.is_cuda
+            or x2.shape[0] > DIRECT_MAX_M
+            or not x2.is_contiguous()
+            or x2.data_ptr() % 16
+            or torch.cuda.is_current_stream_capturing()
+        ):
+            return _UNBUILT
+        from qpipe.kernels.tuning import TUNER
+
+        args = (x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+        cfg = TUNER.choose(*args)
+        if self.form == "frag":
+            from qpipe.kernels.frag_w4a16 import FragLauncher
+
+            return FragLauncher(*args, cfg)
+        from qpipe.kernels.triton_w4a16 import DirectLauncher
+
+        return DirectLauncher.build(*args, cfg)
 
     def extra_repr(self) -> str:
         return (

@@ -44,6 +44,7 @@ import triton.language as tl
 
 from qpipe.kernels.interpreter import interpreting
 from qpipe.kernels.layout import TILE_N, TILE_W
+from qpipe.kernels.workspace import WORKSPACE
 
 X_PRESCALE = tl.constexpr(1.0 / 64.0)  # |x/64 * (q - z)| * 4 terms < 65504 for any fp16 x
 TILE_ROWS = tl.constexpr(TILE_N)
@@ -739,37 +740,6 @@ def _has_bf16x2(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-class _Workspace:
-    """Per-device fp32 partial sums + int32 tickets, all zero between launches (see the
-    module docstring). Grown (re-allocated zeroed) when a larger problem comes along, which
-    must not happen inside CUDA-graph capture: run a layer once before capturing it."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(
-        self, device: torch.device, n_acc: int, n_cnt: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        ws, cnt = self._bufs.get(device, (None, None))
-        if ws is None or ws.numel() < n_acc or cnt.numel() < n_cnt:
-            ws_n = max(n_acc, 1 << 16, 0 if ws is None else 2 * ws.numel())
-            cnt_n = max(n_cnt, 1 << 12, 0 if cnt is None else 2 * cnt.numel())
-            ws = torch.zeros(ws_n, dtype=torch.float32, device=device)
-            cnt = torch.zeros(cnt_n, dtype=torch.int32, device=device)
-            self._bufs[device] = (ws, cnt)
-        return ws, cnt
-
-    def for_launch(
-        self, device: torch.device, split_k: int, m: int, n: int, tiles: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The buffers of one launch: ``_epilogue``'s [split_k, M, N] partial slots (none
-        without a split) and a ticket per output tile."""
-        return self.get(device, split_k * m * n if split_k > 1 else 1, tiles)
-
-
-WORKSPACE = _Workspace()
-
-
 @dataclass(frozen=True)
 class KernelConfig:
     """One launch configuration. kind "gemv" picks block_m from M itself (1, 2 or 4)."""
@@ -802,6 +772,11 @@ def weight_dims(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[int, int, 
     """(N, words per row, tiled?) of a qweight: the tiled form (``layout.tile_w4``) has
     N / 16 rows of 16 rows' words, the row-major one N rows (the scales' N either way)."""
     n = scales.shape[1]
+    if qweight.dim() != 2:
+        raise ValueError(
+            f"qweight {tuple(qweight.shape)} is in the fragment order: the "
+            "fragment kernel reads it (frag_w4a16), not the Triton kernels"
+        )
     if qweight.shape[0] == n:
         return n, qweight.shape[1], False
     if qweight.shape[0] * TILE_N != n or qweight.shape[1] % (TILE_N * TILE_W):
@@ -965,8 +940,14 @@ class DirectLauncher:
             return None
         return launcher
 
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` keeps the specialization the kernel was compiled for (contiguous,
+        16-byte aligned: Triton specializes on both)."""
+        return x.is_contiguous() and x.data_ptr() % 16 == 0
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(x.shape[0], self._n, dtype=x.dtype, device=x.device)
+        # x: contiguous rows of K, any leading shape (the kernel was bound with their number)
+        y = torch.empty(x.shape[:-1] + (self._n,), dtype=x.dtype, device=x.device)
         stream = torch._C._cuda_getCurrentRawStream(x.device.index)
         g0, g1, g2 = self._grid
         self._run(

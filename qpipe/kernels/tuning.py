@@ -113,23 +113,41 @@ def candidates(m: int, n: int, k: int, group_size: int, device: torch.device) ->
     return out
 
 
+def _launch_any(x, qweight, scales, zeros, group_size, bias, cfg, out=None) -> torch.Tensor:
+    """One launch with an explicit configuration: the fragment kernel's, a Triton W4 or a
+    W8 one's."""
+    if qweight.dtype == torch.uint8:  # 8-bit weights (Int8Linear)
+        from qpipe.kernels.triton_w8a16 import launch as w8_launch
+
+        return w8_launch(x, qweight, scales, zeros, group_size, bias, cfg, out=out)
+    if cfg.kind == "frag":
+        from qpipe.kernels.frag_w4a16 import launch as frag_launch
+
+        return frag_launch(x, qweight, scales, zeros, group_size, bias, cfg, out=out)
+    return launch(x, qweight, scales, zeros, group_size, bias, cfg, out=out)
+
+
 def _time_cold(
     x: torch.Tensor,
     copies: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     group_size: int,
     bias: torch.Tensor | None,
-    cfg: KernelConfig,
+    cfg,
     replays: int = 10,
-) -> float:
-    """µs per call: a CUDA graph calls the kernel once per weight copy (together larger than
-    the L2, so weights stream from HBM as in a real decoder), median over replays."""
-    y = torch.empty(x.shape[0], copies[0][1].shape[1], dtype=x.dtype, device=x.device)
-    launch(x, *copies[0], group_size, bias, cfg, out=y)  # compile, size the workspace
+) -> tuple[float, torch.Tensor]:
+    """(µs per call, the output): a CUDA graph calls the kernel once per weight copy (together
+    larger than the L2, so weights stream from HBM as in a real decoder), median over replays."""
+    qweight, scales = copies[0][0], copies[0][1]
+    # N: the 4-bit scales are [G, N], the 8-bit ones [N, G] (and their weights [N, K] bytes)
+    n = qweight.shape[0] if qweight.dtype == torch.uint8 else scales.shape[1]
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _launch_any(x, *copies[0], group_size, bias, cfg, out=y)  # compile, size the workspace
     torch.cuda.synchronize()
+    first = y.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for c in copies:
-            launch(x, *c, group_size, bias, cfg, out=y)
+            _launch_any(x, *c, group_size, bias, cfg, out=y)
     graph.replay()
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -141,7 +159,7 @@ def _time_cold(
         end.record()
     torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in events)
-    return times[len(times) // 2] * 1000.0 / len(copies)
+    return times[len(times) // 2] * 1000.0 / len(copies), first
 
 
 def cold_copy_count(nbytes: int, l2_bytes: int) -> int:
@@ -158,7 +176,7 @@ def tuning_transient_bytes(layer_bytes: list[int], l2_bytes: int) -> int:
 
 def _cold_copies(qweight, scales, zeros) -> list:
     """Enough copies of the weights to outrun the L2 (the originals first)."""
-    nbytes = qweight.numel() * 4 + scales.numel() * scales.element_size()
+    nbytes = qweight.numel() * qweight.element_size() + scales.numel() * scales.element_size()
     l2 = getattr(torch.cuda.get_device_properties(qweight.device), "L2_cache_size", 50 << 20)
     n = cold_copy_count(nbytes, l2)
     extra = [
@@ -183,7 +201,7 @@ class Tuner:
         self._path = os.environ.get("QPIPE_TUNE_CACHE")
         if self._path and Path(self._path).is_file():
             for key, cfg in json.loads(Path(self._path).read_text()).items():
-                self.best[key] = KernelConfig(**cfg)
+                self.best[key] = _config_of(cfg)
 
     def has_tuned(self, n: int, k: int) -> bool:
         """Whether this process already chose a configuration for an [n, k] weight."""
@@ -191,11 +209,14 @@ class Tuner:
 
     @staticmethod
     def key(
-        x: torch.Tensor, n: int, k: int, group_size: int, has_z: bool, tiled: bool = False
+        x: torch.Tensor, n: int, k: int, group_size: int, has_z: bool, form: str | bool = "rows"
     ) -> str:
+        """``form``: the qweight's form (layout.form_of; True/False: tiled or not)."""
         dev = _device_name(x.device)
         key = f"{dev}|m{m_bucket(x.shape[0])}|n{n}|k{k}|g{group_size}|{x.dtype}|z{int(has_z)}"
-        return key + ("|tiled" if tiled else "")  # the two weight forms time differently
+        if form is True or form is False:
+            form = "tiled" if form else "rows"
+        return key + ("" if form == "rows" else f"|{form}")  # the forms time differently
 
     def choose(
         self,
@@ -205,14 +226,49 @@ class Tuner:
         zeros: torch.Tensor | None,
         group_size: int,
         bias: torch.Tensor | None,
-    ) -> KernelConfig:
-        n, _, tiled = weight_dims(qweight, scales)
-        k = x.shape[1]
-        key = self.key(x, n, k, group_size, zeros is not None, tiled)
+    ):
+        """The 4-bit launch configuration for this call (timed once per key)."""
+        m, k = x.shape
+        if qweight.dim() == 3:  # the fragment order: only the fragment kernel reads it
+            from qpipe.kernels import frag_w4a16
+
+            n, _ = frag_w4a16.frag_dims(qweight, scales)
+            key = self.key(x, n, k, group_size, zeros is not None, "frag")
+            if key in self.best:
+                return self.best[key]
+            base = frag_w4a16.heuristic(m, n, k, x.device)
+            space = lambda: frag_w4a16.candidates(m, n, k, x.device)  # noqa: E731
+        else:
+            n, _, tiled = weight_dims(qweight, scales)
+            key = self.key(x, n, k, group_size, zeros is not None, tiled)
+            if key in self.best:
+                return self.best[key]
+            base = heuristic(m, n, k, group_size, x.device)
+            space = lambda: candidates(m, n, k, group_size, x.device)  # noqa: E731
+        return self._tune(key, base, space, x, qweight, scales, zeros, group_size, bias)
+
+    def choose_w8(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        group_size: int,
+        bias: torch.Tensor | None,
+    ):
+        """The 8-bit launch configuration (GEMV or tensor cores) for this call."""
+        from qpipe.kernels import triton_w8a16 as w8
+
+        m, k = x.shape
+        n = qweight.shape[0]
+        key = "w8|" + self.key(x, n, k, group_size, zeros is not None)
         if key in self.best:
             return self.best[key]
-        m = x.shape[0]
-        base = heuristic(m, n, k, group_size, x.device)
+        base = w8.heuristic(m, n, k, group_size, x.device)
+        space = lambda: w8.candidates(m, n, k, group_size, x.device)  # noqa: E731
+        return self._tune(key, base, space, x, qweight, scales, zeros, group_size, bias)
+
+    def _tune(self, key, base, space, x, qweight, scales, zeros, group_size, bias):
         can_time = (
             x.is_cuda
             and os.environ.get("QPIPE_AUTOTUNE", "1") != "0"
@@ -222,11 +278,20 @@ class Tuner:
             return base
         copies = _cold_copies(qweight, scales, zeros)
         timed = []
-        for cfg in candidates(m, n, k, group_size, x.device):
+        first = None  # every candidate must compute what the first one did
+        for cfg in space():
             try:
-                timed.append((_time_cold(x, copies, group_size, bias, cfg), cfg))
+                us, y = _time_cold(x, copies, group_size, bias, cfg)
             except Exception as err:  # noqa: BLE001 (e.g. out of shared memory on this GPU)
                 self.skipped.append(f"{key} {cfg}: {type(err).__name__}: {err}"[:300])
+                continue
+            if first is None:
+                first = y.float()
+            err = float((y.float() - first).norm() / first.norm().clamp_min(1e-30))
+            if not err < 1e-2:
+                self.skipped.append(f"{key} {cfg}: differs from the first candidate by {err:.3g}")
+                continue
+            timed.append((us, cfg))
         del copies
         # the heuristic configuration is the fallback when no candidate could be timed
         self.best[key] = min(timed, key=lambda t: t[0])[1] if timed else base
@@ -249,7 +314,53 @@ def w4a16_matmul(
     cfg: KernelConfig | None = None,
 ) -> torch.Tensor:
     """y = x @ W.T (+ bias) for x fp16/bf16 [M, K] (kernel column order) and W in the
-    qpipe-w4 layout; the configuration comes from the autotuner unless given."""
+    qpipe-w4 layout (any form); the configuration comes from the autotuner unless given."""
+    if qweight.dim() == 3 and not _frag_runs(x):
+        # fragment-order weights where the fragment kernel does not run (a compiled graph
+        # that skipped QuantLinear's eager first call, the CPU interpreter): tiled per call
+        from qpipe.kernels.layout import to_form
+
+        qweight = to_form(qweight, scales.shape[1], "tiled")
+        cfg = None if cfg is not None and cfg.kind == "frag" else cfg
     if cfg is None:
         cfg = TUNER.choose(x, qweight, scales, zeros, group_size, bias)
-    return launch(x, qweight, scales, zeros, group_size, bias, cfg)
+    return _launch_any(x, qweight, scales, zeros, group_size, bias, cfg)
+
+
+def _frag_runs(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    from qpipe.kernels.frag_w4a16 import unavailable
+
+    return unavailable(x.device) is None
+
+
+def w8a16_tuned(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The 8-bit matmul (``triton_w8a16``) with the tuner's configuration for this shape."""
+    from qpipe.kernels.triton_w8a16 import launch as w8_launch
+    from qpipe.kernels.triton_w8a16 import w8a16_matmul
+
+    if not x.is_cuda:  # the interpreter: the heuristic, with w8a16_matmul's checks
+        return w8a16_matmul(x, qweight, scales, zeros, group_size, bias)
+    cfg = TUNER.choose_w8(x, qweight, scales, zeros, group_size, bias)
+    return w8_launch(x, qweight, scales, zeros, group_size, bias, cfg)
+
+
+def _config_of(cfg: dict):
+    """A remembered configuration (JSON) as its class."""
+    if "block_m" in cfg and "prefetch" not in cfg:
+        from qpipe.kernels.triton_w8a16 import W8Config
+
+        return W8Config(**cfg)
+    if cfg.get("kind") == "frag":
+        from qpipe.kernels.frag_w4a16 import FragConfig
+
+        return FragConfig(**cfg)
+    return KernelConfig(**cfg)

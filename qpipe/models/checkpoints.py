@@ -218,12 +218,12 @@ def _check_qpipe_w4(folder: Path, config: dict[str, Any]) -> None:
     found = {qcfg.get("layout_version", 1)}
     found |= {m.get("layout_version", 1) for m in (qcfg.get("modules") or {}).values()}
     layouts = {m.get("layout", LAYOUT_NAME) for m in (qcfg.get("modules") or {}).values()}
-    readable = {1, LAYOUT_VERSION}  # version 1's row-major words are tiled at load
+    readable = set(range(1, LAYOUT_VERSION + 1))  # older versions are converted at load
     if found - readable or layouts - {LAYOUT_NAME}:
         bad = sorted(map(str, found - readable)) or sorted(layouts - {LAYOUT_NAME})
         raise CheckpointError(
             f"{folder / 'config.json'}: {LAYOUT_NAME} layout version {', '.join(bad)}, this qpipe "
-            f"reads versions 1 and {LAYOUT_VERSION}; quantize the model again with this qpipe"
+            f"reads versions 1 to {LAYOUT_VERSION}; quantize the model again with this qpipe"
         )
 
 

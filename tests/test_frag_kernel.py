@@ -1,0 +1,321 @@
+"""The fragment-order W4A16 kernel (layout v3, ``qpipe/kernels/w4_frag.cu``) without a GPU.
+
+* the layout: exact round trips between the three forms, and each nibble where the kernel's
+  lanes look for it;
+* a pure-torch emulation of what the kernel's MMAs compute from the fragment order (the
+  PTX m16n8k16 register layouts) reproduces the matmul;
+* the CUDA source itself, compiled by g++ with the PTX primitives in C++ and every CUDA thread
+  a std::thread (``tests/frag_emulator.cpp``), under AddressSanitizer: every configuration
+  shape the tuner uses, fp16 and bf16, symmetric and not, bias, split-K (uneven and with an
+  empty split), M past one block, a strided x, against the float64 reference; outputs
+  poisoned first, the split-K counters zero after;
+* NVRTC (where a library is found: ``QPIPE_NVRTC``) compiles every instantiation the tuner
+  can ask for, for sm_80 and sm_90;
+* where the kernel cannot run, QuantLinear falls back to today's kernels (tiled, v2).
+GPU tests (``-m gpu``) run the compiled kernel against the same reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from qpipe.kernels.layout import (
+    FRAG_K,
+    form_of,
+    frag_w4,
+    pack_int4_rows,
+    tile_w4,
+    to_form,
+    unfrag_w4,
+    unpack_q,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _q(n: int, k: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8)  # fmt: skip
+
+
+def test_forms_round_trip_exactly_and_nibbles_sit_where_the_lanes_read_them() -> None:
+    n, k = 48, 256
+    q = _q(n, k, 0)
+    rows = pack_int4_rows(q)
+    frag = frag_w4(rows)
+    assert frag.shape == (n // 16, k // FRAG_K, 128) and form_of(frag, n) == "frag"
+    assert torch.equal(unfrag_w4(frag), rows)
+    assert torch.equal(unpack_q(frag, n, k), q)
+    for a, b in itertools.permutations(("rows", "tiled", "frag"), 2):
+        assert torch.equal(to_form(to_form(rows, n, a), n, b), to_form(rows, n, b)), (a, b)
+    assert torch.equal(to_form(tile_w4(rows), n, "frag"), frag)
+    # lane (g, t), word kk, nibble i: row 16 tile + g + 8 (i & 1), column 64 chunk + 16 t +
+    # 4 kk + 2 ((i >> 1) & 1) + (i >> 2) (w4_frag.cu's comment), all at once
+    tile, chunk, lane, kk, i = torch.meshgrid(
+        *(torch.arange(v) for v in (n // 16, k // 64, 32, 4, 8)), indexing="ij"
+    )
+    g, t = lane // 4, lane % 4
+    row = 16 * tile + g + 8 * (i & 1)
+    col = 64 * chunk + 16 * t + 4 * kk + 2 * ((i >> 1) & 1) + (i >> 2)
+    nib = (frag[tile, chunk, lane * 4 + kk] >> (4 * i)) & 0xF
+    assert torch.equal(nib.to(torch.uint8), q[row, col])
+
+
+def _dequant_ref(q, scales, zeros, gs, dtype) -> torch.Tensor:
+    """[N, K] float64 weights as the kernel's operands hold them: (q - z) * s rounded once to
+    the activation dtype (the torch reference's weights)."""
+    n, k = q.shape
+    grp = torch.arange(k) // gs
+    z = 8.0 if zeros is None else zeros.double().t()[:, grp]
+    return ((q.double() - z) * scales.double().t()[:, grp]).to(dtype).double()
+
+
+def test_torch_emulation_of_the_mma_fragments_reproduces_the_matmul() -> None:
+    """What w4_frag.cu's lanes feed mma.m16n8k16, assembled from the fragment-order words with
+    PTX's register layouts (A: a0 = (row g, k 2t..2t+1), a1 = row g + 8, a2/a3 = k + 8; B: b0 =
+    (k 2t..2t+1, col g), b1 = k + 8), equals x @ W.T."""
+    n, k, m, gs = 32, 256, 8, 128
+    q = _q(n, k, 1)
+    gen = torch.Generator().manual_seed(1)
+    scales = torch.rand(k // gs, n, generator=gen) * 0.02 + 0.002
+    zeros = torch.randint(0, 16, (k // gs, n), generator=gen)
+    x = torch.randn(m, k, generator=gen).double()
+    w = _dequant_ref(q, scales, zeros, gs, torch.float64)
+    frag = frag_w4(pack_int4_rows(q))
+    y = torch.zeros(m, n, dtype=torch.float64)
+    lane = torch.arange(32)
+    g, t = lane // 4, lane % 4
+    for tile, chunk, kk in itertools.product(range(n // 16), range(k // 64), range(4)):
+        words = frag[tile, chunk, lane * 4 + kk]  # one word per lane
+        nib = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=1)  # [lane, i]
+        rows = 16 * tile + g[:, None] + 8 * (torch.arange(8) & 1)
+        cols = (
+            64 * chunk
+            + 16 * t[:, None]
+            + 4 * kk
+            + 2 * ((torch.arange(8) >> 1) & 1)
+            + (torch.arange(8) >> 2)
+        )
+        grp = cols // gs
+        val = (nib.double() - zeros.t()[rows, grp]) * scales.t()[rows, grp].double()
+        a = torch.zeros(16, 16, dtype=torch.float64)  # logical A[row][k] of this k16 step
+        b = torch.zeros(16, m, dtype=torch.float64)  # logical B[k][activation row]
+        for ln in range(32):
+            gg, tt = ln // 4, ln % 4
+            # nibble i -> register (i & 1) + 2 ((i >> 1) & 1), half i >> 2 (a0 .. a3 above)
+            for i in range(8):
+                r = gg + 8 * (i & 1)
+                kl = 2 * tt + (i >> 2) + 8 * ((i >> 1) & 1)
+                a[r, kl] = val[ln, i]
+                # B: the same logical k from the same physical column of x
+                b[kl, :] = x[:, int(cols[ln, i])]
+        y[:, 16 * tile : 16 * tile + 16] += (a @ b).t()
+    assert torch.allclose(y, x @ w.t(), rtol=1e-9, atol=1e-9)
+
+
+# -- the CUDA source on the CPU ---------------------------------------------------------------
+
+
+@functools.cache
+def _emulator(tmp: Path) -> Path:
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("needs g++ to compile the CUDA source for the CPU")
+    exe = tmp / "frag_emulator"
+    base = [cxx, "-std=c++20", "-O0", "-w", "-pthread", str(ROOT / "tests" / "frag_emulator.cpp")]
+    sanitized = subprocess.run([*base, "-fsanitize=address,undefined", "-o", str(exe)],
+                               capture_output=True, text=True)  # fmt: skip
+    if sanitized.returncode != 0:  # no sanitizer runtime here: the plain build still checks
+        plain = subprocess.run([*base, "-o", str(exe)], capture_output=True, text=True)
+        assert plain.returncode == 0, plain.stderr[-3000:]
+    return exe
+
+
+# (M, N, K, group, bf16, zeros, bias, (T, R, WARPS, P), split, x row stride or None)
+EMULATED = [
+    (1, 64, 256, 128, False, False, False, (1, 1, 4, 4), 1, None),
+    (3, 96, 512, 128, True, True, True, (1, 2, 4, 2), 3, None),  # partial R tile, uneven split
+    (8, 48, 256, 64, False, True, False, (1, 1, 2, 3), 3, 264),  # empty split, strided x
+    (16, 64, 384, 64, False, True, True, (2, 1, 4, 3), 2, None),
+    (13, 80, 256, 256, True, False, True, (2, 2, 2, 2), 1, None),  # N past the last block
+    (32, 32, 256, 128, True, True, False, (4, 1, 4, 2), 2, None),
+    (33, 48, 256, 128, True, False, False, (8, 1, 2, 2), 1, None),  # M past one 8T block
+    (64, 128, 512, 128, False, True, True, (8, 2, 4, 1), 4, None),
+]
+
+
+def _write_case(path: Path, case, seed: int):
+    m, n, k, gs, bf16, has_z, has_bias, (t, r, w, p), split, sxm = case
+    gen = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16 if bf16 else torch.float16
+    groups = k // gs
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (groups, n), generator=gen, dtype=torch.uint8) if has_z else None
+    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).to(dt)
+    bias = torch.randn(n, generator=gen).to(dt) if has_bias else None
+    from qpipe.kernels.frag_w4a16 import FragConfig, geometry
+
+    sxm = sxm or k
+    x_full = torch.randn(m, sxm, generator=gen).to(dt)
+    # the launch exactly as the Python side plans it for the GPU
+    cfg = FragConfig(t=t, r=r, warps=w, prefetch=p, split_k=split)
+    grid, block, ints = geometry(m, n, k, sxm, gs, cfg)
+    assert ints[:4] == [m, n, k, sxm] and ints[5] == split
+    header = [m, n, k, gs, int(bf16), int(has_z), int(has_bias), t, r, w, p, split, ints[6], sxm,
+              *grid, block, ints[4]]  # fmt: skip
+    with open(path, "wb") as f:
+        f.write(struct.pack("<19i", *header))
+        f.write(x_full.view(torch.int16).numpy().tobytes())
+        f.write(frag_w4(pack_int4_rows(q)).numpy().tobytes())
+        f.write(scales.view(torch.int16).numpy().tobytes())
+        if zeros is not None:
+            f.write(zeros.numpy().tobytes())
+        if bias is not None:
+            f.write(bias.view(torch.int16).numpy().tobytes())
+    ref = x_full[:, :k].double() @ _dequant_ref(q, scales, zeros, gs, dt).t()
+    if bias is not None:
+        ref = ref + bias.double()
+    return ref, dt, grid[0] * grid[2]
+
+
+@pytest.mark.parametrize("case", EMULATED, ids=[f"m{c[0]}_{'x'.join(map(str, c[7]))}_s{c[8]}"
+                                                 for c in EMULATED])  # fmt: skip
+def test_cuda_source_computes_the_reference_on_the_cpu_emulator(case, tmp_path_factory) -> None:
+    exe = _emulator(tmp_path_factory.getbasetemp())
+    work = tmp_path_factory.mktemp("frag")
+    ref, dt, tiles = _write_case(work / "case.bin", case, seed=EMULATED.index(case))
+    proc = subprocess.run([str(exe), str(work / "case.bin"), str(work / "out.bin")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = (work / "out.bin").read_bytes()
+    m, n = ref.shape
+    y = torch.frombuffer(bytearray(data[: m * n * 2]), dtype=torch.int16).view(dt).view(m, n)
+    counters = torch.frombuffer(bytearray(data[m * n * 2 :]), dtype=torch.int32)
+    assert bool(torch.isfinite(y).all()), "an output was never written (the poison is NaN)"
+    rel = float((y.double() - ref).norm() / ref.norm())
+    assert rel < (2e-3 if dt == torch.float16 else 1e-2), rel
+    assert counters.numel() == tiles and bool((counters == 0).all()), counters
+
+
+# -- NVRTC ------------------------------------------------------------------------------------
+
+
+def test_nvrtc_compiles_every_instantiation_the_tuner_uses(tmp_path, monkeypatch) -> None:
+    from qpipe.kernels import cuda_rtc, frag_w4a16
+
+    try:
+        cuda_rtc.nvrtc()
+    except cuda_rtc.RtcUnavailable as err:
+        pytest.skip(f"no NVRTC here ({err}"[:200] + ")")
+    monkeypatch.setenv("QPIPE_KERNEL_CACHE", str(tmp_path))
+    shapes = [(t, *shape) for t, some in frag_w4a16._SHAPES.items() for shape in some]
+    flags = list(itertools.product((False, True), repeat=3))  # bf16, zeros, bias
+    exprs = [  # every shape with two flag sets, the first shape with all eight
+        frag_w4a16._expr(frag_w4a16.FragConfig(t=t, r=r, warps=w, prefetch=p), *f)
+        for i, (t, r, w, p) in enumerate(shapes)
+        for f in (flags if i == 0 else [flags[0], flags[-1]])
+    ]
+    for arch in ("80", "90"):
+        cubin, lowered = cuda_rtc.compile_cubin(frag_w4a16._source(), exprs, arch)
+        assert len(cubin) > 10_000 and set(lowered) == set(exprs)
+        assert all(name.startswith("_Z14w4_frag_kernel") for name in lowered.values())
+    # cached: a second call reads the files
+    assert cuda_rtc.compile_cubin(frag_w4a16._source(), exprs, "90")[0] == cubin
+
+
+# -- where it cannot run ----------------------------------------------------------------------
+
+
+def test_fragment_weights_fall_back_to_tiles_where_the_kernel_cannot_run(monkeypatch) -> None:
+    from qpipe.kernels import QuantLinear, frag_w4a16, quantize_rtn
+    from qpipe.kernels.quant_linear import default_form
+
+    assert frag_w4a16.unavailable(torch.device("cpu")) == "the fragment kernel needs a CUDA device"
+    iw = quantize_rtn(torch.randn(64, 256), group_size=128, symmetric=False)
+    ql = QuantLinear.from_int(iw, dtype=torch.float16)
+    assert ql.form == "frag" and default_form(64, 32, 128) == "frag"
+    assert default_form(40, 32, 128) == "rows"  # no whole tiles
+    before = ql.dequantize()
+    ql._settle_form(torch.device("cpu"))  # what the first triton call does on such a device
+    assert ql.form == "tiled" and torch.equal(ql.dequantize(), before)
+    monkeypatch.setenv("QPIPE_FRAG", "0")
+    assert default_form(64, 32, 128) == "tiled"
+    assert QuantLinear.from_int(iw, dtype=torch.float16).form == "tiled"
+
+
+# -- GPU --------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 33, 64, 130])
+def test_gpu_frag_kernel_every_config_matches_reference(dtype, m) -> None:
+    from qpipe.kernels import frag_w4a16
+    from qpipe.kernels.workspace import WORKSPACE
+
+    reason = frag_w4a16.unavailable(torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
+    n, k, gs = 1040, 2048, 128  # N not a multiple of any block's rows
+    gen = torch.Generator().manual_seed(m)
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (k // gs, n), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(k // gs, n, generator=gen) * 0.02 + 0.002).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    ref = x.double() @ _dequant_ref(q, scales, zeros, gs, dtype).t() + bias.double()
+    qw = frag_w4(pack_int4_rows(q)).cuda()
+    args = (scales.cuda(), zeros.cuda(), gs, bias.cuda())
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    for cfg in frag_w4a16.candidates(m, n, k, torch.device("cuda")):
+        for z in (args[1], None):
+            want = ref if z is not None else (
+                x.double() @ _dequant_ref(q, scales, None, gs, dtype).t() + bias.double()
+            )  # fmt: skip
+            y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+            frag_w4a16.launch(x.cuda(), qw, args[0], z, gs, args[3], cfg, out=y)
+            torch.cuda.synchronize()
+            rel = float((y.double().cpu() - want).norm() / want.norm())
+            assert bool(torch.isfinite(y).all()) and rel < tol, (cfg, z is None, rel)
+    _, cnt = WORKSPACE._bufs[torch.device("cuda", torch.cuda.current_device())]
+    assert bool((cnt == 0).all())
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_quant_linear_runs_the_frag_kernel_eager_graph_and_compiled() -> None:
+    from qpipe.kernels import QuantLinear, frag_w4a16
+    from qpipe.kernels.frag_w4a16 import FragLauncher
+
+    if frag_w4a16.unavailable(torch.device("cuda")) is not None:
+        pytest.skip(frag_w4a16.unavailable(torch.device("cuda")))
+    lin = torch.nn.Linear(2048, 768, dtype=torch.bfloat16, device="cuda")
+    ql = QuantLinear.from_linear(lin, group_size=128, symmetric=False, kernel="triton")
+    assert ql.form == "frag"
+    x = torch.randn(4, 2048, dtype=torch.bfloat16, device="cuda")
+    ref = x.double() @ ql.dequantize().double().t() + lin.bias.double()
+    y = ql(x)
+    assert isinstance(next(iter(ql._launchers.values())), FragLauncher)
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+    assert torch.equal(ql(x), y)  # the bound launch: the same bits again
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = ql(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = x.double() @ ql.dequantize().double().t() + lin.bias.double()
+    assert float((yg.double() - ref).norm() / ref.norm()) < 1e-2
+    compiled = torch.compile(ql, fullgraph=True)
+    assert torch.equal(compiled(x), ql(x))
