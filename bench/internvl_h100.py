@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-QUANTS = ("none", "bnb_nf4", "bnb_int8", "rtn", "gptq", "awq")
+QUANTS = ("none", "bnb_nf4", "bnb_int8", "rtn", "gptq", "awq", "fp8")
 EXPERIMENT = "internvl_h100"
 # What every row runs with: 4096 tokens of context with the built-in picture in it (3 tiles,
 # 770 tokens), 32 x 256 calibration tokens (calib default), Triton kernels for W4 rows.

@@ -12,14 +12,10 @@ set -uo pipefail
 out=${1:?usage: internvl_h100.sh OUTDIR [QUANT ...]}
 shift
 mkdir -p "$out"
-# Wheels carried with this call (../shared/tools/gpu-wheels makes .gpu-wheels/N), if any;
-# earlier calls on the same warm machine may have installed them into /tmp/site already.
-for dir in .gpu/whl .gpu-wheels/*; do
-  if compgen -G "$dir/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$dir"/*.whl
-  fi
-done
-export PYTHONPATH=/tmp/site:$PWD QPIPE_OUTPUTS=${QPIPE_OUTPUTS:-/tmp/qo} PYTHONUNBUFFERED=1 COLUMNS=160
+# Wheels carried with this call (../shared/tools/gpu-wheels makes .gpu-wheels/N), if any, once
+# per warm machine (bench/gpu/setup.sh remembers what it installed).
+bash bench/gpu/setup.sh
+source bench/gpu/env.sh
 tok=qwen
 [ -d .gpu/tokenizer ] && tok=$PWD/.gpu/tokenizer
 quants=("$@")

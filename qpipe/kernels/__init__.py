@@ -39,7 +39,9 @@ LAYERS = (QuantLinear, Int8Linear, IntLinear, Fp8Linear)
 def layer_kernels(model: torch.nn.Module) -> list[str]:
     """The kernels qpipe's quantized layers in ``model`` run on (sorted; empty when it has
     none of them): what a run reports as its ``kernel``."""
-    return sorted({m.kernel for m in model.modules() if isinstance(m, LAYERS)})
+    return sorted(
+        {getattr(m, "runs_on", m.kernel) for m in model.modules() if isinstance(m, LAYERS)}
+    )
 
 
 __all__ = [

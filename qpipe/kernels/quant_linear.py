@@ -267,6 +267,17 @@ class QuantLinear(torch.nn.Module):
         self._kernel = value
 
     @property
+    def runs_on(self) -> str:
+        """The kernel this layer runs on, as a run reports it: ``frag`` (the CUDA fragment
+        kernel on layout v3's fragment order, where it is checked), ``triton`` or ``torch``."""
+        if self.kernel == "triton" and self.form == "frag" and self.qweight.is_cuda:
+            from qpipe.kernels.frag_w4a16 import unavailable
+
+            if unavailable(self.qweight.device) is None:
+                return "frag"
+        return self.kernel
+
+    @property
     def form(self) -> str:
         """How qweight is held: "frag" (layout v3's fragment order), "tiled" (v2's 1 KB tiles)
         or "rows" (row-major, every shape)."""
