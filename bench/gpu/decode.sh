@@ -15,9 +15,9 @@ batches=${2:-1,16}
 card=$(python3 -c 'import sys; sys.path.insert(0, "bench"); import harness; print(harness.card_slug())')
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE -s \
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE -s \
     tests/test_decode_real_gpu.py tests/test_fp8.py 2>&1 | grep -v -E "it/s\]" | tail -40
 } > "$OUT/real_weights_$card.txt" 2>&1
 tail -8 "$OUT/real_weights_$card.txt"
-timeout 420 python3 bench/e2e_decode.py --out "$OUT" --tag "$card" --variants "$variants" \
+timeout 350 python3 bench/e2e_decode.py --out "$OUT" --tag "$card" --variants "$variants" \
   --batches "$batches" --eager-batches 1 --repeats 2 2>&1 | grep -v -E "it/s\]" | tail -30
