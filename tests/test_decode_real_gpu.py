@@ -55,10 +55,13 @@ def _w4(model):
             q = QuantLinear.from_linear(module, group_size=128, symmetric=False, kernel="triton")
             setattr(model.get_submodule(parent), leaf, q)
     assert fuse_projections(model)
-    # group 128: down_proj (K = 1536) is held in the fragment order (layout v3: the fragment
-    # kernel where it runs, else tiles for the Triton kernels), the K = 576 layers row-major
+    # group 128: down_proj (K = 1536) is held in whole tiles (v2 tiles for the Triton kernels;
+    # the fragment order of layout v3 with QPIPE_FRAG=1), the K = 576 layers row-major
+    import os
+
+    tiles = "frag" if os.environ.get("QPIPE_FRAG") == "1" else "tiled"
     forms = {m.form for m in model.modules() if isinstance(m, QuantLinear)}
-    assert forms == {"frag", "rows"}, forms
+    assert forms == {tiles, "rows"}, forms
     return model
 
 

@@ -147,7 +147,7 @@ def test_fp8_weights_are_priced_as_they_load(fp8_checkpoint) -> None:
     tensor_core = weight_format_of(quant, 2, "cuda", "scaled_mm").matmul_transient_bytes(
         shape, tokens
     )
-    assert weight_only == 256 * 128 * 2 and tensor_core == tokens * 128 * 3 + tokens * 4
+    assert weight_only == 256 * 128 * 2 and tensor_core == tokens * 128 * 5 + tokens * 4
 
 
 @pytest.mark.gpu
@@ -167,5 +167,7 @@ def test_scaled_mm_matches_the_dequantized_matmul_on_the_gpu() -> None:
         assert got.dtype == torch.bfloat16 and got.shape == (m, n)
         rel = float((got.float() - ref).norm() / ref.norm())
         assert rel < 3e-2, (m, n, k, rel)
-        compiled = torch.compile(layer, fullgraph=True)
-        torch.testing.assert_close(compiled(x).float(), got.float(), rtol=2e-2, atol=2e-2)
+        compiled = torch.compile(layer, fullgraph=True)(x)
+        # the same e4m3 codes (one rounding from fp32 in both): the products agree to bf16
+        same = float((compiled.float() - got.float()).norm() / got.float().norm())
+        assert same < 1e-2, (m, n, k, same)

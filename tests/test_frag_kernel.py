@@ -240,6 +240,8 @@ def test_fragment_weights_fall_back_to_tiles_where_the_kernel_cannot_run(monkeyp
 
     assert frag_w4a16.unavailable(torch.device("cpu")) == "the fragment kernel needs a CUDA device"
     iw = quantize_rtn(torch.randn(64, 256), group_size=128, symmetric=False)
+    assert default_form(64, 32, 128) == "tiled"  # opt-in: QPIPE_FRAG=1
+    monkeypatch.setenv("QPIPE_FRAG", "1")
     ql = QuantLinear.from_int(iw, dtype=torch.float16)
     assert ql.form == "frag" and default_form(64, 32, 128) == "frag"
     assert default_form(40, 32, 128) == "rows"  # no whole tiles
@@ -294,10 +296,11 @@ def test_gpu_frag_kernel_every_config_matches_reference(dtype, m) -> None:
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_quant_linear_runs_the_frag_kernel_eager_graph_and_compiled() -> None:
+def test_gpu_quant_linear_runs_the_frag_kernel_eager_graph_and_compiled(monkeypatch) -> None:
     from qpipe.kernels import QuantLinear, frag_w4a16
     from qpipe.kernels.frag_w4a16 import FragLauncher
 
+    monkeypatch.setenv("QPIPE_FRAG", "1")
     if frag_w4a16.unavailable(torch.device("cuda")) is not None:
         pytest.skip(frag_w4a16.unavailable(torch.device("cuda")))
     lin = torch.nn.Linear(2048, 768, dtype=torch.bfloat16, device="cuda")

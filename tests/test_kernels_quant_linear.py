@@ -84,11 +84,12 @@ def test_state_dict_roundtrip_through_safetensors(tmp_path):
     assert set(ql.state_dict()) == {"qweight", "scales", "zeros", "bias"}
 
 
-def test_held_forms_are_exact_and_read_layout_versions_1_and_2(tmp_path):
-    """Shapes with whole 16-row x 128-column tiles are held in the fragment order (layout v3),
-    others row-major; v1 (row-major words) and v2 (1 KB tiles) state dicts load into a v3
-    module exactly; a module converted to tiles computes the same; fusing concatenates the
-    fragment tiles."""
+def test_held_forms_are_exact_and_read_layout_versions_1_and_2(tmp_path, monkeypatch):
+    """Shapes with whole 16-row x 128-column tiles are held in the fragment order (layout v3,
+    opt-in: QPIPE_FRAG=1), others row-major; v1 (row-major words) and v2 (1 KB tiles) state
+    dicts load into a v3 module exactly; a module converted to tiles computes the same; fusing
+    concatenates the fragment tiles."""
+    monkeypatch.setenv("QPIPE_FRAG", "1")
     from qpipe.kernels.fusion import concat
     from qpipe.kernels.layout import frag_w4, tile_w4, untile_w4
 

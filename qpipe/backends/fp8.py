@@ -31,8 +31,9 @@ _FP8 = {"num_bits": 8, "type": "float", "symmetric": True}
 @dataclass(frozen=True)
 class Fp8Format:
     """e4m3 weights (1 byte each) with a fp32 scale per output row. Over the prompt, the FP8
-    matmul first quantizes the activations: |x| and x/scale in the run's dtype, then the e4m3
-    copy and a fp32 scale per token; weight-only, the dequantized weight lives while it runs."""
+    matmul first quantizes the activations: x scaled in fp32 (one copy, scaled in place), then
+    the e4m3 copy and a fp32 scale per token; weight-only, the dequantized weight lives while
+    it runs."""
 
     dtype_bytes: int
     kernel: str
@@ -45,7 +46,7 @@ class Fp8Format:
     def matmul_transient_bytes(self, shape: tuple[int, int], tokens: int) -> int:
         out_f, in_f = shape
         if self.kernel == "scaled_mm":
-            return tokens * in_f * (self.dtype_bytes + 1) + tokens * 4
+            return tokens * in_f * (4 + 1) + tokens * 4
         return out_f * in_f * self.dtype_bytes
 
 

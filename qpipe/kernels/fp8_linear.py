@@ -40,13 +40,14 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``x`` [M, K] as e4m3 and the fp32 scale [M, 1] each was divided by. The scale is
-    rounded to ``x``'s dtype before dividing, so the scale the matmul applies is exactly the
-    one used here."""
-    amax = x.abs().amax(dim=-1, keepdim=True)
-    scale = (amax.float() / FP8_MAX).clamp(min=1e-12).to(x.dtype)
-    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q, scale.float()
+    """Rows of ``x`` [M, K] as e4m3 and the fp32 scale [M, 1] the matmul multiplies back.
+    Each value is scaled in fp32 and rounded to e4m3 once: eager and compiled code (Inductor
+    fuses this into one kernel computing in fp32) then give the same e4m3 codes, where a
+    division in ``x``'s dtype would round twice (bf16, then e4m3) and flip codes."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax / FP8_MAX).clamp(min=1e-12)
+    q = x.float().mul_(scale.reciprocal()).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
 
 
 class Fp8Linear(torch.nn.Module):

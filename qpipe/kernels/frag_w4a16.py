@@ -2,10 +2,11 @@
 its launch configurations, and its launches.
 
 The kernel is CUDA C++ compiled at run time by NVRTC (``cuda_rtc.py``) for the device's own
-architecture. It runs only where it was checked: compute capability 9.0 (H100, H200) by
-default, 8.x with ``QPIPE_FRAG=1``, nowhere with ``QPIPE_FRAG=0``; and on a device only after a
-self-check (a small problem of each activation dtype against the torch reference) has passed
-there. Elsewhere ``unavailable`` says why, and QuantLinear converts its weights to the tiled
+architecture. New modules hold fragment-order weights only with ``QPIPE_FRAG=1`` (it is
+opt-in while it loses to the v2 kernels at M >= 64: ``quant_linear.default_form``); it runs
+only where it was checked: compute capability 9.0 (H100, H200), 8.x with ``QPIPE_FRAG=1``,
+nowhere with ``QPIPE_FRAG=0``; and on a device only after a self-check (a small problem of
+each activation dtype against the torch reference) has passed there. Elsewhere ``unavailable`` says why, and QuantLinear converts its weights to the tiled
 form (layout v2, exact) for the Triton kernels.
 """
 

@@ -45,13 +45,17 @@ _UNBUILT = object()
 
 
 def default_form(n: int, words: int, group_size: int) -> str:
-    """The qweight form a new module holds: the fragment order (layout v3) where the shape
-    has whole tiles (``QPIPE_FRAG=0``: the tiled form, v2), row-major elsewhere. A device
-    without the fragment kernel converts the fragments to tiles at its first call."""
+    """The qweight form a new module holds: the tiled form (layout v2) where the shape has
+    whole tiles, row-major elsewhere; the fragment order (layout v3) with ``QPIPE_FRAG=1``.
+    The fragment kernel is opt-in until it wins at every M: on an H100 it beat the v2 kernels
+    at M = 4 on large shapes (24576x4096: 2.86x fp16 against 1.99x) but lost at M >= 64
+    (4096x4096, M = 64: 0.52x against 0.99x; bench/results/kernels_h100_fp8.md), so prefill
+    would slow down. A device without the fragment kernel converts fragments to tiles at
+    its first call."""
     if not can_tile(n, words, group_size):
         return "rows"
     chunks = group_size // FRAG_K  # the fragment kernel's groups: 64 x a power of two columns
-    if os.environ.get("QPIPE_FRAG", "") == "0" or chunks & (chunks - 1):
+    if os.environ.get("QPIPE_FRAG", "") != "1" or chunks & (chunks - 1):
         return "tiled"
     return "frag"
 
