@@ -234,6 +234,16 @@ class PhaseMeter:
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
 
+    def rebase(self) -> float:
+        """CPU: take the baseline again (after what is not to be measured: the model made
+        trainable, a warm-up); the resident set's growth since the meter was made, in GB."""
+        if self.on_gpu:
+            return 0.0
+        _release_freed_heap()
+        rss = psutil.Process().memory_info().rss
+        grown, self.baseline = (rss - self.baseline) / 1e9, rss
+        return grown
+
     @contextlib.contextmanager
     def phase(self, name: str, record: bool = True):
         """Measure what runs inside as phase ``name`` (``record=False``: run it unmeasured)."""

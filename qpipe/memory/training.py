@@ -180,6 +180,21 @@ def optimizer_state_bytes(numels: list[int], optimizer: str, state_bytes: int) -
     return total
 
 
+def optimizer_step_transient(
+    numels: list[int], optimizer: str, device: str, param_bytes: int
+) -> int:
+    """What the optimizer step allocates beside its states while it runs. Fused AdamW and
+    bitsandbytes' CUDA kernels update in place (nothing); bitsandbytes' CPU path updates one
+    tensor at a time through float32 copies (``backends/cpu/ops.py``): both states
+    dequantized, the scaled gradient, the square root of the second moment and the
+    denominator made from it (5 × 4 bytes an element of the largest tensor of 8-bit states),
+    and a float32 copy of a parameter that is not float32."""
+    if device.startswith("cuda") or optimizer not in ("adamw_8bit", "paged_adamw_8bit"):
+        return 0
+    largest = max((n for n in numels if n >= BNB_OPT_MIN_8BIT), default=0)
+    return (5 * 4 + (4 if param_bytes != 4 else 0)) * largest
+
+
 # ---------------------------------------------------------------- activations
 
 
@@ -453,10 +468,12 @@ def price_training(
     base: BaseWeights,
     run_dtype_bytes: int,
     runtime_gb: float = 0.0,
+    device: str = "cuda",
 ) -> TrainingEstimate:
     """Memory of one training step of ``plan`` per card, by phase, from step 2 on (the
-    optimizer's states exist; gradients were set to None before forward)."""
-    flow = flow_for(plan, run_dtype_bytes)
+    optimizer's states exist; gradients were set to None before forward), on ``device``
+    (cuda, or cpu where the host runs the step)."""
+    flow = flow_for(plan, run_dtype_bytes, device)
     targets = lora_targets(inventory, plan) if plan.trains_adapters else []
     numels = trainable_numels(inventory, plan)
     trainable = sum(numels)
@@ -490,7 +507,10 @@ def price_training(
     forward = persistent + act.saved + act.logits_spike
     dequant = 2 * base.largest_4bit_weight  # bitsandbytes dequantizes a weight for grad_input
     backward = persistent + max(act.saved + act.loss_backward, grads + act.layer_backward + dequant)
-    step = persistent + grads
+    param_bytes = flow.adapter if plan.trains_adapters else flow.linear or 4
+    step = (
+        persistent + grads + optimizer_step_transient(numels, plan.optimizer, device, param_bytes)
+    )
     phases = {"forward": forward / GB, "backward": backward / GB, "optimizer": step / GB}
     peak = max(forward, backward, step)
     return TrainingEstimate(
@@ -554,6 +574,7 @@ def plans_that_fit(
     run_dtype_bytes: int,
     runtime_gb: float,
     usable_gb: float,
+    device: str = "cuda",
 ) -> list[PlanFit]:
     """For each method ``bases`` prices (full, lora, qlora) with and without checkpointing:
     the largest micro-batch (of BATCHES, at the plan's sequence length) whose total fits
@@ -573,6 +594,7 @@ def plans_that_fit(
                     base,
                     run_dtype_bytes,
                     runtime_gb,
+                    device,
                 )
                 first = est.total_gb if first is None else first
                 if est.total_gb > usable_gb:
