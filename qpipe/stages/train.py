@@ -53,13 +53,16 @@ def run(ctx: StageContext) -> StageResult:
     make_resident(model)
     load_libraries(plan, device)
     meter = PhaseMeter(device)  # CPU: the loaded model's resident set
-    model = prepare(model, plan, targets)
-    trainable_growth = warm_growth = None
-    if not meter.on_gpu:
-        trainable_growth = meter.rebase()
-        warm_up(model, ids, plan)
-        warm_growth = meter.rebase()
-    result = train_steps(model, ids, plan, device, meter)
+    try:
+        model = prepare(model, plan, targets)
+        trainable_growth = warm_growth = None
+        if not meter.on_gpu:
+            trainable_growth = meter.rebase()
+            warm_up(model, ids, plan)
+            warm_growth = meter.rebase()
+        result = train_steps(model, ids, plan, device, meter)
+    finally:
+        meter.close()
 
     # GPU: the allocator's absolute peak against the budget's phase; CPU: the growth over
     # the trainable model against the estimate less the weights (as trained) and adapters
