@@ -41,6 +41,12 @@ BNB_OPT_BLOCK = 256  # bitsandbytes' 8-bit optimizers: one float32 absmax per 25
 BNB_OPT_MIN_8BIT = 4096  # smaller tensors keep 32-bit states (bitsandbytes' min_8bit_size)
 BNB_QMAP_BYTES = 2 * 256 * 4  # the two 256-entry float32 quantization maps
 BATCHES = (1, 2, 4, 8, 16, 32, 64)  # what the verdict tries for each plan
+# The DeepSpeed plan qpipe writes (qpipe.training.launch) reduces gradients through buckets of
+# this many elements with contiguous_gradients and overlap_comm: ZeRO-1/2 then hold two such
+# buffers on each GPU from the first backward on (DeepSpeed's setup_buckets), in the bf16 of
+# the run; DeepSpeed's own estimators leave them out.
+DS_REDUCE_BUCKET = 500_000_000
+DS_BUCKETS = 2
 # Backward of one decoder layer: the gradients of its widest intermediates (the MLP's three
 # [tokens, intermediate] tensors and two of the residual width) live together.
 _BWD_MLP_WIDTHS, _BWD_HIDDEN_WIDTHS = 3, 2
@@ -494,7 +500,8 @@ def price_training(
             gpu, host = zero_model_states(
                 inventory.total_params, trainable, n, stage, *args[2:], largest, frozen
             )
-        weights, grads, optimizer, adapters = gpu + base.buffers, 0, 0, 0
+        buckets = DS_BUCKETS * DS_REDUCE_BUCKET * 2 if plan.sharding in ("zero1", "zero2") else 0
+        weights, grads, optimizer, adapters = gpu + base.buffers + buckets, 0, 0, 0
         model_states = gpu
     else:
         grad_bytes = flow.adapter if plan.trains_adapters else flow.linear or 4
