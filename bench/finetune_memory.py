@@ -317,7 +317,7 @@ def _deepspeed_steps(cfg: Any, ds_config: dict) -> dict[str, Any]:
             engine.backward(loss)
         with meter.phase("optimizer", record):
             engine.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     host_peak = (_host_peak_bytes() or psutil.Process().memory_info().rss) - host_before
     out = {"engine": "deepspeed", "losses": losses, "peaks_gb": dict(meter.peaks),
            "nvml_gb": dict(meter.nvml), "host_growth_gb": host_peak / 1e9}  # fmt: skip
@@ -531,6 +531,18 @@ def cmd_report(ns: argparse.Namespace) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     lines += ["| " + " | ".join(_row_cells(r)) + " |" for r in latest.values()]
+    grown = [
+        r for r in latest.values() if "mem.measured_trainable_growth_gb" in (r.get("metrics") or {})
+    ]
+    if grown:  # CPU: what the baseline holds beyond the weights, measured, not priced
+        lines += ["", "| row | made trainable: est / measured GB (adapters; peft's wrapper) | "
+                  "warm-up left GB (libraries' first use) | threads | load avg |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in grown:
+            m = r["metrics"]
+            lines.append(f"| {r['row']} | {m['mem.est_trainable_growth_gb']:.4f} / "
+                         f"{m['mem.measured_trainable_growth_gb']:.4f} | "
+                         f"{m['mem.measured_warmup_growth_gb']:.4f} | {ran_on.get('threads', '—')} | "
+                         f"{', '.join(f'{x:.1f}' for x in ran_on.get('load_avg', []))} |")  # fmt: skip
     notes = [r for r in latest.values() if r.get("error") or (r.get("measured") or {}).get("error")]
     if notes:
         lines += ["", "Rows that did not finish:", ""]
