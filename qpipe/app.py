@@ -148,6 +148,9 @@ def print_summary(cfg: DictConfig, report: RunReport, console: Console | None = 
         console.print(options_table(budget.outputs, cfg.quant.name, cfg.hardware.name))
     if budget is not None and budget.outputs.get("verdict"):
         console.print(f"memory budget: {budget.outputs['verdict']}", highlight=False)
+    train = report.results.get("train")
+    if train is not None and train.outputs.get("summary"):  # pipeline=finetune's proof
+        console.print(f"train: {train.outputs['summary']}", highlight=False)
     if report.error:
         error = " ".join(report.error.split())  # one line, however the message was made
         console.print(

@@ -23,6 +23,7 @@ from qpipe.memory.training import (
     flow_for,
     lora_targets,
     optimizer_state_bytes,
+    optimizer_step_transient,
     plans_that_fit,
     price_training,
     zero_model_states,
@@ -137,6 +138,47 @@ def test_optimizer_states_match_bitsandbytes() -> None:
     assert optimizer_state_bytes(numels, "sgd", 4) == 0
 
 
+def test_bnb_cpu_8bit_step_is_priced_with_its_float32_copies() -> None:
+    """bitsandbytes' CPU 8-bit AdamW dequantizes both states of a tensor to float32 for its
+    update: the step's measured host peak (over a baseline without states or gradient) is
+    the states, the gradient and that transient."""
+    import bitsandbytes as bnb
+
+    from qpipe.devices.measure import PhaseMeter
+
+    torch.manual_seed(0)
+    n = 2_000_000
+    param = torch.nn.Parameter(torch.randn(n // 1000, 1000))
+    opt = bnb.optim.AdamW8bit([param], lr=1e-3)
+    meter = PhaseMeter("cpu")
+    for step in (1, 2):
+        param.grad = torch.randn_like(param)
+        with meter.phase("optimizer", step == 2):
+            opt.step()
+        param.grad = None
+    transient = optimizer_step_transient([n], "adamw_8bit", "cpu", 4)
+    priced = optimizer_state_bytes([n], "adamw_8bit", 4) + 4 * n + transient
+    measured = meter.peaks["optimizer"] * 1e9
+    assert transient == 20 * n
+    assert abs(priced - measured) / measured < 0.06, (priced, measured)
+    assert optimizer_step_transient([n], "adamw_8bit", "cuda", 4) == 0  # fused kernels
+    assert optimizer_step_transient([n], "adamw", "cpu", 4) == 0
+
+
+def test_train_seq_len_auto_is_short_on_cpu_only() -> None:
+    from qpipe.config.finetune import CPU_TRAIN_SEQ_LEN, resolve_finetune
+    from qpipe.config.schema import check_schema
+
+    typed = check_schema(compose_config("workload.mode=finetune"), set())
+    cpu = resolve_finetune(typed, "cpu", 0, run_device="cpu")
+    gpu = resolve_finetune(typed, "cuda", 1, run_device="cuda:0")
+    assert cpu.seq_len == gpu.seq_len == gpu.measured_seq_len == 2048
+    assert cpu.measured_seq_len == CPU_TRAIN_SEQ_LEN
+    assert cpu.as_measured().seq_len == CPU_TRAIN_SEQ_LEN
+    typed = check_schema(compose_config("finetune.train_seq_len=64"), set())
+    assert resolve_finetune(typed, "cuda", 1).measured_seq_len == 64
+
+
 def _estimate(p: FinetuneSettings, params: int = 10**6) -> object:
     model = AutoModelForCausalLM.from_config(LLAMA)
     inventory = inventory_of(model)
@@ -246,6 +288,7 @@ def test_plan_files_parse_in_deepspeed_and_accelerate(tmp_path) -> None:
         (["finetune.offload_optimizer=true"], "sharding"),
         (["workload.batch_size=0"], "workload.batch_size"),
         (["workload.context_len=-1"], "workload.context_len"),
+        (["finetune.train_seq_len=0"], "finetune.train_seq_len"),
     ],
 )
 def test_bad_finetune_values_are_one_line(overrides, words) -> None:

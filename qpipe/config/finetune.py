@@ -9,7 +9,7 @@ cards (ZeRO 1/2/3, FSDP) or moved to host memory. The memory it takes is priced 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from omegaconf import DictConfig, ListConfig
 
@@ -21,6 +21,9 @@ PRECISIONS = ("auto", "mixed", "bf16", "fp32")
 SHARDINGS = ("none", "zero1", "zero2", "zero3", "fsdp")
 ALL_LINEAR = "all-linear"  # peft's name for every Linear of the language model but lm_head
 MIN_STEPS = 3  # step 1 allocates the optimizer's states: the peak is measured from step 2 on
+# finetune.train_seq_len=auto on a CPU: at most this many tokens a sequence, so that the bare
+# `pipeline=finetune` proves the estimate in a minute or two (2048 tokens take ten on 2 cores)
+CPU_TRAIN_SEQ_LEN = 256
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,20 @@ class FinetuneSettings:
     lr: float
     grad_accum: int
     micro_batch: int
-    seq_len: int
+    seq_len: int  # the workload's: what the verdict and the plan files are for
+    train_seq_len: int | None = None  # what the train stage runs (None: seq_len)
 
     @property
     def trains_adapters(self) -> bool:
         return self.method in ("lora", "qlora")
+
+    @property
+    def measured_seq_len(self) -> int:
+        return self.train_seq_len or self.seq_len
+
+    def as_measured(self) -> FinetuneSettings:
+        """The plan at the sequence length the train stage runs (and measures)."""
+        return replace(self, seq_len=self.measured_seq_len, train_seq_len=None)
 
 
 def _or(words: Collection[str]) -> str:
@@ -98,10 +110,26 @@ def _targets(value: object) -> tuple[str, ...]:
     return names
 
 
-def resolve_finetune(typed: DictConfig, device: str, gpus_here: int) -> FinetuneSettings:
+def _train_seq_len(value: object, context_len: int, run_device: str) -> int:
+    """``finetune.train_seq_len``: auto = the workload's sequence on a GPU, at most
+    CPU_TRAIN_SEQ_LEN tokens on a CPU; or a number ≥ 1."""
+    if value == "auto":
+        on_gpu = run_device.startswith("cuda")
+        return context_len if on_gpu else min(context_len, CPU_TRAIN_SEQ_LEN)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"finetune.train_seq_len={value!r} is not valid; use auto or a number of tokens ≥ 1"
+        )
+    return value
+
+
+def resolve_finetune(
+    typed: DictConfig, device: str, gpus_here: int, run_device: str | None = None
+) -> FinetuneSettings:
     """The checked plan; ConfigError (one line) for the first value no run could use. Whether
     the quant option can be the base a method trains over is its backend's to say (preflight
-    asks it: ``finetune_base``)."""
+    asks it: ``finetune_base``). ``device``: what the plan is priced for (the budget's);
+    ``run_device``: where the train stage runs (default ``device``)."""
     ft = typed.finetune
     method = _choice("method", ft.method, METHODS)
     optimizer = _choice("optimizer", ft.optimizer, OPTIMIZERS)
@@ -168,4 +196,5 @@ def resolve_finetune(typed: DictConfig, device: str, gpus_here: int) -> Finetune
         grad_accum=int(ft.grad_accum),
         micro_batch=batch,
         seq_len=seq,
+        train_seq_len=_train_seq_len(ft.train_seq_len, seq, run_device or device),
     )

@@ -152,6 +152,7 @@ class FinetuneSchema:
     offload_params: bool = False
     train_vision: bool = False
     steps: int = 3
+    train_seq_len: Any = "auto"  # auto | a number (the train stage's sequence; finetune.py)
     lr: float = 1e-4
     grad_accum: int = 1
 

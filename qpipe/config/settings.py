@@ -109,7 +109,7 @@ def resolve_settings(
     finetune = None
     if typed.workload.mode == "finetune" or "train" in stage_keys:
         gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
-        finetune = resolve_finetune(typed, budget_device, gpus)
+        finetune = resolve_finetune(typed, budget_device, gpus, run_device=device)
     return Settings(
         device=device,
         dtype=resolve_dtype(typed, device),

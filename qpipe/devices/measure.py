@@ -45,10 +45,12 @@ def tensor_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _release_freed_heap() -> None:
+def _release_freed_heap(generation: int = 2) -> None:
     """Give freed heap back to the OS so RSS growth measures new memory, not reuse of what an
-    earlier stage (the baseline model) freed. glibc keeps freed arenas otherwise."""
-    gc.collect()
+    earlier stage (the baseline model) freed. glibc keeps freed arenas otherwise.
+    ``generation``: how deep the garbage collector looks (2: everything; a process that
+    imported transformers and read a GGUF takes most of a second for that)."""
+    gc.collect(generation)
     libc_name = ctypes.util.find_library("c")
     if libc_name:
         # Not glibc (musl, macOS): there is nothing to trim.
@@ -68,6 +70,66 @@ def _map_large_allocations() -> None:
     if libc_name:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(libc_name).mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [  # glibc's struct mallinfo2, in its order
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+def _glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is None or not hasattr(libc, "mallinfo2"):
+            return None  # not glibc (or older than 2.33)
+    except OSError:
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    return libc
+
+
+_PLUG_LARGEST, _PLUG_SMALLEST = 1 << 28, 64 * 1024
+
+
+def _plug_free_heap() -> list[int]:
+    """Fill the free chunks glibc's heap kept from earlier work (a checkpoint loaded and freed
+    in this process) with blocks that are never written, so that a measured phase's large
+    tensors are mapped and unmapped as they come and go (``_map_large_allocations``): served
+    from that free heap instead, they would leave their pages resident when freed, and the
+    resident set's peak would count tensors long gone (hundreds of MB after a load). The free
+    pages were given back first (``malloc_trim``), so the plugs cost a page of header each.
+    Returns the blocks, for ``_unplug``."""
+    libc = _glibc()
+    if libc is None:
+        return []
+    plugs: list[int] = []
+    size = _PLUG_LARGEST
+    while size >= _PLUG_SMALLEST:
+        mapped = libc.mallinfo2().hblkhd
+        block = libc.malloc(size)
+        if not block:
+            break
+        if libc.mallinfo2().hblkhd > mapped:  # no free chunk this large: it was mapped
+            libc.free(block)
+            size //= 2
+            continue
+        plugs.append(block)
+    return plugs
+
+
+def _unplug(plugs: list[int]) -> None:
+    libc = _glibc()
+    if libc is not None:
+        for block in plugs:
+            libc.free(block)
+    plugs.clear()
 
 
 def _reset_host_peak() -> bool:
@@ -224,15 +286,32 @@ class PhaseMeter:
     peaks: dict[str, float] = field(default_factory=dict)
     nvml: dict[str, float] = field(default_factory=dict)
 
+    _plugs: list[int] = field(default_factory=list, repr=False)
+
     def __post_init__(self) -> None:
         if not self.on_gpu:
             _map_large_allocations()
             _release_freed_heap()
+            self._plugs = _plug_free_heap()
             self.baseline = psutil.Process().memory_info().rss
+
+    def close(self) -> None:
+        """Give the plugged free heap back to glibc (the meter's phases are over)."""
+        _unplug(self._plugs)
 
     @property
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
+
+    def rebase(self) -> float:
+        """CPU: take the baseline again (after what is not to be measured: the model made
+        trainable, a warm-up); the resident set's growth since the meter was made, in GB."""
+        if self.on_gpu:
+            return 0.0
+        _release_freed_heap()
+        rss = psutil.Process().memory_info().rss
+        grown, self.baseline = (rss - self.baseline) / 1e9, rss
+        return grown
 
     @contextlib.contextmanager
     def phase(self, name: str, record: bool = True):
@@ -248,8 +327,9 @@ class PhaseMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            # freed heap that glibc kept from the last phase would count as this one's
-            _release_freed_heap()
+            # freed heap that glibc kept from the last phase would count as this one's; what
+            # a step left for the garbage collector is young (the full pass was at the baseline)
+            _release_freed_heap(generation=1)
             _reset_host_peak()
 
     def _stop(self, name: str) -> None:

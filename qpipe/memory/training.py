@@ -41,6 +41,12 @@ BNB_OPT_BLOCK = 256  # bitsandbytes' 8-bit optimizers: one float32 absmax per 25
 BNB_OPT_MIN_8BIT = 4096  # smaller tensors keep 32-bit states (bitsandbytes' min_8bit_size)
 BNB_QMAP_BYTES = 2 * 256 * 4  # the two 256-entry float32 quantization maps
 BATCHES = (1, 2, 4, 8, 16, 32, 64)  # what the verdict tries for each plan
+# The DeepSpeed plan qpipe writes (qpipe.training.launch) reduces gradients through buckets of
+# this many elements with contiguous_gradients and overlap_comm: ZeRO-1/2 then hold two such
+# buffers on each GPU from the first backward on (DeepSpeed's setup_buckets), in the bf16 of
+# the run; DeepSpeed's own estimators leave them out.
+DS_REDUCE_BUCKET = 500_000_000
+DS_BUCKETS = 2
 # Backward of one decoder layer: the gradients of its widest intermediates (the MLP's three
 # [tokens, intermediate] tensors and two of the residual width) live together.
 _BWD_MLP_WIDTHS, _BWD_HIDDEN_WIDTHS = 3, 2
@@ -178,6 +184,21 @@ def optimizer_state_bytes(numels: list[int], optimizer: str, state_bytes: int) -
         else:
             total += 2 * n + 2 * 4 * math.ceil(n / BNB_OPT_BLOCK)
     return total
+
+
+def optimizer_step_transient(
+    numels: list[int], optimizer: str, device: str, param_bytes: int
+) -> int:
+    """What the optimizer step allocates beside its states while it runs. Fused AdamW and
+    bitsandbytes' CUDA kernels update in place (nothing); bitsandbytes' CPU path updates one
+    tensor at a time through float32 copies (``backends/cpu/ops.py``): both states
+    dequantized, the scaled gradient, the square root of the second moment and the
+    denominator made from it (5 × 4 bytes an element of the largest tensor of 8-bit states),
+    and a float32 copy of a parameter that is not float32."""
+    if device.startswith("cuda") or optimizer not in ("adamw_8bit", "paged_adamw_8bit"):
+        return 0
+    largest = max((n for n in numels if n >= BNB_OPT_MIN_8BIT), default=0)
+    return (5 * 4 + (4 if param_bytes != 4 else 0)) * largest
 
 
 # ---------------------------------------------------------------- activations
@@ -453,10 +474,12 @@ def price_training(
     base: BaseWeights,
     run_dtype_bytes: int,
     runtime_gb: float = 0.0,
+    device: str = "cuda",
 ) -> TrainingEstimate:
     """Memory of one training step of ``plan`` per card, by phase, from step 2 on (the
-    optimizer's states exist; gradients were set to None before forward)."""
-    flow = flow_for(plan, run_dtype_bytes)
+    optimizer's states exist; gradients were set to None before forward), on ``device``
+    (cuda, or cpu where the host runs the step)."""
+    flow = flow_for(plan, run_dtype_bytes, device)
     targets = lora_targets(inventory, plan) if plan.trains_adapters else []
     numels = trainable_numels(inventory, plan)
     trainable = sum(numels)
@@ -477,7 +500,8 @@ def price_training(
             gpu, host = zero_model_states(
                 inventory.total_params, trainable, n, stage, *args[2:], largest, frozen
             )
-        weights, grads, optimizer, adapters = gpu + base.buffers, 0, 0, 0
+        buckets = DS_BUCKETS * DS_REDUCE_BUCKET * 2 if plan.sharding in ("zero1", "zero2") else 0
+        weights, grads, optimizer, adapters = gpu + base.buffers + buckets, 0, 0, 0
         model_states = gpu
     else:
         grad_bytes = flow.adapter if plan.trains_adapters else flow.linear or 4
@@ -490,7 +514,10 @@ def price_training(
     forward = persistent + act.saved + act.logits_spike
     dequant = 2 * base.largest_4bit_weight  # bitsandbytes dequantizes a weight for grad_input
     backward = persistent + max(act.saved + act.loss_backward, grads + act.layer_backward + dequant)
-    step = persistent + grads
+    param_bytes = flow.adapter if plan.trains_adapters else flow.linear or 4
+    step = (
+        persistent + grads + optimizer_step_transient(numels, plan.optimizer, device, param_bytes)
+    )
     phases = {"forward": forward / GB, "backward": backward / GB, "optimizer": step / GB}
     peak = max(forward, backward, step)
     return TrainingEstimate(
@@ -554,6 +581,7 @@ def plans_that_fit(
     run_dtype_bytes: int,
     runtime_gb: float,
     usable_gb: float,
+    device: str = "cuda",
 ) -> list[PlanFit]:
     """For each method ``bases`` prices (full, lora, qlora) with and without checkpointing:
     the largest micro-batch (of BATCHES, at the plan's sequence length) whose total fits
@@ -573,6 +601,7 @@ def plans_that_fit(
                     base,
                     run_dtype_bytes,
                     runtime_gb,
+                    device,
                 )
                 first = est.total_gb if first is None else first
                 if est.total_gb > usable_gb:

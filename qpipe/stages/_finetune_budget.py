@@ -93,14 +93,24 @@ def finetune_budget(ctx: StageContext, inputs: BudgetInputs) -> StageResult:
     targets = lora_targets(inputs.inventory, plan) if plan.trains_adapters else []
     methods = ["full", "lora", "qlora"]
     bases = {m: base_weights(ctx, inputs, m, plan) for m in methods}
+    device = inputs.device
     est = price_training(
         inputs.inventory, inputs.dims, plan, bases[plan.method], inputs.dtype_bytes,
-        inputs.runtime_gb,
+        inputs.runtime_gb, device,
     )  # fmt: skip
+    # what the train stage will measure, priced at the sequence it runs (the verdict above is
+    # for the workload's; on a CPU the train stage runs a shorter one: finetune.train_seq_len)
+    train_est = est
+    if plan.measured_seq_len != plan.seq_len:
+        train_est = price_training(
+            inputs.inventory, inputs.dims, plan.as_measured(), bases[plan.method],
+            inputs.dtype_bytes, inputs.runtime_gb, device,
+        )  # fmt: skip
     usable = inputs.capacity_gb * (1 - float(cfg.hardware.headroom_pct) / 100)
     fits = plans_that_fit(
-        inputs.inventory, inputs.dims, plan, bases, inputs.dtype_bytes, inputs.runtime_gb, usable
-    )
+        inputs.inventory, inputs.dims, plan, bases, inputs.dtype_bytes, inputs.runtime_gb, usable,
+        device,
+    )  # fmt: skip
     ok = est.total_gb <= usable
     where = f"hardware={cfg.hardware.name} ({usable:.2f} GB usable per card)"
     head = (
@@ -133,6 +143,7 @@ def finetune_budget(ctx: StageContext, inputs: BudgetInputs) -> StageResult:
                 "context_len": plan.seq_len,
             },  # fmt: skip
             "estimate": est.as_dict(),
+            "train_estimate": train_est.as_dict(),
             "plans": [vars(f) | {"fits": f.fits, "sentence": f.sentence()} for f in fits],
             "bases": {m: vars(b) for m, b in bases.items()},
             "lora_targets": [m.name for m in targets],

@@ -90,7 +90,8 @@ def budget_inputs(ctx: StageContext) -> BudgetInputs:
         runtime_gb=_runtime_gb(ctx, device),
         exclude=OmegaConf.to_container(cfg.exclude, resolve=True),
         measured=ctx.output("sensitivity", "layers") if sensitivity else None,
-        vision=_image_cost(cfg, config),
+        # fine-tuning trains on text (the vision tower frozen): no image in its sequences
+        vision=None if settings.finetune is not None else _image_cost(cfg, config),
         capacity_gb=_capacity_gb(ctx),
         quant=quant,
         weight_format=backend.weight_format(quant, dtype_bytes, device, kernel),

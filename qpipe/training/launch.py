@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from qpipe.config.finetune import FinetuneSettings
+from qpipe.memory.training import DS_REDUCE_BUCKET
 
 DS_STAGES = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 0}
 
@@ -28,7 +29,7 @@ def deepspeed_config(plan: FinetuneSettings) -> dict[str, Any]:
         "stage": stage,
         "overlap_comm": True,
         "contiguous_gradients": True,
-        "reduce_bucket_size": 5e8,
+        "reduce_bucket_size": DS_REDUCE_BUCKET,  # priced: two such buffers per GPU
     }
     if stage:
         zero["offload_optimizer"] = _offload(plan.offload_optimizer)
