@@ -170,6 +170,16 @@ class Backend(Protocol):
         ...
 
 
+def named_kernel(backend: Backend, requested: str, quant: dict[str, Any]) -> str:
+    """``requested`` when it is one of the backend's kernels; one line naming them otherwise."""
+    if requested not in backend.kernels:
+        raise ConfigError(
+            f"kernel={requested!r} is not valid for quant={quant.get('name')}; use auto or "
+            f"{', '.join(backend.kernels)}"
+        )
+    return requested
+
+
 def fixed_kernel(backend: Backend, requested: str) -> str:
     """For a method whose matmuls no kernel setting changes (``kernels`` holds one): that
     kernel, once ``requested`` is a kernel some backend runs (a sweep may set one for all)."""
@@ -208,14 +218,7 @@ class BackendBase:
         return False
 
     def resolve_kernel(self, requested: str, quant: dict[str, Any], device: str) -> str:
-        if requested == "auto":
-            return self.kernels[0]
-        if requested not in self.kernels:
-            raise ConfigError(
-                f"kernel={requested!r} is not valid for quant={quant.get('name')}; use auto or "
-                f"{', '.join(self.kernels)}"
-            )
-        return requested
+        return self.kernels[0] if requested == "auto" else named_kernel(self, requested, quant)
 
     def validate(self, quant: dict[str, Any]) -> None:
         bits = quant.get("bits")

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from qpipe.backends.base import named_kernel
 from qpipe.backends.llmc import LlmcBackend
-from qpipe.backends.llmc.validation import one_of
 from qpipe.errors import ConfigError
 from qpipe.kernels.fp8_linear import Fp8Linear, fp8_tensor_cores
 from qpipe.memory.formats import WeightFormat
@@ -70,11 +70,7 @@ class Fp8Backend(LlmcBackend):
         tensor_cores = cuda and (fp8_tensor_cores(index) if here else True)
         if requested == "auto":
             return "scaled_mm" if tensor_cores else "torch"
-        if requested not in self.kernels:
-            raise ConfigError(
-                f"kernel={requested!r} is not valid for quant={quant.get('name')}; use auto, "
-                f"{one_of(self.kernels)}"
-            )
+        named_kernel(self, requested, quant)
         if requested == "scaled_mm" and not tensor_cores:
             where = "this CPU" if not cuda else "this GPU"
             raise ConfigError(

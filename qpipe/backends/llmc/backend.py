@@ -13,14 +13,13 @@ from typing import Any
 
 import torch
 
-from qpipe.backends.base import QuantizeRequest, QuantizeResult
+from qpipe.backends.base import QuantizeRequest, QuantizeResult, named_kernel
 from qpipe.backends.llmc.oneshot import quantize_with_llmc
 from qpipe.backends.llmc.recipe import config_groups
 from qpipe.backends.llmc.validation import (
     CT_FORMAT,
     LEGAL_GROUP_SIZES,
     llmcompressor_missing,
-    one_of,
     validate_quant,
 )
 from qpipe.errors import ConfigError
@@ -96,11 +95,7 @@ class LlmcBackend:
         cuda = device.startswith("cuda")
         if requested == "auto":
             return "triton" if cuda and bits in TRITON_BITS else "torch"
-        if requested not in self.kernels:
-            raise ConfigError(
-                f"kernel={requested!r} is not valid for quant={quant.get('name')}; use auto, "
-                f"{one_of(self.kernels)}"
-            )
+        named_kernel(self, requested, quant)
         if requested == "triton" and not cuda:
             raise ConfigError(
                 "kernel=triton needs a CUDA device; use kernel=torch (or auto) on CPU"
