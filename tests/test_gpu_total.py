@@ -55,3 +55,24 @@ def test_without_a_gpu_nothing_is_sampled_and_no_context_is_priced() -> None:
     sampler.stop()
     assert sampler.peak is None or sampler.peak >= 0  # NVML may answer on a GPU-less host
     assert measure_cuda_context_gb("cpu") == 0.0
+
+
+@pytest.mark.gpu
+def test_nvml_peak_holds_the_allocators_reserve_on_a_gpu() -> None:
+    """On a GPU: a freed tensor's memory stays reserved by the caching allocator, and NVML's
+    sampled peak for the process holds it (with the context measured at env_check)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    context = measure_cuda_context_gb("cuda")
+    window = MemoryWindow("cuda").start()
+    block = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    del block  # freed, still reserved
+    window.read()
+    window.close()
+    if window.nvml_gb is None:
+        pytest.skip("NVML does not answer here")
+    assert window.reserved_peak >= 512 * 2**20
+    assert window.nvml_gb * 1e9 >= window.reserved_peak
+    assert context is not None and 0 < context < window.nvml_gb

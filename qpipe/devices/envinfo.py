@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -50,21 +51,45 @@ def _nvml_handle(pynvml, device_index: int):
     return pynvml.nvmlDeviceGetHandleByIndex(device_index)
 
 
+def _process_used_gb(pynvml, handle) -> float:
+    pid = os.getpid()
+    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if proc.pid == pid and proc.usedGpuMemory is not None:
+            return proc.usedGpuMemory / 1e9
+    # In containers the driver may not see our pid; the device total is the next best view.
+    return pynvml.nvmlDeviceGetMemoryInfo(handle).used / 1e9
+
+
 def nvml_process_used_gb(device_index: int = 0) -> float | None:
     """This process's GPU memory as the driver sees it (allocator + CUDA context), in GB."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = _nvml_handle(pynvml, device_index)
-        pid = os.getpid()
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == pid and proc.usedGpuMemory is not None:
-                return proc.usedGpuMemory / 1e9
-        # In containers the driver may not see our pid; the device total is the next best view.
-        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / 1e9
+        return _process_used_gb(pynvml, _nvml_handle(pynvml, device_index))
     except Exception:  # NVML is optional: no driver, no library, no permission
         return None
+
+
+def nvml_process_reader(device_index: int = 0) -> Callable[[], float | None] | None:
+    """A cheap repeated ``nvml_process_used_gb`` (NVML initialised and the GPU found once),
+    for sampling; None where NVML does not answer."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = _nvml_handle(pynvml, device_index)
+        _process_used_gb(pynvml, handle)
+    except Exception:  # NVML is optional
+        return None
+
+    def read() -> float | None:
+        try:
+            return _process_used_gb(pynvml, handle)
+        except Exception:  # a driver hiccup: no sample this time
+            return None
+
+    return read
 
 
 def device_facts(device: str) -> dict[str, Any]:

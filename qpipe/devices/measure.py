@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from qpipe.devices.envinfo import nvml_process_used_gb
+from qpipe.devices.envinfo import nvml_process_reader, nvml_process_used_gb
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
@@ -186,14 +186,16 @@ class NvmlPeak:
         self.peak: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._read = None
 
     def sample(self) -> float | None:
-        used = nvml_process_used_gb(self.index)
+        used = self._read() if self._read is not None else None
         if used is not None:
             self.peak = used if self.peak is None else max(self.peak, used)
         return used
 
     def start(self) -> NvmlPeak:
+        self._read = nvml_process_reader(self.index)
         if self.sample() is None:
             return self  # no NVML here: nothing to sample
         self._thread = threading.Thread(target=self._run, daemon=True, name="qpipe-nvml")

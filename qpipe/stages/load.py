@@ -59,9 +59,9 @@ def run(ctx: StageContext) -> StageResult:
             kernel,
             **({"device_map": device_map} if device_map else {}),
         )
-    fused = fuse_projections(model) if cfg.get("fuse_projections", True) else []
-    if device == "cpu":
-        _first_forward(model)
+        fused = fuse_projections(model) if cfg.get("fuse_projections", True) else []
+        if device == "cpu":
+            _first_forward(model)
     seconds = time.perf_counter() - start
     metrics = {"time.load_model_s": seconds, "load.fused_projections": float(len(fused))}
     metrics |= loaded_weights_metrics(model)
