@@ -77,8 +77,8 @@ def run(opts: argparse.Namespace) -> None:
     runs = []
     started = time.perf_counter()
     for i, quant in enumerate(opts.quants):
-        args = [*model_args(opts), *([] if quant == "none" else [f"+quant={quant}"])]
-        args += ["mlflow.experiment=headline", *opts.set]
+        # exactly the user's command (its MLflow run is found by the id the summary prints)
+        args = [*model_args(opts), *([] if quant == "none" else [f"+quant={quant}"]), *opts.set]
         left = opts.budget - (time.perf_counter() - started)
         if left < 30:
             runs.append({"quant": quant, "status": "SKIPPED", "error": "out of budget"})

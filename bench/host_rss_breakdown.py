@@ -89,7 +89,13 @@ print("RESULT " + json.dumps({
 
 
 def checkpoint_of(quant: str, outputs: Path) -> tuple[Path, str]:
-    """The newest cached checkpoint of ``quant`` under ``outputs`` and its backend."""
+    """The newest cached checkpoint of ``quant`` under ``outputs`` and its backend (``none``:
+    the dequantized SmolLM2 folder itself)."""
+    if quant == "none":
+        from qpipe.config.compose import load_model_group
+        from qpipe.models import materialize
+
+        return materialize(load_model_group("smollm2")), "none"
     found = []
     for record in (outputs / "cache" / "stages" / "quantize").glob("*/result.json"):
         data = json.loads(record.read_text())

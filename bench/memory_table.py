@@ -212,6 +212,8 @@ def markdown(result: dict[str, Any]) -> str:
                 )
                 + " |"
             )
+    if result.get("note"):
+        lines += ["", result["note"]]
     failed = [r for r in rows if r.get("status") != "FINISHED"]
     if failed:
         lines += ["", "Not finished:", ""]
@@ -222,7 +224,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write(rows: list[dict[str, Any]], folder: Path, stem: str | None, command: str,
-          before: dict[str, Any] | None = None) -> tuple[Path, Path]:  # fmt: skip
+          before: dict[str, Any] | None = None, note: str = "") -> tuple[Path, Path]:  # fmt: skip
     slim = [
         {
             **{k: r.get(k) for k in ("model", "quant", "status", "wall_s", "command", "error")},
@@ -232,7 +234,7 @@ def write(rows: list[dict[str, Any]], folder: Path, stem: str | None, command: s
         }
         for r in rows
     ]
-    result = harness.result_header(command, rows=slim, before=before or {})
+    result = harness.result_header(command, rows=slim, before=before or {}, note=note)
     stem = stem or f"memory_{harness.card_slug(result['device'])}"
     return harness.write_result(stem, result, markdown(result), folder)
 
@@ -243,7 +245,8 @@ def report(opts: argparse.Namespace) -> None:
         for row in json.loads((folder / "rows.json").read_text()):
             rows[f"{row.get('model')}:{row.get('quant')}"] = row  # a later folder's row wins
     before = json.loads(opts.before.read_text()) if opts.before else None
-    js, md = write(list(rows.values()), opts.out, opts.stem, " ".join(sys.argv), before)
+    command = "python " + " ".join(sys.argv)
+    js, md = write(list(rows.values()), opts.out, opts.stem, command, before, opts.note)
     print(f"wrote {js} and {md}")
 
 
@@ -268,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         "--before", type=Path, default=None, help="{model:quant: {measured_gb, error_pct}}"
     )
     p.add_argument("--stem", default=None)
+    p.add_argument("--note", default="", help="a paragraph for the table's page")
     opts = parser.parse_args(argv)
     (run if opts.cmd == "run" else report)(opts)
 
