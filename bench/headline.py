@@ -115,7 +115,7 @@ def markdown(result: dict[str, Any]) -> str:
         "| run | quant | status | wall s | outside stages | "
         + " | ".join(_STAGES)
         + " | compile s | tuning s | cache saved s |",
-        "|" + "---|" * (9 + len(_STAGES)),
+        "|" + "---|" * (8 + len(_STAGES)),
     ]
     for r in runs:
         m, st = r.get("metrics", {}), r.get("stages_s", {})
@@ -153,10 +153,20 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"- run {r.get('order')} ({r.get('quant')}) {r.get('status')}: {error}")
     met = [r for r in runs if r.get("status") == "FINISHED" and r["wall_s"] <= TARGET_S]
     lines += ["", f"{len(met)} of {len(runs)} runs within {TARGET_S:.0f} s."]
+    if result.get("note"):
+        lines += ["", result["note"]]
     return "\n".join(lines) + "\n"
 
 
-_STAGES = ("env_check", "memory_budget", "quantize", "load", "validate_vram", "benchmark")
+_STAGES = (
+    "env_check",
+    "memory_budget",
+    "baseline",
+    "quantize",
+    "load",
+    "validate_vram",
+    "benchmark",
+)
 
 
 def write(
@@ -179,9 +189,11 @@ def write(
 
 def report(opts: argparse.Namespace) -> None:
     """Rewrite the table from a run's JSON (after a fix to the table only)."""
-    result = json.loads(next(opts.src.glob("headline_*.json")).read_text())
-    stem = f"headline_{harness.card_slug(result['device'])}"
-    harness.write_result(stem, result, markdown(result), opts.out)
+    source = opts.src if opts.src.is_file() else next(opts.src.glob("headline_*.json"))
+    result = json.loads(source.read_text())
+    if opts.note:
+        result["note"] = opts.note
+    harness.write_result(source.stem, result, markdown(result), opts.out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("report")
     p.add_argument("src", type=Path)
     p.add_argument("--out", type=Path, default=harness.RESULTS)
+    p.add_argument("--note", default="", help="a paragraph for the table's page")
     opts = parser.parse_args(argv)
     (run if opts.cmd == "run" else report)(opts)
 

@@ -78,9 +78,9 @@ def return_freed_host_memory() -> bool:
     """Make freed tensors go back to the OS at once, so the resident set follows the live
     memory the estimate prices. glibc's default raises its mmap threshold to each freed
     mapped block (up to 32 MB), after which a forward's transients come from the heap and stay
-    resident once freed: on SmolLM2 at 2048 tokens that kept 0.09-0.15 GB of freed transients
-    in the peak, depending on the order of frees. A fixed threshold (1 MB) stops that; small
-    allocations still come from the heap. Once per process; False where it is not glibc."""
+    resident once freed: SmolLM2's run kept 0.44 GB of heap, 0.06 GB with the threshold fixed
+    at 1 MB (bench/results/host_rss_smollm2_cpu.md). Small allocations still come from the
+    heap. Once per process; False where it is not glibc."""
     global _HOST_FREES_SET
     if _HOST_FREES_SET:
         return True
@@ -150,9 +150,13 @@ class HostTensorPeak:
 
         if not torch.profiler.kineto_available():
             return self
-        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        with _quiet_stderr():
-            self._profile.__enter__()
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        try:
+            with _quiet_stderr():
+                prof.__enter__()
+        except RuntimeError:  # another profiler is running (the user's): no count here
+            return self
+        self._profile = prof
         return self
 
     def stop(self) -> int | None:
@@ -288,6 +292,8 @@ class MemoryWindow:
             self._sampler.join()
         if self._nvml is not None:
             self._nvml.stop()
+        if self._tensors is not None:  # a run that failed before read(): stop profiling
+            self._tensors.stop()
 
     def read(self) -> MemoryWindow:
         """Take the peak so far; the window stays open."""
