@@ -22,5 +22,9 @@ done
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=160
 tok=qwen
 [ -d .gpu/tokenizer ] && tok=$PWD/.gpu/tokenizer
-python3 bench/headline.py run "$out" --tokenizer "$tok" --quants awq rtn \
+# MODEL/QUANTS/SET: a check of this script's logic elsewhere (MODEL=tiny_llama QUANTS=rtn on CPU)
+read -r -a quants <<<"${QUANTS:-awq rtn}"
+read -r -a extra <<<"${SET:-}"
+python3 bench/headline.py run "$out" --model "${MODEL:-internvl}" --tokenizer "$tok" \
+  --quants "${quants[@]}" --set "${extra[@]}" \
   --run-timeout "${RUN_TIMEOUT:-400}" --budget "${BUDGET:-500}"

@@ -36,6 +36,10 @@ case "$part" in
 2) rows=(internvl:rtn internvl:gptq internvl:awq) ;;
 *) echo "part must be 1 or 2" >&2; exit 2 ;;
 esac
+# ROWS/SET: a check of this script's logic elsewhere (ROWS=smollm2:rtn on CPU)
+[ -n "${ROWS:-}" ] && read -r -a rows <<<"$ROWS"
+read -r -a extra <<<"${SET:-}"
 python3 bench/memory_table.py run "$out" --rows "${rows[@]}" --internvl-tokenizer "$tok" \
+  --set "${extra[@]}" \
   --smollm2 "$PWD/.gpu/smollm2_tokenizer" --experiment "memory_gpu_$part" \
   --row-timeout "${ROW_TIMEOUT:-300}" --budget "${BUDGET:-500}"
