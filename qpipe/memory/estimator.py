@@ -337,7 +337,9 @@ def estimate(
         kv = 0
     tuning = kernels.tuning_bytes if workload.mode == "inference" else 0
     peak = weights + buffers + kv + act + optimizer + tuning
-    reserve = allocator_reserve_bytes(act, device)
+    # measured for inference only: fine-tuning's activations are kept for backward, not freed
+    # and re-requested layer after layer
+    reserve = allocator_reserve_bytes(act, device) if workload.mode == "inference" else 0
     return Estimate(
         weights_gb=weights / GB,
         weights_quantized_gb=quantized_bytes / GB,
