@@ -1,7 +1,7 @@
 """validate_vram: run the budgeted workload on the loaded model and compare the measured peak
 with the estimate. GPU: the torch allocator's peak, and NVML's peak for the process (what
-nvidia-smi shows) against the estimate's total. CPU: the growth of the process's resident set,
-reported as host memory, never as VRAM.
+nvidia-smi shows) against the estimate's total. CPU: the model's tensors plus the run's peak in
+PyTorch's allocator, the resident set's growth beside it, reported as host memory, never VRAM.
 
 Where the peak is: the prompt's forward pass. It holds the weights, the KV cache of the whole
 prompt and the largest activation transient of a layer over every prompt token (the MLP's
@@ -11,7 +11,7 @@ the budgeted context as a prompt of ``context_len - PEAK_DECODE_STEPS`` tokens a
 greedy steps: the KV cache ends at ``context_len`` tokens, as priced, and the steps' own
 transients are measured too, without decoding 32 tokens eagerly (on a GPU, the first run of a
 4-bit model tunes its kernels for each new shape; the decode shape is among them).
-docs/memory.md says why this measures the same peak, and tests/test_memory.py shows it.
+docs/memory.md says why this measures the same peak; tests/test_peak_workload.py shows it.
 """
 
 from __future__ import annotations
