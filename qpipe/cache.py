@@ -3,16 +3,21 @@
     python -m qpipe.cache                            # every cache entry, its size, whether a run uses it
     python -m qpipe.cache clear --unreferenced       # what no run's record mentions
     python -m qpipe.cache clear --all                # everything (also writes in progress)
+    python -m qpipe.cache clear --compiled           # compiled kernels, graphs and tuning only
     python -m qpipe.cache clear --unreferenced --dry-run   # say what would go, delete nothing
 
 Entries are the cached stage results (``stages/<stage>/<key>``: quantized checkpoints, the
 baseline's reference, sensitivity rankings), model copies made from GGUF or random weights
-(``models/``), tokenizers (``tokenizers/``), and the libraries' own caches that a run keeps
-under outputs (matplotlib, Triton, TorchInductor, Hugging Face modules: one entry each).
+(``models/``), tokenizers (``tokenizers/``), the compiled work a run reuses (``compiled``:
+TorchInductor's compiled graphs, Triton's kernels, the 4-bit kernel tuner's choices, the
+warm-up times of earlier runs: one entry each), and the other libraries' caches kept under
+outputs (matplotlib, Hugging Face modules: one entry each).
 
 A run references a cache entry when its record — the JSON a run writes in its folder
 (``runs/``, ``multirun/``) and logs to MLflow (``mlartifacts/``) — names the entry's path.
-Library caches are never "unreferenced": only ``--all`` clears them.
+Library and compiled caches are never "unreferenced": ``--compiled`` clears the compiled ones
+(the next run compiles and tunes again: a minute or two for an 8B model on a GPU), ``--all``
+everything.
 
 Anything whose name contains ``.partial`` is a write in progress (or one a killed process
 left): it is listed as such, never counted as an entry, and cleared only by ``--all`` or, by
@@ -37,6 +42,8 @@ from qpipe.store.paths import outputs_root
 PARTIAL = ".partial"
 PARTIAL_STALE_H = 24.0  # a write in progress this old has no writer left
 RESULT_KINDS = ("stages", "models", "tokenizers")  # run results: what runs can reference
+# Compiled work the next run reuses (qpipe.store.paths, qpipe.kernels.tuning, the benchmark)
+COMPILED = ("torchinductor", "triton", "kernel_tuning", "warmup")
 RECORD_FOLDERS = ("runs", "multirun", "mlartifacts")
 _REFERENCE = re.compile(r"cache/(stages/[^/\"\\\s]+/[^/\"\\\s]+|[^/\"\\\s]+/[^/\"\\\s]+)")
 
@@ -44,7 +51,7 @@ _REFERENCE = re.compile(r"cache/(stages/[^/\"\\\s]+/[^/\"\\\s]+|[^/\"\\\s]+/[^/\
 @dataclass
 class Entry:
     path: Path
-    kind: str  # a stage's name (quantize, baseline, ...), "model", "tokenizer", "library"
+    kind: str  # a stage's name (quantize, ...), "model", "tokenizer", "compiled", "library"
     name: str  # relative to the cache folder
     size: int
     mtime: float
@@ -91,6 +98,8 @@ def entries(cache: Path) -> list[Entry]:
         elif top.name in RESULT_KINDS and top.is_dir():
             kind = top.name.rstrip("s")
             out.extend(_entry(cache, p, kind) for p in sorted(top.iterdir()))
+        elif top.name in COMPILED:
+            out.append(_entry(cache, top, "compiled"))
         else:
             out.append(_entry(cache, top, "library"))
     return out
@@ -119,16 +128,20 @@ def survey(root: Path | None = None) -> list[Entry]:
     found = entries(root / "cache")
     names = referenced_names(root)
     for entry in found:
-        if entry.kind != "library" and not entry.partial:
+        if entry.kind not in ("library", "compiled") and not entry.partial:
             entry.referenced = entry.name in names
     return found
 
 
-def removable(found: list[Entry], everything: bool, now: float | None = None) -> list[Entry]:
-    """What ``clear`` removes: everything, or the run results no record references and the
-    writes in progress older than ``PARTIAL_STALE_H``."""
+def removable(
+    found: list[Entry], everything: bool, now: float | None = None, compiled: bool = False
+) -> list[Entry]:
+    """What ``clear`` removes: everything, the compiled caches (``compiled``), or the run
+    results no record references and the writes in progress older than ``PARTIAL_STALE_H``."""
     if everything:
         return list(found)
+    if compiled:
+        return [e for e in found if e.kind == "compiled"]
     now = time.time() if now is None else now
     stale = now - PARTIAL_STALE_H * 3600
     return [
@@ -185,9 +198,15 @@ def listing(root: Path, found: list[Entry], console: Console) -> None:
         style="dim",
     )
     unused = human(sum(e.size for e in removable(found, everything=False)))
+    compiled = human(sum(e.size for e in removable(found, False, compiled=True)))
     console.print("to clear:", highlight=False)
     console.print(
         f"  python -m qpipe.cache clear --unreferenced   # {unused}: what no run uses",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"  python -m qpipe.cache clear --compiled       # {compiled}: compiled code, tuning",
         highlight=False,
         soft_wrap=True,
     )
@@ -198,10 +217,12 @@ def listing(root: Path, found: list[Entry], console: Console) -> None:
     )
 
 
-def clear(found: list[Entry], everything: bool, dry_run: bool, console: Console) -> int:
+def clear(
+    found: list[Entry], everything: bool, dry_run: bool, console: Console, compiled: bool = False
+) -> int:
     """Remove what ``removable`` picks; the bytes it freed (or would free)."""
     freed = 0
-    for e in removable(found, everything):
+    for e in removable(found, everything, compiled=compiled):
         console.print(f"{'would remove' if dry_run else 'removing'} {e.name} ({human(e.size)})")
         if not dry_run:
             if e.path.is_dir() and not e.path.is_symlink():
@@ -226,6 +247,11 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> None:
     what.add_argument(
         "--unreferenced", action="store_true", help="clear what no run references (and old writes)"
     )
+    what.add_argument(
+        "--compiled",
+        action="store_true",
+        help="clear compiled kernels and graphs and the kernel tuner's choices",
+    )
     parser.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
     parser.add_argument(
         "--outputs", type=Path, default=None, help="the outputs folder (default: QPIPE_OUTPUTS)"
@@ -237,9 +263,9 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> None:
     if args.action == "list":
         listing(root, found, console)
         return
-    if not (args.all or args.unreferenced):
-        parser.error("clear needs --all or --unreferenced")
-    clear(found, args.all, args.dry_run, console)
+    if not (args.all or args.unreferenced or args.compiled):
+        parser.error("clear needs --all, --compiled or --unreferenced")
+    clear(found, args.all, args.dry_run, console, compiled=args.compiled)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,17 @@ def _setup(model: str = "tiny_llama"):
     return cfg, inventory, arch_dims(config)
 
 
+def _reserve_gb(dims) -> float:
+    """The caching allocator's reserve the estimate adds on a GPU for this workload: the
+    budgets below were chosen before it was priced, so they are given on top of it."""
+    from qpipe.memory.estimator import activation_bytes, allocator_reserve_bytes
+
+    act = activation_bytes(dims, Workload(batch_size=1, context_len=256), 2)
+    return allocator_reserve_bytes(act, "cuda") / GB
+
+
 def _plan(inventory, dims, usable_gb, sensitivity=None, exclude=None, quant=None):
+    usable_gb += _reserve_gb(dims)
     exclude = exclude or {"lm_head": True, "embeddings": True, "patterns": []}
     rules = plan_precision(inventory, exclude, quantize=True)
     table = sensitivity or prior_sensitivity(inventory, rules.targets)
@@ -77,7 +87,7 @@ def test_plan_fits_every_budget_and_uses_more_bits_when_there_is_room() -> None:
     rules, (low_bits, low_plan, low_est) = _plan(inventory, dims, 0.554)
     _, (high_bits, _, high_est) = _plan(inventory, dims, 0.557)
     for bits, est, usable in ((low_bits, low_est, 0.554), (high_bits, high_est, 0.557)):
-        assert est.total_gb <= usable
+        assert est.total_gb <= usable + _reserve_gb(dims)
         assert set(bits.bits) == set(rules.targets)
         # The estimate of the carried-out plan is the planner's own arithmetic.
         assert bits.planned_bytes + bits.fixed_bytes == pytest.approx(est.total_gb * GB, abs=2)

@@ -328,7 +328,7 @@ def test_summary_labels_numbers_and_keeps_the_hint_whole(tmp_path) -> None:
     assert all(len(line) <= 80 for line in lines if "mlflow ui" not in line), lines
     text = screen.getvalue()
     assert "peak, estimated (no runtime)" in text and "17.55 GB" in text
-    assert "peak + 0.55 GB runtime, est." in text and "18.10 GB" in text
+    assert "peak + 0 reserve + 0.55 runtime, est." in text and "18.10 GB" in text
     assert "bnb_nf4" in text and "none (this run)" in text  # every option, nothing loaded
     # Random weights: perplexity is left out, and the summary says why.
     assert "perplexity" not in text and "random weights (model.weights=random)" in text
@@ -352,6 +352,8 @@ def test_cache_command_lists_and_clears(tmp_path) -> None:
     _tree(cache / "stages" / "quantize" / "cccc3333.partial-77-x1", 700)  # being written now
     _tree(cache / "models" / "old-model.partial-1", 900, age_s=3 * 86400)  # a killed writer's
     _tree(cache / "matplotlib", 10)
+    _tree(cache / "torchinductor", 40)  # compiled work: only --compiled or --all
+    _tree(cache / "kernel_tuning", 20)
     record = root / "runs" / "2026-12-02" / "10-00-00-x" / "logged" / "stages" / "quantize.json"
     record.parent.mkdir(parents=True)
     record.write_text(f'{{"checkpoint": "{cache}/stages/quantize/aaaa1111/checkpoint"}}')
@@ -359,13 +361,15 @@ def test_cache_command_lists_and_clears(tmp_path) -> None:
     screen = io.StringIO()
     cache_cli.main(["--outputs", str(root)], console=Console(file=screen, width=80))
     text = screen.getvalue()
-    assert "in 4 entries (+2 in progress)" in text
+    assert "in 6 entries (+2 in progress)" in text
     assert max(len(line) for line in _lines(text)) <= 80
     rows = {line.split("│")[2].strip(): line for line in _lines(text) if line.count("│") == 6}
     assert "yes" in rows["aaaa1111"] and " no " in rows["bbbb2222"]
     assert "writing" in rows["cccc3333.partial-77-x1"] and "—" in rows["matplotlib"]
     assert "python -m qpipe.cache clear --unreferenced" in text
     assert "python -m qpipe.cache clear --all" in text
+    assert "python -m qpipe.cache clear --compiled" in text
+    assert "compiled" in rows["torchinductor"] and "—" in rows["kernel_tuning"]
 
     cache_cli.main(
         ["clear", "--unreferenced", "--outputs", str(root)], console=Console(file=io.StringIO())
@@ -378,6 +382,13 @@ def test_cache_command_lists_and_clears(tmp_path) -> None:
     assert not (cache / "stages/quantize/bbbb2222").exists()
     assert not (cache / "models/smollm2-135m-gguf-1234").exists()
     assert not (cache / "models/old-model.partial-1").exists()  # old: no writer left
+    assert (cache / "torchinductor").is_dir() and (cache / "kernel_tuning").is_dir()
+
+    cache_cli.main(
+        ["clear", "--compiled", "--outputs", str(root)], console=Console(file=io.StringIO())
+    )
+    assert not (cache / "torchinductor").exists() and not (cache / "kernel_tuning").exists()
+    assert (cache / "matplotlib").is_dir() and (cache / "stages/quantize/aaaa1111").is_dir()
 
     cache_cli.main(["clear", "--all", "--outputs", str(root)], console=Console(file=io.StringIO()))
     assert not cache_cli.survey(root)

@@ -35,6 +35,10 @@ class QuantizeRequest:
     output_dir: where the checkpoint goes (created by the caller, empty).
     device: where quantization runs ("cpu", "cuda", "cuda:0").
     dtype: dtype of the unquantized parts.
+    model: the source model already in memory (random weights, built rather than written to
+      disk and read back), on ``device`` in ``dtype``; ``source`` then holds its config and
+      tokenizer only. Backends that declare ``reads_model_in_memory`` use it; None: read
+      ``source``.
     """
 
     source: Path
@@ -51,6 +55,7 @@ class QuantizeRequest:
     calib_samples: int = 64
     keep_in_host: bool = False
     bits_by_module: dict[str, int] = field(default_factory=dict)
+    model: Any = None
 
 
 @dataclass

@@ -66,9 +66,11 @@ def quantize_qpipe_w4(request: QuantizeRequest) -> QuantizeResult:
     quant = request.quant
     out = Path(request.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = auto_class(request.model_class).from_pretrained(
-        request.source, dtype=request.dtype, trust_remote_code=trust_remote_code()
-    )
+    model = request.model
+    if model is None:
+        model = auto_class(request.model_class).from_pretrained(
+            request.source, dtype=request.dtype, trust_remote_code=trust_remote_code()
+        )
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     skip = set(request.skip_modules)
     targets = list(request.targets) or [n for n in linears if n not in skip]

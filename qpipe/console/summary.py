@@ -17,9 +17,11 @@ from qpipe.store.paths import outputs_root
 LABELS: dict[str, tuple[str, str]] = {
     "mem.est_weights_gb": ("weights, estimated", "GB"),
     "mem.est_peak_gb": ("peak, estimated (no runtime)", "GB"),
-    "mem.est_total_gb": ("peak + {runtime} GB runtime, est.", "GB"),
+    "mem.est_total_gb": ("peak + {reserve} reserve + {runtime} runtime, est.", "GB"),
     "mem.measured_peak_gb": ("peak, measured ({measured_on})", "GB"),
     "mem.est_error_pct": ("est. peak vs measured peak", "%"),
+    "mem.nvml_process_gb": ("total, measured (NVML: what nvidia-smi shows)", "GB"),
+    "mem.est_total_error_pct": ("est. total vs measured total", "%"),
     "quality.ppl": ("perplexity on {text}", ""),
     "quality.ppl_delta_pct": ("perplexity vs unquantized", "%"),
     "quality.kld": ("KL vs unquantized (top-{top_k})", ""),
@@ -28,6 +30,9 @@ LABELS: dict[str, tuple[str, str]] = {
     "perf.prefill_tok_s": ("prefill speed", "tok/s"),
     "perf.decode_tok_s": ("decode speed, batch 1", "tok/s"),
     "time.quantize_s": ("quantize time", "s"),
+    "time.warmup_s": ("compile + kernel tuning", "s"),
+    "time.cold_warmup_s": ("...the same, first run ({cold})", "s"),
+    "time.cache_saved_s": ("saved by outputs/cache", "s"),
 }
 QUALITY_PREFIX = "quality."
 # When outputs/ passes this many GB, the end of a run says so (QPIPE_OUTPUTS_WARN_GB moves it).
@@ -56,8 +61,12 @@ def number(value: float, unit: str = "") -> str:
 def _fields(cfg: Any, report: Any) -> dict[str, str]:
     validate = report.results.get("validate_vram")
     ev = cfg.get("eval") or {}
+    bench = report.results.get("benchmark")
+    warmup = (bench.outputs.get("warmup") if bench else None) or {}
     return {
         "runtime": number(report.metrics.get("mem.est_runtime_gb", 0.0)),
+        "reserve": number(report.metrics.get("mem.est_reserve_gb", 0.0)),
+        "cold": str(warmup.get("cold_date") or "an earlier run"),
         "measured_on": (validate.outputs.get("measured_on") if validate else None) or "—",
         "text": str(ev.get("name") or "eval text"),
         "top_k": str(ev.get("top_k", 32)),
@@ -76,7 +85,7 @@ def metrics_table(cfg: Any, report: Any) -> tuple[Table, bool]:
     noise = random_weights(cfg.model)
     left_out = False
     metrics = dict(report.metrics)
-    if metrics.get("mem.est_runtime_gb", 0.0) <= 0:
+    if metrics.get("mem.est_runtime_gb", 0.0) + metrics.get("mem.est_reserve_gb", 0.0) <= 0:
         metrics.pop("mem.est_total_gb", None)  # the same number as the peak
     for name, (what, unit) in LABELS.items():
         if name not in metrics:

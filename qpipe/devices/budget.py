@@ -34,8 +34,9 @@ class DeviceVerdict:
         if self.placement is None:
             word = "fits" if self.fits else "does NOT fit"
             where = "in host memory" if device == "cpu" else f"on one {hardware} card{of}"
-            parts = f" (peak {single.peak_gb:.2f} + runtime {single.runtime_gb:.2f})"
-            parts = parts if single.runtime_gb > 0 else ""
+            reserve = f" + allocator reserve {single.reserve_gb:.2f}" if single.reserve_gb else ""
+            parts = f" (peak {single.peak_gb:.2f}{reserve} + runtime {single.runtime_gb:.2f})"
+            parts = parts if single.runtime_gb > 0 or single.reserve_gb > 0 else ""
             return (
                 f"{word} {where}: {single.total_gb:.2f} GB estimated{parts} "
                 f"of {self.usable_gb:.2f} usable"

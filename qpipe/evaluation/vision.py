@@ -179,15 +179,15 @@ def workload_inputs(
 
 
 def source_processor(model_cfg: Any) -> Any | None:
-    """The processor of a VLM model config (from its materialised folder), or None for a
-    text-only model."""
-    from qpipe.models import load_config, materialize
+    """The processor of a VLM model config (from its folder's config and tokenizer: random
+    weights are not written for it), or None for a text-only model."""
+    from qpipe.models import load_config, model_files
     from qpipe.models.processor import is_vlm, load_processor
 
     config = load_config(model_cfg)
     if not is_vlm(config):
         return None
-    return load_processor(materialize(model_cfg), config)
+    return load_processor(model_files(model_cfg), config)
 
 
 def benchmark_with_image(

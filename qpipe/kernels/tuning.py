@@ -1,22 +1,31 @@
 """Choosing a launch configuration for the W4A16 kernels: heuristics plus a small autotuner.
 
-The tuner times a handful of candidates (``triton.testing.do_bench``, median) the first time a
-(kernel, M bucket, N, K, group size, dtype, zero points) key is seen, outside CUDA-graph
-capture, and remembers the winner for the process (and in ``$QPIPE_TUNE_CACHE``, a JSON file,
-when set). During capture, under the interpreter, or with ``QPIPE_AUTOTUNE=0`` the heuristic
-configuration runs instead.
+The tuner times a handful of candidates (CUDA graphs over weight copies, median) the first time
+a (device, M bucket, N, K, group size, dtype, zero points, weight form) key is seen, outside
+CUDA-graph capture, and remembers the winner for the process and on disk: in
+``outputs/cache/kernel_tuning/w4a16-<fingerprint>.json``, shared by the next runs and by every
+job of a sweep. The fingerprint hashes the kernels' and the tuner's source and the torch and
+Triton versions, so a changed kernel or library never reuses a stale choice; the device name
+and the shapes are in each entry's key. ``QPIPE_TUNE_CACHE=<file>`` names another file;
+``QPIPE_TUNE_CACHE=off`` keeps choices in the process only. During capture, under the
+interpreter, or with ``QPIPE_AUTOTUNE=0`` the heuristic configuration runs instead.
 """
 
 from __future__ import annotations
 
 import functools
-import json
+import hashlib
+import importlib.metadata
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qpipe.kernels.triton_w4a16 import KernelConfig, launch, legal_block_k, weight_dims
+from qpipe.store.paths import outputs_root
+from qpipe.store.records import read_json, update_json
 
 # M at or below this runs the split-K GEMV (CUDA cores); above it, the tensor-core kernel.
 GEMV_MAX_M = 4
@@ -192,20 +201,106 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+# What a tuning choice depends on besides its key: these files' code and the libraries.
+# the kernels whose launch configurations are stored, and what decides them
+_FINGERPRINTED = (
+    "triton_w4a16.py", "triton_w8a16.py", "frag_w4a16.py", "w4_frag.cu", "layout.py",
+    "tuning.py", "formats.py",
+)  # fmt: skip
+TUNING_KIND = "kernel_tuning"  # the folder under outputs/cache
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+@functools.cache
+def fingerprint() -> str:
+    """A hash of what makes a stored choice valid: the kernel and tuner source, torch (and its
+    CUDA) and Triton versions. A changed kernel gets a new file, never a stale entry."""
+    digest = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _FINGERPRINTED:
+        digest.update(name.encode() + (here / name).read_bytes())
+    digest.update(f"torch {torch.__version__} cuda {torch.version.cuda}".encode())
+    digest.update(f"triton {_version('triton')}".encode())
+    return digest.hexdigest()[:16]
+
+
+def tuning_file() -> Path | None:
+    """Where the tuner keeps its choices (None: in the process only)."""
+    named = os.environ.get("QPIPE_TUNE_CACHE")
+    if named == "off":
+        return None
+    if named:
+        return Path(named)
+    return outputs_root() / "cache" / TUNING_KIND / f"w4a16-{fingerprint()}.json"
+
+
+@dataclass
+class TuningStats:
+    """What the tuner did in this process (cumulative: stages take differences)."""
+
+    tuned: int = 0  # keys timed here
+    from_disk: int = 0  # keys answered by a choice an earlier process stored
+    seconds: float = 0.0  # spent compiling and timing candidates
+
+
 class Tuner:
-    """Remembers the fastest configuration per problem key."""
+    """Remembers the fastest configuration per problem key, in the process and on disk."""
 
     def __init__(self) -> None:
         self.best: dict[str, KernelConfig] = {}
         self.skipped: list[str] = []  # candidates that failed to compile or run, and why
-        self._path = os.environ.get("QPIPE_TUNE_CACHE")
-        if self._path and Path(self._path).is_file():
-            for key, cfg in json.loads(Path(self._path).read_text()).items():
+        self.stats = TuningStats()
+        self._stored: set[str] = set()  # keys read from disk, not yet asked for
+        self._loaded_from: Path | None = None
+
+    def _ensure_loaded(self) -> None:
+        """Read the stored choices (once per file: tests and runs may move the outputs)."""
+        path = tuning_file()
+        if path is None or path == self._loaded_from:
+            return
+        self._loaded_from = path
+        for key, cfg in read_json(path).items():
+            if key in self.best:
+                continue
+            try:
                 self.best[key] = _config_of(cfg)
+            except TypeError:  # an entry this version's configurations cannot hold: tune again
+                continue
+            self._stored.add(key)
+
+    def _save(self, key: str) -> None:
+        path = tuning_file()
+        if path is None:
+            return
+        choice = self.best[key].as_dict()
+        update_json(path, lambda stored: {**stored, key: choice})
+
+    def _known(self, key: str):
+        """The stored or chosen configuration of ``key`` (None: it must be tuned)."""
+        if key not in self.best:
+            self._ensure_loaded()
+        if key not in self.best:
+            return None
+        if key in self._stored:
+            self._stored.discard(key)
+            self.stats.from_disk += 1
+        return self.best[key]
 
     def has_tuned(self, n: int, k: int) -> bool:
-        """Whether this process already chose a configuration for an [n, k] weight."""
-        return any(f"|n{n}|k{k}|" in key for key in self.best)
+        """Whether a configuration for an [n, k] weight on this process's GPU is chosen
+        already (in this process, or stored by an earlier one): then no tuning copies."""
+        self._ensure_loaded()
+        device = _device_name(torch.device("cuda")) if torch.cuda.is_available() else None
+        return any(
+            f"|n{n}|k{k}|" in key and (device is None or key.startswith(f"{device}|"))
+            for key in self.best
+        )
 
     @staticmethod
     def key(
@@ -234,15 +329,17 @@ class Tuner:
 
             n, _ = frag_w4a16.frag_dims(qweight, scales)
             key = self.key(x, n, k, group_size, zeros is not None, "frag")
-            if key in self.best:
-                return self.best[key]
+            known = self._known(key)
+            if known is not None:
+                return known
             base = frag_w4a16.heuristic(m, n, k, x.device)
             space = lambda: frag_w4a16.candidates(m, n, k, x.device)  # noqa: E731
         else:
             n, _, tiled = weight_dims(qweight, scales)
             key = self.key(x, n, k, group_size, zeros is not None, tiled)
-            if key in self.best:
-                return self.best[key]
+            known = self._known(key)
+            if known is not None:
+                return known
             base = heuristic(m, n, k, group_size, x.device)
             space = lambda: candidates(m, n, k, group_size, x.device)  # noqa: E731
         return self._tune(key, base, space, x, qweight, scales, zeros, group_size, bias)
@@ -262,8 +359,9 @@ class Tuner:
         m, k = x.shape
         n = qweight.shape[0]
         key = "w8|" + self.key(x, n, k, group_size, zeros is not None)
-        if key in self.best:
-            return self.best[key]
+        known = self._known(key)
+        if known is not None:
+            return known
         base = w8.heuristic(m, n, k, group_size, x.device)
         space = lambda: w8.candidates(m, n, k, group_size, x.device)  # noqa: E731
         return self._tune(key, base, space, x, qweight, scales, zeros, group_size, bias)
@@ -276,6 +374,7 @@ class Tuner:
         )
         if not can_time:
             return base
+        started = time.perf_counter()
         copies = _cold_copies(qweight, scales, zeros)
         timed = []
         first = None  # every candidate must compute what the first one did
@@ -295,9 +394,10 @@ class Tuner:
         del copies
         # the heuristic configuration is the fallback when no candidate could be timed
         self.best[key] = min(timed, key=lambda t: t[0])[1] if timed else base
-        if self._path:
-            data = {k_: c.as_dict() for k_, c in self.best.items()}
-            Path(self._path).write_text(json.dumps(data, indent=1))
+        self.stats.tuned += 1
+        self.stats.seconds += time.perf_counter() - started
+        if timed:  # a fallback is no measurement: the next process tries again
+            self._save(key)
         return self.best[key]
 
 

@@ -227,13 +227,14 @@ def plan_for_budget(
     dtype_bytes: int,
     runtime_gb: float,
     usable_gb: float,
+    device: str = "cuda",
 ) -> tuple[BitPlan, PrecisionPlan, Estimate]:
     """The ``quant=auto`` plan for a card with ``usable_gb`` (and ``quant.weights_gb`` as a cap
     on the weights, if set): the rules' targets get bits, the rules' skips stay as they are.
     ``fmt``: the weight format of the method that rounds the layers, at the lowest choice.
     Returns the plan, the precision plan it makes, and the estimate of that plan."""
     low = min(int(c) for c in quant["choices"])
-    floor = estimate(inventory, rules, fmt, dims, workload, dtype_bytes, runtime_gb)
+    floor = estimate(inventory, rules, fmt, dims, workload, dtype_bytes, runtime_gb, device=device)
     info = {m.name: m for m in inventory.linears()}
     planned_low = sum(
         layer_bytes(
@@ -261,5 +262,5 @@ def plan_for_budget(
         },
         bits={n: b for n, b in bits.bits.items() if b < HIGH},
     )
-    est = estimate(inventory, plan, fmt, dims, workload, dtype_bytes, runtime_gb)
+    est = estimate(inventory, plan, fmt, dims, workload, dtype_bytes, runtime_gb, device=device)
     return bits, plan, est

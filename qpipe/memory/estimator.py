@@ -14,7 +14,10 @@ What is counted, and why it is a good predictor of the allocator's peak:
 - fine-tuning (``workload.mode=finetune`` without a plan): full fine-tuning with AdamW as
   ``qpipe.memory.training`` prices it (the fine-tuning plans are priced there);
 - a runtime overhead (CUDA context + library workspaces) that depends on the device, taken
-  from the ``hardware`` config: the allocator never sees it, the process does.
+  from the ``hardware`` config: the allocator never sees it, the process does;
+- on a GPU, the caching allocator's reserve at the peak (``allocator_reserve_bytes``): memory
+  the process holds from the driver but the allocator cannot hand out at that moment.
+``total_gb`` = peak + reserve + runtime is what NVML (nvidia-smi) shows for the process.
 """
 
 from __future__ import annotations
@@ -142,6 +145,25 @@ class KernelFacts:
     tuning_bytes: int = 0
 
 
+# The caching allocator's reserve at the peak, as a share of the largest transient. The prompt's
+# transients are freed and re-requested in other sizes layer after layer (attention, then the
+# MLP; the vision tower, then the language model); the blocks the allocator split or rounded
+# for them stay reserved while the peak's requests need fresh segments. Measured (reserved peak
+# - allocated peak) / activations on an H100 and an H200: Qwen3-8B 2048 tokens bf16 0.50, W4
+# 0.55 (bench/results/pipeline_h100_qwen3_8b.json); InternVL3.5-8B 4096 tokens + image bf16
+# 0.65, nf4 and W4 0.75 (bench/results/internvl_h100.json). Priced at the top of that range:
+# a verdict must not say "fits" for a card a few hundred MB too small.
+RESERVE_PER_TRANSIENT = 0.75
+
+
+def allocator_reserve_bytes(activation_bytes: int, device: str) -> int:
+    """What the GPU caching allocator reserves beyond what is allocated at the peak (0 off a
+    GPU: host memory is measured as the process's resident set, with freed memory returned)."""
+    if not device.startswith("cuda"):
+        return 0
+    return int(RESERVE_PER_TRANSIENT * activation_bytes)
+
+
 @dataclass
 class Workload:
     mode: str = "inference"  # inference | finetune
@@ -152,7 +174,8 @@ class Workload:
 @dataclass
 class Estimate:
     """Every figure in GB. ``peak_gb`` is what the allocator should see at its peak;
-    ``total_gb`` adds the runtime overhead the process pays on top."""
+    ``total_gb`` adds what the process pays on top: the allocator's reserve at the peak
+    (``reserve_gb``, GPU) and the runtime overhead (CUDA context, library workspaces)."""
 
     weights_gb: float
     weights_quantized_gb: float
@@ -172,6 +195,7 @@ class Estimate:
     image_kv_cache_gb: float = 0.0  # the image tokens' share of kv_cache_gb
     vision_activations_gb: float = 0.0  # encoding the image (activations_gb includes it)
     kernel_tuning_gb: float = 0.0  # the autotuner's cold weight copies (KernelFacts)
+    reserve_gb: float = 0.0  # the caching allocator's reserve at the peak (GPU)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,10 +241,12 @@ def estimate(
     runtime_gb: float = 0.0,
     vision: VisionDims | None = None,
     kernels: KernelFacts | None = None,
+    device: str = "cuda",
 ) -> Estimate:
     """The memory a run needs, module by module, for this plan and workload. ``fmt``: how the
     plan's targets sit in memory (their backend's weight format); ``vision``: an image in the
-    context (its tokens count in ``workload.context_len``)."""
+    context (its tokens count in ``workload.context_len``); ``device``: where it runs (a GPU's
+    caching allocator reserves beyond its peak; the host's memory is measured otherwise)."""
     targets = set(plan.targets)
     quantized_bytes = high_bytes = overhead = buffers = 0
     params_quantized = 0
@@ -269,6 +295,9 @@ def estimate(
         kv = 0
     tuning = kernels.tuning_bytes if workload.mode == "inference" else 0
     peak = weights + buffers + kv + act + optimizer + tuning
+    # measured for inference only: fine-tuning's activations are kept for backward, not freed
+    # and re-requested layer after layer
+    reserve = allocator_reserve_bytes(act, device) if workload.mode == "inference" else 0
     return Estimate(
         weights_gb=weights / GB,
         weights_quantized_gb=quantized_bytes / GB,
@@ -280,7 +309,7 @@ def estimate(
         optimizer_gb=optimizer / GB,
         runtime_gb=runtime_gb,
         peak_gb=peak / GB,
-        total_gb=peak / GB + runtime_gb,
+        total_gb=(peak + reserve) / GB + runtime_gb,
         params=inventory.total_params,
         params_quantized=params_quantized,
         by_role_gb=by_role,
@@ -288,6 +317,7 @@ def estimate(
         image_kv_cache_gb=image_kv / GB,
         vision_activations_gb=vision_act / GB,
         kernel_tuning_gb=tuning / GB,
+        reserve_gb=reserve / GB,
     )
 
 

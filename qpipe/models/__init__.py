@@ -5,6 +5,15 @@ from qpipe.models.source import (
     load_tokenizer,
     materialize,
     model_class,
+    model_files,
+    random_model,
 )
 
-__all__ = ["load_config", "load_tokenizer", "materialize", "model_class"]
+__all__ = [
+    "load_config",
+    "load_tokenizer",
+    "materialize",
+    "model_class",
+    "model_files",
+    "random_model",
+]

@@ -224,14 +224,22 @@ def _dequantize_gguf(model_cfg: DictConfig, out: Path) -> None:
     AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(out)
 
 
-def _random_weights(model_cfg: DictConfig, out: Path) -> None:
+def _init_device() -> str:
+    # Initialising 8B random weights takes minutes on a CPU and a second on a GPU.
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _build_random(model_cfg: DictConfig, device: str | torch.device) -> Any:
+    """The random-weight model of ``model_cfg``, built on ``device`` in ``random_dtype``: the
+    same tensors wherever it is built from (seed, config, dtype and init device define it)."""
     config = _inline_config(model_cfg)
     torch.manual_seed(int(model_cfg.get("seed", 0)))
     dtype = getattr(torch, model_cfg.get("random_dtype", "bfloat16"))
-    # Initialising 8B random weights takes minutes on a CPU and a second on a GPU.
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = model_class(model_cfg).from_config(config, dtype=dtype)
-    model.save_pretrained(out)
+    with torch.device(device):
+        return model_class(model_cfg).from_config(config, dtype=dtype)
+
+
+def _save_tokenizer(model_cfg: DictConfig, config: PretrainedConfig, out: Path) -> None:
     # The borrowed tokenizer travels with the weights: GPTQ/AWQ calibrate on real text
     # through it, and the folder is self-contained like a downloaded one.
     if model_cfg.get("tokenizer"):
@@ -239,6 +247,56 @@ def _random_weights(model_cfg: DictConfig, out: Path) -> None:
         if is_vlm(config):  # with the image tokens, checked against config.image_token_id
             tokenizer = build_processor(config, tokenizer).tokenizer
         tokenizer.save_pretrained(out)
+
+
+def _random_weights(model_cfg: DictConfig, out: Path) -> None:
+    model = _build_random(model_cfg, _init_device())
+    model.save_pretrained(out)
+    _save_tokenizer(model_cfg, model.config, out)
+
+
+def _config_files(model: Any, out: Path) -> None:
+    """What ``save_pretrained`` writes besides the weights: config.json (with the dtype and
+    architecture it records) and generation_config.json."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [model.__class__.__name__]
+    model.config.save_pretrained(out)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out)
+
+
+def model_files(model_cfg: DictConfig) -> Path:
+    """A local folder with this model's config and tokenizer (and its weights, except for
+    random weights, which ``random_model`` builds in memory): what a processor, a tokenizer
+    or llm-compressor reads, without writing 17 GB of random weights to disk to get it."""
+    if source_kind(model_cfg) != "random":
+        return materialize(model_cfg)
+    key = _cache_key(model_cfg)
+    full = cache_dir("models") / f"{model_cfg.name}-random-{key}"
+    if (full / "config.json").is_file():
+        return full
+    target = cache_dir("models") / f"{model_cfg.name}-random-files-{key}"
+
+    def write(out: Path) -> None:
+        with torch.device("meta"):  # the config as save_pretrained writes it, no weights
+            model = model_class(model_cfg).from_config(
+                _inline_config(model_cfg),
+                dtype=getattr(torch, model_cfg.get("random_dtype", "bfloat16")),
+            )
+        _config_files(model, out)
+        _save_tokenizer(model_cfg, model.config, out)
+
+    return save_folder_atomically(target, write, needed=64 * 2**20, what="the model's files")
+
+
+def random_model(model_cfg: DictConfig, device: str, dtype: torch.dtype) -> Any:
+    """The random-weight model held in memory on ``device`` in ``dtype``: the tensors
+    ``materialize`` would write and ``from_pretrained`` read back (built where that folder is
+    built, then moved and cast as loading would), with ``config._name_or_path`` naming
+    ``model_files`` (libraries re-read config.json from there: llm-compressor does)."""
+    model = _build_random(model_cfg, _init_device()).to(device=device, dtype=dtype)
+    model.config._name_or_path = str(model_files(model_cfg))
+    return model.eval()
 
 
 def load_tokenizer(model_cfg: DictConfig, folder: Path | None = None) -> PreTrainedTokenizerBase:

@@ -34,6 +34,7 @@ def auto_plan(ctx: StageContext, inputs: BudgetInputs, usable_gb: float) -> dict
         inputs.dtype_bytes,
         inputs.runtime_gb,
         usable_gb,
+        device=inputs.device,
     )
     shapes = {m.name: m.weight_shape for m in inventory.linears()}
     table_path = ctx.workdir / "bit_plan.md"

@@ -78,6 +78,7 @@ def price(cfg: DictConfig, inputs: BudgetInputs, quant: dict[str, Any]) -> Estim
         inputs.runtime_gb,
         inputs.vision,
         kernels,
+        device=inputs.device,
     )
 
 
@@ -112,5 +113,6 @@ def price_options(ctx: StageContext, inputs: BudgetInputs) -> Pricing:
         inputs.dtype_bytes,
         inputs.runtime_gb,
         inputs.vision,
+        device=inputs.device,
     )
     return Pricing(est, options, auto, full)

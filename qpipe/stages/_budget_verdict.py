@@ -41,6 +41,7 @@ def _metrics(est: Estimate) -> dict[str, float]:
         "mem.est_activations_gb": est.activations_gb,
         "mem.est_kernel_tuning_gb": est.kernel_tuning_gb,
         "mem.est_runtime_gb": est.runtime_gb,
+        "mem.est_reserve_gb": est.reserve_gb,
         "mem.est_peak_gb": est.peak_gb,
         "mem.est_total_gb": est.total_gb,
         "model.params_b": est.params / 1e9,
@@ -78,8 +79,8 @@ def _stop(
         stop = (
             f"{cfg.model.name} with quant={chosen['name']} needs {est.total_gb:.2f} GB "
             f"(weights {est.weights_gb:.2f}, KV {est.kv_cache_gb:.2f}, activations "
-            f"{est.activations_gb:.2f}, optimizer {est.optimizer_gb:.2f}, runtime "
-            f"{est.runtime_gb:.2f}) but hardware={cfg.hardware.name} has {usable:.2f} GB "
+            f"{est.activations_gb:.2f}, optimizer {est.optimizer_gb:.2f}, allocator reserve "
+            f"{est.reserve_gb:.2f}, runtime {est.runtime_gb:.2f}) but hardware={cfg.hardware.name} has {usable:.2f} GB "
             f"usable{hint}"
         )
     return stop

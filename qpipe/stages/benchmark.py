@@ -15,6 +15,7 @@ from qpipe.evaluation.harness import eval_sentences, greedy_sample, sentence_emb
 from qpipe.evaluation.quality import NOISE, noise_only, quality_metrics
 from qpipe.evaluation.vision import benchmark_with_image
 from qpipe.models.source import source_kind
+from qpipe.stages._warmup import Snapshot, cache_metrics, warmup_key
 from qpipe.stages.base import StageContext, StageResult
 
 log = logging.getLogger("qpipe")
@@ -151,8 +152,24 @@ def run(ctx: StageContext) -> StageResult:
         )
         ppl = metrics["quality.ppl"]
 
+    before = Snapshot.now()
     speeds, decode_metrics, checks = _decode_speeds(cfg, model, tokenizer, text, device)
     metrics.update(decode_metrics)
+    warmup: dict = {}
+    if device.startswith("cuda"):  # compiled decoding and kernel tuning run on GPUs only
+        delta = Snapshot.now().since(before)
+        tuning_s = delta.tuning_s + float(ctx.output("validate_vram", "kernel_tuning_s") or 0)
+        if "validate_vram" in ctx.inputs:  # its tuning is part of this run's warm-up
+            delta.tuned += int(ctx.output("validate_vram", "tuned_shapes") or 0)
+            delta.from_disk += int(ctx.output("validate_vram", "tuned_shapes_reused") or 0)
+        cache, warmup = cache_metrics(
+            delta,
+            float(decode_metrics.get("time.compile_s", 0.0)),
+            tuning_s,
+            warmup_key(cfg, ctx.settings, device),
+            str(ctx.workdir),
+        )
+        metrics.update(cache)
     check_path = ctx.workdir / "decode_check.json"
     check_path.write_text(json.dumps(checks, indent=1))
     sample = greedy_sample(model, tokenizer, ev.prompt, int(ev.max_new_tokens), device)
@@ -170,6 +187,7 @@ def run(ctx: StageContext) -> StageResult:
             "speeds": speeds,
             "prompt": ev.prompt,
             "sample": sample,
+            "warmup": warmup,
             **image,
         },
         metrics=metrics,

