@@ -85,8 +85,11 @@ def _option_yaml(group: str, name: str | None) -> DictConfig | None:
     for folder in (Path.cwd() / "conf", CONF_DIR):
         path = folder / group / f"{name}.yaml"
         if path.is_file():
+            from qpipe.config.yaml_limits import read_yaml_text
+
+            text = read_yaml_text(path, f"{group}={name}")  # refused here if hostile
             try:
-                return OmegaConf.load(path)
+                return OmegaConf.create(text)
             except Exception:  # Hydra will say what is wrong with the file
                 return None
     return None
