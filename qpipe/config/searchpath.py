@@ -14,6 +14,9 @@ import logging
 import os
 from pathlib import Path
 
+from hydra._internal.core_plugins.file_config_source import (
+    FileConfigSource as _HydraFileConfigSource,
+)
 from hydra.core.config_search_path import ConfigSearchPath, SearchPathQuery
 from hydra.core.plugins import Plugins
 from hydra.plugins.config_source import ConfigResult
@@ -39,22 +42,20 @@ class UserConfSearchPath(SearchPathPlugin):
             search_path.prepend(PROVIDER, f"file://{user}", anchor=SearchPathQuery(provider="main"))
 
 
-def _checked_file_source() -> type | None:
-    """Hydra's folder config source, with every file checked before OmegaConf loads it."""
-    from hydra._internal.core_plugins.file_config_source import FileConfigSource
+class FileConfigSource(_HydraFileConfigSource):
+    """Hydra's folder config source, with every file checked before OmegaConf loads it.
+    Hydra's own class name: its registry keeps one class per scheme and refuses a second
+    name when a launcher's worker process (submitit, joblib) restores Hydra's state."""
 
-    class CheckedFileConfigSource(FileConfigSource):
-        def load_config(self, config_path: str) -> ConfigResult:
-            name = self._normalize_file_name(config_path)
-            full = os.path.realpath(os.path.join(self.path, name))
-            if os.path.exists(full):
-                try:
-                    read_yaml_text(full, f"config {config_path}")
-                except ConfigError as err:
-                    raise ConfigRefusal(str(err)) from None
-            return super().load_config(config_path)
-
-    return CheckedFileConfigSource
+    def load_config(self, config_path: str) -> ConfigResult:
+        name = self._normalize_file_name(config_path)
+        full = os.path.realpath(os.path.join(self.path, name))
+        if os.path.exists(full):
+            try:
+                read_yaml_text(full, f"config {config_path}")
+            except ConfigError as err:
+                raise ConfigRefusal(str(err)) from None
+        return super().load_config(config_path)
 
 
 def register() -> None:
@@ -64,6 +65,6 @@ def register() -> None:
     try:
         from hydra._internal.sources_registry import SourcesRegistry
 
-        SourcesRegistry.instance().types["file"] = _checked_file_source()
+        SourcesRegistry.instance().types["file"] = FileConfigSource
     except (ImportError, AttributeError) as err:  # another Hydra: its own loader, unchecked
         log.debug("config files are not checked before Hydra loads them: %s", err)
