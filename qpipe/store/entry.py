@@ -94,7 +94,8 @@ _VERIFIED: dict[str, tuple] = {}  # entries checked by this process: their files
 def seal(partial: Path, kind: str) -> None:
     """Record what ``partial`` holds (its manifest), once everything is written into it and
     before it is published."""
-    record = {"version": MANIFEST_VERSION, "kind": kind, "files": build_manifest(partial)}
+    files = build_manifest(partial, skip=(MANIFEST,))
+    record = {"version": MANIFEST_VERSION, "kind": kind, "files": files}
     (partial / MANIFEST).write_text(json.dumps(record))
 
 
