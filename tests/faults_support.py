@@ -348,8 +348,9 @@ def markdown(data: dict[str, Any]) -> str:
         for c in data["family_cases"]:
             line = c["line"].replace("|", "\\|")
             nxt = {True: "right result", False: "**wrong**", None: "—"}[c["recovered"]]
+            code = "—" if c["exit"] is None else c["exit"]  # checked through the API
             lines.append(
-                f"| {c['family']} | {c['case']} | {c['exit']} | {line} | {c['state']} | {nxt} |"
+                f"| {c['family']} | {c['case']} | {code} | {line} | {c['state']} | {nxt} |"
             )
     lines += ["", data["not_here"], ""]
     return "\n".join(lines)

@@ -139,7 +139,7 @@ def _size(n: int) -> str:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
+    return f"{n / 2**20:.0f} MiB"
 
 
 def manifest_problem(
@@ -167,12 +167,11 @@ def manifest_problem(
         recorded = manifest[rel]["chunks"]
         for index, (now, then) in enumerate(zip(digests[rel], recorded, strict=True)):
             if now != then:
-                start = index * CHUNK
-                return (
-                    f"{rel} changed since it was written (sha256 of the bytes from "
-                    f"{_mib(start)} on differs)",
-                    set(),
-                )
+                where = "its sha256"
+                if len(recorded) > 1:
+                    end = min((index + 1) * CHUNK, manifest[rel]["bytes"])
+                    where = f"the sha256 of its bytes {_mib(index * CHUNK)}–{_mib(end)}"
+                return f"{rel} changed since it was written: {where} differs", set()
         if stat_key(path) != manifest[rel]["stat"]:
             renewed.add(rel)
     return None, renewed
