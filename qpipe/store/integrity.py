@@ -135,7 +135,7 @@ def build_manifest(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, dict[s
 
 
 def _size(n: int) -> str:
-    return f"{n} bytes" if n < 10_000 else f"{n / 1e6:.1f} MB"
+    return f"{n:,} bytes"
 
 
 def _mib(n: int) -> str:
