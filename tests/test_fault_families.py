@@ -692,7 +692,7 @@ def _parents(experiment: str) -> list:
 def test_the_same_sweep_started_twice_is_refused_while_the_first_lives(
     micro, env_only, tmp_path
 ) -> None:
-    sweep = [*micro, env_only, "mlflow.experiment=collide", "quant=rtn,none"]
+    sweep = [*micro, env_only, "mlflow.experiment=collide", "seed=1,2"]
     with _helper(_LIVE_SWEEP, *sweep) as (parent, holder):
         code, text = cli_in_process("--multirun", *sweep)
         assert code == 2, text[-3000:]
@@ -716,7 +716,7 @@ def test_the_same_sweep_started_twice_is_refused_while_the_first_lives(
     )
     # Its folder now holds that sweep's jobs: another sweep given the same folder is refused.
     folder = resumed.data.tags.get("qpipe.sweep_dir") or ""
-    other = [*micro, env_only, "mlflow.experiment=collide", "quant=rtn,bnb_int8"]
+    other = [*micro, env_only, "mlflow.experiment=collide", "seed=3,4"]
     code, text = cli_in_process("--multirun", *other, f"hydra.sweep.dir={folder}")
     assert code == 2, text[-3000:]
     line = _one_line(text)
@@ -734,7 +734,7 @@ def test_a_sweep_folder_live_in_another_process_is_refused(micro, env_only, tmp_
     from qpipe.store.claims import SWEEP_CLAIM
 
     folder = tmp_path / "shared_sweep"
-    sweep = [*micro, env_only, "mlflow.experiment=collide2", "quant=rtn,none"]
+    sweep = [*micro, env_only, "mlflow.experiment=collide2", "seed=1,2"]
     with _helper(_HOLD_CLAIM, str(folder), SWEEP_CLAIM) as (_, holder):
         code, text = cli_in_process("--multirun", *sweep, f"hydra.sweep.dir={folder}")
     assert code == 2, text[-3000:]
@@ -864,7 +864,7 @@ def test_a_signal_whose_exception_is_lost_still_ends_the_run_killed(
 def test_sigterm_during_a_sweep_closes_its_parent_killed_and_it_resumes(
     micro, env_only, monkeypatch
 ) -> None:
-    sweep = [*micro, env_only, "mlflow.experiment=sweep_signal", "quant=rtn,none"]
+    sweep = [*micro, env_only, "mlflow.experiment=sweep_signal", "seed=1,2"]
     _arm(monkeypatch, "env_check", _send(signal.SIGTERM))
     code, text = cli_in_process("--multirun", *sweep)
     assert code == 143, text[-3000:]
@@ -908,7 +908,7 @@ def test_a_launcher_that_cannot_start_is_refused_before_the_parent_opens(
         (Path(d) / "sbatch").exists() for d in os.environ.get("PATH", "").split(":")
     ):
         pytest.skip("SLURM is here")
-    sweep = [*micro, env_only, "mlflow.experiment=launchers", "quant=rtn,none"]
+    sweep = [*micro, env_only, "mlflow.experiment=launchers", "seed=1,2"]
     code, text = cli_in_process("--multirun", *sweep, *launcher)
     assert code == 2, text[-3000:]
     line = _one_line(text)
@@ -1040,7 +1040,7 @@ HOSTILE = [
     ("special files and link loops", "hydra.run.dir is a link loop",
      lambda t: [f"hydra.run.dir={_loop(t)}"], "symbolic link loop"),
     ("special files and link loops", "hydra.sweep.dir is an existing file",
-     lambda t: ["--multirun", "quant=rtn,none", f"hydra.sweep.dir={_write(t / 'f', 'x')}"],
+     lambda t: ["--multirun", "seed=1,2", f"hydra.sweep.dir={_write(t / 'f', 'x')}"],
      "is a file, not a folder"),
     ("special files and link loops", "the MLflow store is a link loop",
      lambda t: [f"mlflow.tracking_uri=sqlite:///{_loop(t)}"], "symbolic link loop"),
