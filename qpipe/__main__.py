@@ -11,12 +11,14 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import secrets
 import sys
 import warnings
 from pathlib import Path
 
-from qpipe.errors import QpipeError
+from qpipe.errors import ConfigRefusal, QpipeError
 from qpipe.store.paths import check_outputs_root, contain_library_caches
 
 
@@ -53,6 +55,12 @@ log = logging.getLogger("qpipe")
 # module there to reach the task function, and compose the launcher config there too.
 OmegaConf.register_new_resolver("qpipe.parallel_jobs", parallel_jobs, replace=True)
 OmegaConf.register_new_resolver("qpipe.visible_gpus", visible_gpu_count, replace=True)
+# A token of its own for every run and sweep folder (cached: resolved once per composed config,
+# like ${now:}, and kept for a sweep's jobs): two runs started in the same second, from a shell
+# loop or two terminals, never share a folder.
+OmegaConf.register_new_resolver(
+    "qpipe.run_token", lambda: secrets.token_hex(3), use_cache=True, replace=True
+)
 # qpipe's conf/hydra/launcher/*.yaml carry every key of the launcher plugins' schemas, so they
 # work with or without Hydra's (deprecated) schema matching by name.
 warnings.filterwarnings("ignore", message="(?s).*validated against ConfigStore schema")
@@ -62,6 +70,7 @@ warnings.filterwarnings("ignore", message="(?s).*validated against ConfigStore s
 # entry point is the `qpipe` console script (qpipe.__main__), and qpipe.conf is no package.
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    signals.install()  # a launcher's worker process (joblib, submitit) runs no main()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     tags = {"qpipe.overrides": " ".join(hc.overrides.task)}
@@ -87,20 +96,36 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return report.metrics.get("quality.ppl")
 
 
+def _say(line: str, stream=None) -> None:
+    """One line to the terminal, which may be gone (SIGHUP: a closed terminal, a dropped ssh)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=stream or sys.stdout, flush=True)
+
+
 def main() -> None:
     _outputs_usable()
     sweep.forget()
-    sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
-    signals.install()
-    searchpath.register()  # ./conf before the built-ins
+    signals.install()  # before anything slow: SIGTERM/SIGHUP end a run like Ctrl-C from here on
     try:
+        sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
+        searchpath.register()  # ./conf before the built-ins, every config file checked
         _hydra_main()
+    except ConfigRefusal as refusal:  # refused while Hydra composed or launched
+        _say(f"error: {refusal}", sys.stderr)
+        sys.exit(2)
+    except QpipeError as err:  # refused before Hydra ran (the overrides' own config files)
+        _say(f"error: {err}", sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt as interrupt:
         # The run is already marked KILLED and its partial output removed (qpipe.app); a
-        # sweep stops here too. One line, no traceback, the shell's exit code.
-        name = getattr(interrupt, "signal_name", "SIGINT")
-        print(f"interrupted ({name}): the run is marked KILLED, partial output removed")
+        # sweep's parent run is closed KILLED here. One line, no traceback, the shell's code.
+        name = getattr(interrupt, "signal_name", None) or signals.pending() or "SIGINT"
+        sweep.interrupted(name)
+        _say(f"interrupted ({name}): the run is marked KILLED, partial output removed")
         sys.exit(signals.exit_code(interrupt))
+    finally:
+        signals.clear()
+        signals.restore()
     # A sweep runs all its jobs; any that failed make the whole command fail (listed above).
     if sweep.exit_code():
         sys.exit(sweep.exit_code())

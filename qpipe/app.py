@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from qpipe.backends import option_label
+from qpipe.config.pathcheck import require_new_or_folder
 from qpipe.config.safety import policy_from, set_policy
 from qpipe.config.settings import Settings
 from qpipe.console.logrepeats import once_per_run
@@ -25,9 +26,11 @@ from qpipe.dag import load_dag, pipeline_ref
 from qpipe.devices.budget import device_table
 from qpipe.preflight import validate_config
 from qpipe.runner import Runner, RunReport
-from qpipe.tracking.journal import JournaledTracker, RunJournal
-from qpipe.tracking.runs import Tracker
+from qpipe.store.claims import RUN_CLAIM, claimed
+from qpipe.tracking.journal import JournaledTracker, RunJournal, tracking_place, tracking_stopped
+from qpipe.tracking.runs import Tracker, TrackingRefused, refusal
 from qpipe.tracking.stale_runs import close_dead_runs, owner_tags
+from qpipe.tracking.store_check import store_problem
 from qpipe.tracking.uri import resolve_tracking_uri
 
 log = logging.getLogger("qpipe")
@@ -63,9 +66,14 @@ def run_pipeline(
     settings = validate_config(cfg)
     set_policy(policy_from(cfg.model))
     dag = load_dag(pipeline_ref(cfg))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Library output through logging: the terminal gets what matters, the log file all of it.
-    with terminal_for_run(log_file):
+    require_new_or_folder(run_dir, "the run folder (hydra.run.dir)")
+    # One live run per folder: its run.json, qpipe.log and logged files are its own.
+    refusal = (
+        f"the run folder {run_dir} is in use by another qpipe run ({{holder}}); give each run "
+        "its own folder (the default hydra.run.dir does)"
+    )
+    with claimed(run_dir, RUN_CLAIM, refusal), terminal_for_run(log_file):
+        # Library output through logging: the terminal gets what matters, the log file all.
         return _tracked_run(cfg, settings, dag, run_dir, tags, log_file)
 
 
@@ -77,13 +85,20 @@ def _tracked_run(
     tags: dict[str, str] | None,
     log_file: Path | None,
 ) -> RunReport:
-    # Before the run opens: a tracking server that is down is one line in seconds.
+    # Before the run opens: a tracking server that is down, a local store that is read-only,
+    # locked, damaged or full: one line in seconds.
     mlflow_tracker = Tracker(resolve_tracking_uri(cfg.mlflow), cfg.mlflow.experiment)
-    close_dead_runs(mlflow_tracker.tracking_uri)
+    uri = mlflow_tracker.tracking_uri
     tracker = JournaledTracker(mlflow_tracker, RunJournal(run_dir))
     all_tags = {"qpipe.pipeline": dag.name, "qpipe.run_dir": str(run_dir), **owner_tags()}
     all_tags.update(tags or {})
-    run_id = tracker.start(run_name(cfg), all_tags)
+    try:
+        close_dead_runs(uri)
+        run_id = tracker.start(run_name(cfg), all_tags)
+    except Exception as err:  # the store failed between the check and the run's opening
+        raise TrackingRefused(
+            store_problem(uri, err) or refusal(uri, cfg.mlflow.experiment, err)
+        ) from None
     tracker.log_params(stable_params(cfg, settings))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     runner = Runner(cfg, dag, run_dir, tracker, settings)
@@ -101,7 +116,7 @@ def _tracked_run(
     report.ui_hint = tracker.ui_hint()
     if tracker.offline is not None:
         report.tracking_offline = (
-            f"MLflow at {mlflow_tracker.tracking_uri} stopped answering ({tracker.offline}); "
+            f"MLflow {tracking_place(uri)} {tracking_stopped(uri)} ({tracker.offline}); "
             f"the results are in {tracker.journal.path}; push them later with: "
             f"python -m qpipe.sync {run_dir}"
         )

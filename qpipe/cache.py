@@ -5,6 +5,7 @@
     python -m qpipe.cache clear --all                # everything (also writes in progress)
     python -m qpipe.cache clear --compiled           # compiled kernels, graphs and tuning only
     python -m qpipe.cache clear --unreferenced --dry-run   # say what would go, delete nothing
+    python -m qpipe.cache verify                     # hash every entry whole against its manifest
 
 Entries are the cached stage results (``stages/<stage>/<key>``: quantized checkpoints, the
 baseline's reference, sensitivity rankings), model copies made from GGUF or random weights
@@ -22,11 +23,18 @@ everything.
 Anything whose name contains ``.partial`` is a write in progress (or one a killed process
 left): it is listed as such, never counted as an entry, and cleared only by ``--all`` or, by
 ``--unreferenced``, once it is older than ``PARTIAL_STALE_H`` hours.
+
+Every entry carries the manifest it was sealed with (qpipe.store.entry): a run checks an entry
+before reusing it and moves a damaged one aside (``<entry>.damaged-<time>``, kind "damaged"
+here, kept for inspection until ``clear``). ``verify`` hashes every file of every entry whole —
+what a run does only for files whose stat changed — and moves the damaged ones aside too; its
+exit code is 1 when it found any.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -35,9 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from qpipe.errors import QpipeError
+from qpipe.store.entry import DAMAGED, entry_lock, entry_problem, move_aside
 from qpipe.store.paths import outputs_root
+from qpipe.store.results import RECORD, record_problem
 
 PARTIAL = ".partial"
 PARTIAL_STALE_H = 24.0  # a write in progress this old has no writer left
@@ -78,7 +90,13 @@ def tree_size(path: Path) -> tuple[int, float]:
 
 def _entry(cache: Path, path: Path, kind: str) -> Entry:
     size, mtime = tree_size(path)
+    kind = "damaged" if DAMAGED in path.name else kind
     return Entry(path, kind, str(path.relative_to(cache)), size, mtime, PARTIAL in path.name)
+
+
+def _not_lock(path: Path) -> bool:
+    """Lock files (``<entry>.lock``) belong to their entry: never listed, never cleared."""
+    return path.suffix != ".lock"
 
 
 def entries(cache: Path) -> list[Entry]:
@@ -94,10 +112,12 @@ def entries(cache: Path) -> list[Entry]:
                 if not stage.is_dir():
                     out.append(_entry(cache, stage, "stage"))
                     continue
-                out.extend(_entry(cache, p, stage.name) for p in sorted(stage.iterdir()))
+                out.extend(
+                    _entry(cache, p, stage.name) for p in sorted(stage.iterdir()) if _not_lock(p)
+                )
         elif top.name in RESULT_KINDS and top.is_dir():
             kind = top.name.rstrip("s")
-            out.extend(_entry(cache, p, kind) for p in sorted(top.iterdir()))
+            out.extend(_entry(cache, p, kind) for p in sorted(top.iterdir()) if _not_lock(p))
         elif top.name in COMPILED:
             out.append(_entry(cache, top, "compiled"))
         else:
@@ -235,13 +255,60 @@ def clear(
     return freed
 
 
+def verify(found: list[Entry], console: Console) -> int:
+    """Hash every run-result entry whole against its manifest; move the damaged aside. The
+    number of damaged entries."""
+    # qpipe's own entries carry manifests; compiled work is the libraries' to check
+    checked = [
+        e for e in found if not e.partial and e.kind not in ("library", "damaged", "compiled")
+    ]
+    start, hashed, damaged, unsealed = time.perf_counter(), 0, 0, 0
+    for e in checked:
+        what = "model folder" if e.kind == "model" else e.kind
+        what = what if e.kind in ("model", "tokenizer") else f"{e.kind} result"
+        try:
+            with entry_lock(e.path):
+                problem = entry_problem(e.path, full=True) if e.path.is_dir() else "not a folder"
+                if problem is None and e.name.startswith("stages/"):
+                    try:
+                        problem = record_problem(json.loads((e.path / RECORD).read_text()))
+                    except (OSError, ValueError) as err:
+                        problem = f"{RECORD} is unreadable ({type(err).__name__})"
+                if problem is not None and problem.startswith("it has no manifest"):
+                    unsealed += 1
+                    console.print(f"? {e.name}: {escape(problem)}", highlight=False)
+                    continue
+                if problem is not None:
+                    aside = move_aside(e.path, problem, what)
+                    damaged += 1
+                    console.print(
+                        f"[red]✘ {e.name}: {escape(problem)}; moved aside to {aside.name}[/red]",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+                    continue
+        except QpipeError as err:  # its lock is held by a stopped process, or for too long
+            console.print(f"? {e.name}: not checked ({escape(str(err))})", soft_wrap=True)
+            continue
+        hashed += e.size
+        console.print(f"✔ {e.name} ({human(e.size)})", highlight=False)
+    seconds = time.perf_counter() - start
+    console.print(
+        f"{len(checked)} entries: {len(checked) - damaged - unsealed} whole ({human(hashed)} "
+        f"hashed in {seconds:.1f} s), {damaged} damaged (moved aside), {unsealed} without a "
+        "manifest",
+        highlight=False,
+    )
+    return damaged
+
+
 def main(argv: list[str] | None = None, console: Console | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m qpipe.cache",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
+    parser.add_argument("action", nargs="?", choices=("list", "clear", "verify"), default="list")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--all", action="store_true", help="clear everything")
     what.add_argument(
@@ -262,6 +329,10 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> None:
     found = survey(root)
     if args.action == "list":
         listing(root, found, console)
+        return
+    if args.action == "verify":
+        if verify(found, console):
+            raise SystemExit(1)
         return
     if not (args.all or args.unreferenced or args.compiled):
         parser.error("clear needs --all, --compiled or --unreferenced")

@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 
 from qpipe.config.compose import PIPELINES_DIR
-from qpipe.corpora.texts import read_utf8
+from qpipe.config.pathcheck import kind_of
+from qpipe.config.yaml_limits import read_yaml_text
 from qpipe.errors import ConfigError
 
 
@@ -93,9 +94,21 @@ def _spec(name: str, raw: Any) -> StageSpec:
     return StageSpec(
         name=name,
         module=module if "." in module else f"qpipe.stages.{module}",
-        needs=tuple(raw.get("needs") or ()),
-        cache=tuple(raw.get("cache") or ()),
+        needs=_names(name, "needs", raw.get("needs"), "stage names"),
+        cache=_names(name, "cache", raw.get("cache"), "config keys"),
     )
+
+
+def _names(stage: str, key: str, value: Any, what: str) -> tuple[str, ...]:
+    """A stage's ``needs``/``cache``: a list of names (or one name), nothing nested."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise PipelineError(
+            f"stage {stage!r}: {key} must be a list of {what}, e.g. [a, b]; got {value!r}"[:300]
+        )
+    return tuple(items)
 
 
 def _check_user_stage(name: str, module: str) -> None:
@@ -175,9 +188,12 @@ def find_pipeline(name_or_path: str) -> Path:
     """The YAML file of a pipeline name or path; a clear error listing the names otherwise."""
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
-        if path.is_file():
+        found = kind_of(path, "pipeline")
+        if found == "a file":
             return path
-        raise PipelineError(f"pipeline={name_or_path!r}: no such file")
+        raise PipelineError(
+            f"pipeline={name_or_path!r}: " + (f"{found}, not a file" if found else "no such file")
+        )
     for folder in pipeline_dirs():
         candidate = folder / f"{name_or_path}.yaml"
         if candidate.is_file():
@@ -193,8 +209,10 @@ def load_dag(name_or_path: str) -> Dag:
     """A DAG by name (``./pipelines/<name>.yaml``, then ``qpipe/pipelines/<name>.yaml``) or by
     path."""
     path = find_pipeline(name_or_path)
+    # Size, alias expansion and depth checked before PyYAML builds anything (yaml_limits).
+    text = read_yaml_text(path, f"pipeline={name_or_path!r}")
     try:
-        data = yaml.safe_load(read_utf8(path, f"pipeline={name_or_path!r}"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise PipelineError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     return parse_dag(data, source=path.name)

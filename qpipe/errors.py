@@ -42,3 +42,16 @@ class UnsafeCheckpoint(QpipeError):
 class OutOfMemory(QpipeError):
     """The device ran out of memory; the message has the requested and free memory and the
     estimate."""
+
+
+class ConfigRefusal(SystemExit):
+    """A refusal raised where a library reports ordinary errors with a traceback (Hydra while it
+    composes or runs its callbacks): ``python -m qpipe`` prints the message as one line and
+    exits 2. A SystemExit, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -22,20 +22,26 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qpipe.config.settings import Settings
+from qpipe.console import signals
 from qpipe.dag import Dag, StageSpec, stage_function
 from qpipe.devices.oom import describe as describe_oom
 from qpipe.devices.oom import is_out_of_memory, release_memory
 from qpipe.errors import QpipeError
 from qpipe.stages.base import StageContext, StageResult
 from qpipe.store.diskspace import disk_errno, free_bytes, gb, guarded_write
-from qpipe.store.entry import entry_lock, new_partial, publish
-from qpipe.store.integrity import build_manifest, manifest_problem
+from qpipe.store.entry import entry_lock, entry_problem, move_aside, new_partial, publish, seal
 from qpipe.store.paths import cache_dir
+from qpipe.store.results import RECORD, non_finite, record_problem
 from qpipe.tracking.runs import Tracker
 
 log = logging.getLogger("qpipe")
 
-CACHE_VERSION = "2"  # bump when a cached stage's result format changes (2: manifest)
+
+class NonFiniteResult(QpipeError):
+    """A stage measured NaN or inf: never a result, never cached."""
+
+
+CACHE_VERSION = "3"  # bump when a cached stage's result format changes (3: entry manifest)
 
 
 @dataclass
@@ -85,20 +91,23 @@ class Runner:
         return digest.hexdigest()[:16]
 
     @staticmethod
-    def _load_cached(folder: Path) -> StageResult | None:
+    def _load_cached(folder: Path, stage: str = "stage") -> StageResult | None:
         """The cached result, or None when there is none or it is damaged: a result is reused
-        only if every file it wrote is still there with the bytes it wrote."""
-        record = folder / "result.json"
-        if not record.is_file():
+        only if every file it wrote still holds what it wrote (its manifest) and its record
+        is whole. A damaged one is moved aside (kept for inspection), never reused. Call it
+        holding the entry's lock."""
+        if not (folder.exists() or folder.is_symlink()):
             return None
-        try:
-            data = json.loads(record.read_text())
-            problem = manifest_problem(folder, data["files"])
-        except (ValueError, KeyError, TypeError) as err:
-            problem = f"result.json is unreadable ({type(err).__name__})"
+        data = None
+        problem = entry_problem(folder) if folder.is_dir() else "it is not a folder"
+        if problem is None:
+            try:
+                data = json.loads((folder / RECORD).read_text())
+                problem = record_problem(data)
+            except (OSError, ValueError) as err:
+                problem = f"{RECORD} is unreadable ({type(err).__name__})"
         if problem:
-            log.warning("cached result %s is damaged: %s; recomputing it", folder, problem)
-            shutil.rmtree(folder, ignore_errors=True)
+            move_aside(folder, problem, f"{stage} result")
             return None
         return StageResult(
             outputs=data["outputs"],
@@ -108,7 +117,9 @@ class Runner:
         )
 
     @staticmethod
-    def _store_cached(partial: Path, final: Path, result: StageResult) -> StageResult:
+    def _store_cached(
+        partial: Path, final: Path, result: StageResult, stage: str = "stage"
+    ) -> StageResult:
         # Paths are recorded as they will be after the rename; only a finished result gets the
         # final name, so a crash mid-stage is never reused.
         result = Runner._rebase(result, partial, final)
@@ -117,11 +128,11 @@ class Runner:
             "metrics": result.metrics,
             "params": _jsonable(result.params),
             "artifacts": [str(Path(a).relative_to(final)) for a in result.artifacts],
-            "files": build_manifest(partial, skip=("result.json",)),
         }
         text = json.dumps(record, indent=2)
         with guarded_write(partial, len(text.encode()), "the cache record"):
-            (partial / "result.json").write_text(text)
+            (partial / RECORD).write_text(text)
+            seal(partial, f"{stage} result")
         publish(partial, final)
         return result
 
@@ -147,14 +158,16 @@ class Runner:
         if not spec.cache:
             workdir = self.run_dir / "stages" / spec.name
             workdir.mkdir(parents=True, exist_ok=True)
-            return run(StageContext(self.cfg, inputs, workdir, self.settings))
+            return self._finite(
+                spec.name, run(StageContext(self.cfg, inputs, workdir, self.settings))
+            )
 
         key = self._cache_key(spec)
         final = cache_dir("stages", spec.name) / key
         # One writer per key (qpipe.store.entry): a run that finds another process computing
         # the same result waits for it and reuses it instead of computing it beside it.
         with entry_lock(final):
-            cached = self._load_cached(final)
+            cached = self._load_cached(final, spec.name)
             if cached is not None:
                 log.info("%s: reusing cached result %s", spec.name, final)
                 cached.params[f"cache.{spec.name}"] = "hit"
@@ -162,6 +175,8 @@ class Runner:
             partial = new_partial(final)
             try:
                 result = run(StageContext(self.cfg, inputs, partial, self.settings))
+                signals.raise_pending()  # an interrupt its code swallowed: not a result
+                self._finite(spec.name, result)
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
@@ -170,10 +185,21 @@ class Runner:
                 return result
             result.params[f"cache.{spec.name}"] = "miss"
             try:
-                return self._store_cached(partial, final, result)
+                return self._store_cached(partial, final, result, spec.name)
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
+
+    @staticmethod
+    def _finite(stage: str, result: StageResult) -> StageResult:
+        bad = non_finite(result.metrics)
+        if bad:
+            raise NonFiniteResult(
+                f"{stage} measured {', '.join(bad)}: not a number a run can use (damaged "
+                "weights, or an overflow); nothing was cached (python -m qpipe.cache verify "
+                "checks the cached models)"
+            )
+        return result
 
     def _log_stage(self, name: str, result: StageResult, seconds: float) -> None:
         if self.tracker is None:
@@ -213,6 +239,7 @@ class Runner:
     def _run_stages(self, report: RunReport) -> RunReport:
         for name in self.dag.order:
             spec = self.dag.stages[name]
+            signals.raise_pending()
             log.info("▶ %s", name)
             report.stage = name
             if self.tracker is not None:
@@ -246,6 +273,7 @@ class Runner:
             if result.stop:
                 return self._fail(report, name, result.stop, None)
             log.info("✔ %s (%.1f s)", name, seconds)
+        signals.raise_pending()  # never FINISHED after a signal, wherever it was lost
         report.status = "FINISHED"
         report.stage = None
         return report

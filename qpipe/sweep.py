@@ -9,6 +9,14 @@ unfinished child (RUNNING when SIGKILL struck, or FAILED) is deleted before it r
 parent shows every job once. Cached stages are reused as in any run; a checkpoint being written
 when the kill came sits in a ``.partial`` folder that is never read (see the runner).
 
+Never from under a live one: the parent records the process that runs it (host, pid), and the
+same command started again while that process lives (a second terminal, an overlapping cron)
+is refused in one line naming it. The sweep folder is claimed by the sweep that writes in it
+(qpipe.store.claims) and stamped with its key: another sweep given the same
+``hydra.sweep.dir`` — at the same time or later — is refused instead of overwriting its jobs'
+records. A launcher that cannot start (``n_jobs=0``, SLURM's launcher where there is no SLURM)
+is refused before the parent opens; a sweep ended by a signal closes its parent KILLED.
+
 Failures: every job runs; at the end the parent is FAILED if any job failed, each failure is
 printed with its reason, and ``python -m qpipe`` exits non-zero.
 """
@@ -19,6 +27,9 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +40,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from qpipe.errors import QpipeError
+from qpipe.config.pathcheck import require_new_or_folder
+from qpipe.errors import ConfigError, ConfigRefusal, QpipeError
 from qpipe.report import PARENT_ROLE, load_runs, write_comparison
+from qpipe.store.claims import RUN_CLAIM, SWEEP_CLAIM, live_holder, release, take
 from qpipe.tracking.runs import Tracker
+from qpipe.tracking.stale_runs import HOST, PID, PID_STARTED, alive, owner_tags
+from qpipe.tracking.store_check import store_problem
 from qpipe.tracking.uri import resolve_tracking_uri
 
 log = logging.getLogger("qpipe")
@@ -58,6 +73,113 @@ def sweep_key(experiment: str, overrides: list[str], axes: dict[str, Any]) -> st
     """A sweep's identity: the same command (overrides and preset axes) gives the same key."""
     blob = {"experiment": experiment, "overrides": sorted(overrides), "axes": axes}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def command_key(cfg: DictConfig) -> tuple[list[str], dict[str, Any], str]:
+    """The multirun's overrides, its preset's axes and its sweep key."""
+    overrides = list(cfg.hydra.overrides.task)
+    params = cfg.hydra.sweeper.get("params")
+    axes = OmegaConf.to_container(params, resolve=False) if params else {}
+    return overrides, axes, sweep_key(cfg.mlflow.experiment, overrides, axes)
+
+
+def _refuse_if_live(run: Any) -> None:
+    """ConfigRefusal when the RUNNING parent ``run`` belongs to a process that still runs (on
+    this host: its pid and start time; elsewhere: assumed, until that host marks it)."""
+    tags = run.data.tags
+    pid, host = tags.get(PID), tags.get(HOST)
+    if pid is None:  # a parent of an older qpipe: no owner recorded, resumed as before
+        return
+    if host == socket.gethostname() and not alive(int(pid), tags.get(PID_STARTED, "")):
+        return  # its process is gone (SIGKILL, power loss): take it up
+    where = f"pid {pid}" + ("" if host == socket.gethostname() else f" on host {host}")
+    raise ConfigRefusal(
+        f"this sweep (the same command) is already running in {where}, parent MLflow run "
+        f"{run.info.run_id}; wait for it to end, or stop it and run the command again to "
+        "resume it"
+    )
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    """ConfigRefusal (one line) for a launcher that cannot start here, before the parent run
+    opens: joblib with no worker, SLURM's launcher without SLURM."""
+    launcher = cfg.hydra.get("launcher") or {}
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("JoblibLauncher"):
+        n_jobs = launcher.get("n_jobs")
+        cores = os.cpu_count() or 1
+        effective = n_jobs if not isinstance(n_jobs, int) or n_jobs >= 0 else cores + 1 + n_jobs
+        if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or effective < 1:
+            raise ConfigRefusal(
+                f"hydra.launcher.n_jobs={n_jobs!r} runs no job; use a number of parallel jobs "
+                f"≥ 1 (or -1 for one per core), or leave it out (one job per GPU)"
+            )
+    if target.endswith("SlurmLauncher"):
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
+            raise ConfigRefusal(
+                f"hydra/launcher=submitit_slurm needs SLURM, and {', '.join(missing)} is not on "
+                "this machine's PATH; run it from a cluster's login node, or sweep here with "
+                "the default launcher (or hydra/launcher=joblib: one job per GPU)"
+            )
+
+
+_claim: int | None = None  # the sweep folder this process claimed
+
+
+def claim_sweep_dir(cfg: DictConfig, key: str) -> None:
+    """Claim the sweep folder for this sweep; ConfigRefusal when a live sweep writes there, or
+    when it holds another sweep's jobs (a different command)."""
+    global _claim
+    folder = Path(str(cfg.hydra.sweep.dir))
+    try:
+        require_new_or_folder(folder, "hydra.sweep.dir")
+    except ConfigError as err:
+        raise ConfigRefusal(str(err)) from None
+    try:
+        _claim = take(
+            folder,
+            SWEEP_CLAIM,
+            f"hydra.sweep.dir={folder} is in use by another sweep ({{holder}}); give each "
+            "sweep its own folder (the default hydra.sweep.dir does)",
+        )
+    except QpipeError as err:
+        raise ConfigRefusal(str(err)) from None
+    stamp = folder / ".qpipe-sweep.json"
+    try:
+        earlier = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
+    except (OSError, ValueError):
+        earlier = None
+    if earlier is not None and earlier != key:
+        release_sweep_dir()
+        raise ConfigRefusal(
+            f"hydra.sweep.dir={folder} holds the jobs of another sweep (another command); "
+            "give this one its own folder, or remove that one"
+        )
+    stamp.write_text(json.dumps({"key": key}))
+
+
+def release_sweep_dir() -> None:
+    global _claim
+    if _claim is not None:
+        release(_claim)
+        _claim = None
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """Before Hydra makes the run folder and writes its ``.hydra`` files there: it must be a
+    folder (or nothing yet) that no live run writes in."""
+    folder = Path(str(cfg.hydra.run.dir))
+    try:
+        require_new_or_folder(folder, "hydra.run.dir")
+    except ConfigError as err:
+        raise ConfigRefusal(str(err)) from None
+    holder = live_holder(folder, RUN_CLAIM)
+    if holder is not None:
+        raise ConfigRefusal(
+            f"hydra.run.dir={folder} is in use by another qpipe run ({holder}); give each run "
+            "its own folder (the default hydra.run.dir does)"
+        )
 
 
 def swept_axes(overrides: list[str], preset: dict[str, Any]) -> dict[str, list[str]]:
@@ -105,13 +227,11 @@ class Sweep:
     # -- opening -----------------------------------------------------------------------------
     @classmethod
     def open(cls, cfg: DictConfig) -> Sweep:
-        """Find this command's unfinished parent run, or start a new one."""
+        """Find this command's unfinished parent run, or start a new one; refuse (one line)
+        when that parent is live in another process."""
         uri = resolve_tracking_uri(cfg.mlflow)
         Tracker(uri, cfg.mlflow.experiment)  # creates the experiment where it is missing
-        overrides = list(cfg.hydra.overrides.task)
-        params = cfg.hydra.sweeper.get("params")
-        axes = OmegaConf.to_container(params, resolve=False) if params else {}
-        key = sweep_key(cfg.mlflow.experiment, overrides, axes)
+        overrides, axes, key = command_key(cfg)
         sweep = cls(uri, cfg.mlflow.experiment, key, Path(cfg.hydra.sweep.dir).name)
         client = sweep.client()
         experiment_id = client.get_experiment_by_name(sweep.experiment).experiment_id
@@ -123,9 +243,14 @@ class Sweep:
         )
         if previous and previous[0].info.status != "FINISHED":
             run = previous[0]
+            if run.info.status == "RUNNING":
+                _refuse_if_live(run)
             sweep.parent_id, sweep.resumed = run.info.run_id, True
             sweep.label = run.data.tags.get("qpipe.sweep", sweep.label)
             client.update_run(sweep.parent_id, status="RUNNING")
+            now = {**owner_tags(), "qpipe.sweep_dir": str(cfg.hydra.sweep.dir)}
+            for name, value in now.items():  # this process runs it now, from this folder
+                client.set_tag(sweep.parent_id, name, value)
             log.info("resuming sweep %s (parent run %s)", sweep.label, sweep.parent_id)
         else:
             swept = swept_axes(overrides, axes)
@@ -139,6 +264,8 @@ class Sweep:
                     "qpipe.sweep_key": key,
                     "qpipe.overrides": " ".join(overrides),
                     "qpipe.sweep_axes": axes_text,
+                    "qpipe.sweep_dir": str(cfg.hydra.sweep.dir),
+                    **owner_tags(),  # a killed sweep's parent is marked by the next start
                 },
             )
             sweep.parent_id = run.info.run_id
@@ -227,6 +354,15 @@ class Sweep:
     def failures(self) -> list[JobOutcome]:
         return [o for o in self.outcomes if o.status == "FAILED"]
 
+    def interrupted(self, signal_name: str) -> None:
+        """End the parent KILLED (a signal stopped the sweep); resumable like any other."""
+        try:
+            client = self.client()
+            client.set_tag(self.parent_id, "qpipe.failure", f"interrupted by {signal_name}")
+            client.set_terminated(self.parent_id, "KILLED")
+        except Exception as err:  # noqa: BLE001 (the store may be what failed)
+            log.warning("sweep parent run not closed: %s: %s", type(err).__name__, err)
+
     def close(self, console: Console) -> int:
         """End the parent (FAILED if any job failed), print the outcome; the exit code."""
         self.refresh()
@@ -275,17 +411,33 @@ def forget() -> None:
 class SweepCallback(Callback):
     """Hydra's multirun hooks: open the parent, refresh it after each job, close it."""
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_run_dir(config)
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Raising anything but a SystemExit here, Hydra would only warn and run the jobs
+        # without their parent: every refusal leaves as ConfigRefusal (one line, exit 2).
         global _current, _last_exit_code
         _last_exit_code = 0
+        check_launcher(config)
+        claim_sweep_dir(config, command_key(config)[2])
         try:
             _current = Sweep.open(config)
         except QpipeError as err:
-            Console().print(f"[red]error:[/red] {err}", highlight=False)
-            raise SystemExit(2) from None
-        except Exception:  # Hydra would only warn and run the jobs without their parent
-            log.exception("could not open the sweep's MLflow parent run")
-            raise SystemExit(1) from None
+            release_sweep_dir()
+            raise ConfigRefusal(str(err)) from None
+        except ConfigRefusal:
+            release_sweep_dir()
+            raise
+        except Exception as err:  # noqa: BLE001
+            release_sweep_dir()
+            uri = str(config.mlflow.get("tracking_uri") or "")
+            problem = store_problem(uri, err) if uri else None
+            raise ConfigRefusal(
+                problem
+                or f"could not open the sweep's MLflow parent run: "
+                f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            ) from None
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         sweep = _current
@@ -303,6 +455,16 @@ class SweepCallback(Callback):
             return
         _last_exit_code = _current.close(Console())
         _current = None
+        release_sweep_dir()
+
+
+def interrupted(signal_name: str) -> None:
+    """A signal ended the command: the sweep running in it (if any) ends KILLED."""
+    global _current
+    if _current is not None:
+        _current.interrupted(signal_name)
+        _current = None
+    release_sweep_dir()
 
 
 def run_sweep_job(

@@ -58,6 +58,7 @@ _LONG_FILES = (
     "test_sweeps.py",
     "test_launchers.py",
     "test_faults.py",
+    "test_fault_families.py",
     "test_user_pipelines.py",
     "test_sensitivity.py",
     "test_compile.py",

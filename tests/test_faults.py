@@ -35,10 +35,10 @@ from qpipe.tracking.runs import default_tracking_uri
 from qpipe.tracking.stale_runs import close_dead_runs
 from tests.conftest import cli_in_process, compose_config, save_random_llama
 from tests.faults_support import (
+    LOG,
     QUANTIZE_LOAD_DAG,
     RESULTS_ENV,
     TINY,
-    FaultLog,
     env_for,
     error_lines,
     finish,
@@ -50,7 +50,6 @@ from tests.faults_support import (
 
 pytestmark = pytest.mark.slow
 
-LOG = FaultLog()
 # Does-it-fit only: for faults found before any weight is loaded.
 ESTIMATE = ("model=tiny_llama", "quant=none", "pipeline=estimate", "mlflow.experiment=faults")
 
@@ -514,42 +513,8 @@ def test_damaged_user_checkpoint_stops_the_pipeline_before_weights_load(
     )
 
 
-# -- a cached stage result whose files changed -------------------------------------------
-
-
-def test_cached_checkpoint_changed_or_deleted_is_recomputed(
-    tiny_ready, quantize_load_dag, tmp_path
-) -> None:
-    _fresh_quantize_cache(tiny_ready)
-    overrides = [*TINY, "seed=5", f"pipeline={quantize_load_dag}"]
-    first = run_pipeline(compose_config(*overrides), tmp_path / "first")
-    assert first.status == "FINISHED" and first.params["cache.quantize"] == "miss"
-    checkpoint = Path(first.results["quantize"].outputs["checkpoint"])
-    weights = checkpoint / "model.safetensors"
-    with open(weights, "r+b") as f:  # same size, one byte different
-        f.seek(weights.stat().st_size // 2)
-        byte = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    start = time.perf_counter()
-    changed = run_pipeline(compose_config(*overrides), tmp_path / "changed")
-    changed_s = time.perf_counter() - start
-    assert changed.status == "FINISHED" and changed.params["cache.quantize"] == "miss"
-    (checkpoint / "config.json").unlink()
-    deleted = run_pipeline(compose_config(*overrides), tmp_path / "deleted")
-    assert deleted.status == "FINISHED" and deleted.params["cache.quantize"] == "miss"
-    again = run_pipeline(compose_config(*overrides), tmp_path / "again")
-    assert again.params["cache.quantize"] == "hit"
-    LOG.add(
-        fault="cached checkpoint changed (one byte) or a file deleted",
-        injected="a byte of model.safetensors flipped; then config.json deleted",
-        outcome="cached result … is damaged: checkpoint/model.safetensors changed since it "
-        "was written (sha256 differs); recomputing it",
-        final_state="FINISHED both times, quantize recomputed (cache miss), then a hit",
-        time_to_error_s=None,
-        lost=f"nothing (recompute + run: {changed_s:.1f} s)",
-        kept=True,
-    )
+# (A cached checkpoint or stage result changed, truncated, emptied, deleted or missing keys:
+# the cache corruption family in tests/test_fault_families.py, one case each, cheaper.)
 
 
 # -- config values the checks used to miss -----------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from qpipe.backends.base import Backend, QuantizeRequest, QuantizeResult
-from qpipe.config.compose import group_options
+from qpipe.config.compose import group_options, read_option
 from qpipe.errors import ConfigError
 from qpipe.memory.formats import WeightFormat
 
@@ -31,7 +31,7 @@ def _registry_at(cwd: str) -> tuple[dict[str, str], dict[str, str]]:
     backends: dict[str, str] = {}
     methods: dict[str, str] = {}
     for option, path in group_options("quant").items():
-        yaml = OmegaConf.load(path)
+        yaml = read_option(path, "quant")
         method = yaml.get("method")
         if not isinstance(method, str) or not method:
             raise ConfigError(f"{path}: no method; a quant option names its method (method: x)")
@@ -105,7 +105,7 @@ def option_config(option: str) -> dict[str, Any]:
     path = group_options("quant").get(option)
     if path is None:
         raise ConfigError(f"quant={option!r} is not known; valid: {', '.join(quant_options())}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return OmegaConf.to_container(read_option(path, "quant"), resolve=True)
 
 
 def weight_format_of(

@@ -87,8 +87,11 @@ def _option_yaml(group: str, name: str | None) -> DictConfig | None:
     for folder in (Path.cwd() / "conf", CONF_DIR):
         path = folder / group / f"{name}.yaml"
         if path.is_file():
+            from qpipe.config.yaml_limits import read_yaml_text
+
+            text = read_yaml_text(path, f"{group}={name}")  # refused here if hostile
             try:
-                return OmegaConf.load(path)
+                return OmegaConf.create(text)
             except Exception:  # Hydra will say what is wrong with the file
                 return None
     return None
@@ -156,13 +159,13 @@ def group_options(group: str) -> dict[str, Path]:
     return found
 
 
-def load_option(group: str, name: str) -> DictConfig:
-    """One option of a group where Hydra would find it (the user's ``conf/`` first)."""
-    path = group_options(group).get(name)
-    if path is None:
-        valid = sorted(group_options(group))
-        raise ConfigError(f"{group}={name!r} is not known; valid: {', '.join(valid)}")
-    return OmegaConf.load(path)
+def read_option(path: Path, group: str) -> DictConfig:
+    """An option's YAML, checked like every user YAML (size, alias expansion, depth) before
+    OmegaConf builds anything from it: a hostile file in ``./conf`` is one line, even one the
+    run does not select (the quant registry reads them all)."""
+    from qpipe.config.yaml_limits import read_yaml_text
+
+    return OmegaConf.create(read_yaml_text(path, f"{group}={path.stem}"))
 
 
 def load_model_group(name: str) -> DictConfig:

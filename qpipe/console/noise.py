@@ -47,6 +47,8 @@ NOISE: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("bitsandbytes hub kernel", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
         # the sqlite store being created on a first run
         ("MLflow store setup", r"Creating initial MLflow database tables|Updating database tables"),
+        # a sqlite store that fails mid-run: qpipe says so in one line (the offline journal)
+        ("MLflow store error", r"SQLAlchemy database error"),
         # fp32 on a GPU: qpipe runs bf16 there unless asked otherwise
         ("TorchInductor TF32", r"TensorFloat32 tensor cores for float32 matrix multiplication"),
         # llm-compressor on a CPU-only machine: env_check already says where qpipe runs

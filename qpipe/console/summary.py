@@ -46,6 +46,8 @@ def random_weights(model_cfg: Mapping[str, Any]) -> bool:
 
 def number(value: float, unit: str = "") -> str:
     """``0.102 GB``, ``21.24``, ``491 ms``: three or four figures, never ``5.022e+04``."""
+    if value != value or value in (float("inf"), float("-inf")):  # NaN, inf: said as such
+        return f"{value} {unit}".rstrip()
     size = abs(value)
     if size >= 100 or value == int(value) and size >= 1:
         text = f"{value:,.0f}"

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from qpipe.config.pathcheck import kind_of, path_stat
 from qpipe.corpora.texts import read_utf8
 from qpipe.errors import ConfigError, WeightsUnavailable
 from qpipe.store.paths import data_file
@@ -32,8 +33,11 @@ _VALID_DATASET = (
 
 def _local_path(dataset: str) -> Path | None:
     """``dataset`` as a local path when it is one (or plainly means one); None for a hub id."""
-    path = Path(dataset).expanduser()
-    if path.exists():
+    path, info = path_stat(dataset, "calib.dataset")
+    if info is not None:
+        found = kind_of(path, "calib.dataset")
+        if found not in ("a file", "a folder"):  # /dev/zero would be read forever
+            raise ConfigError(f"calib.dataset={dataset!r} is {found}; give {_VALID_DATASET}")
         return path
     looks_local = dataset.startswith(("/", "./", "../", "~")) or dataset.endswith(
         TEXT_SUFFIXES + JSONL_SUFFIXES
@@ -92,7 +96,8 @@ def load_calib_texts(calib: Mapping[str, Any]) -> list[str]:
 
 
 def _text_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    # is_file() follows links: a link loop or a device among them is not a text file
+    return sorted(p for p in folder.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
 
 
 def read_local(path: Path, column: str = "text") -> list[str]:

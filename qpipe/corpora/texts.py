@@ -6,15 +6,21 @@ from pathlib import Path
 
 import torch
 
+from qpipe.config.pathcheck import MiB, kind_of, read_bounded, require_file
 from qpipe.errors import ConfigError
 from qpipe.store.paths import data_file
 
+TEXT_LIMIT = 256 * MiB  # an eval or calibration text; qpipe uses a few MB of any
 
-def read_utf8(path: Path, what: str) -> str:
+
+def read_utf8(path: Path, what: str, limit: int = TEXT_LIMIT) -> str:
     """A file qpipe reads as text, decoded as UTF-8; one ConfigError line naming the file and
-    the setting it came from (``what``) when it is not text, or cannot be read."""
+    the setting it came from (``what``) when it is not a regular file (a device such as
+    /dev/zero never ends, a named pipe blocks), is larger than ``limit``, is not text, or
+    cannot be read."""
+    path = require_file(path, what, "give a UTF-8 text file")
     try:
-        data = Path(path).read_bytes()
+        data = read_bounded(path, limit, what)
     except OSError as err:
         raise ConfigError(f"{what}: cannot read {path} ({err.strerror or err})") from None
     try:
@@ -31,9 +37,11 @@ def read_text(name_or_path: str, key: str = "eval.text") -> str:
     path = data_file(name_or_path)
     if not path.is_file():
         path = Path(name_or_path).expanduser()
-    if not path.is_file():
+    found = kind_of(path, key) if path == Path(name_or_path).expanduser() else "a file"
+    if found != "a file":
+        it = f" ({found})" if found else ""
         raise ConfigError(
-            f"{key}={name_or_path!r} is neither a built-in text (eval_gpl3.txt) nor a file"
+            f"{key}={name_or_path!r} is neither a built-in text (eval_gpl3.txt) nor a file{it}"
         )
     return read_utf8(path, f"{key}={name_or_path!r}")
 

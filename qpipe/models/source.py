@@ -19,11 +19,12 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from qpipe.config.pathcheck import kind_of
 from qpipe.config.safety import trust_remote_code
 from qpipe.errors import ConfigError, WeightsUnavailable
 from qpipe.models.checkpoints import inspect_checkpoint
 from qpipe.models.processor import build_processor, is_vlm
-from qpipe.store.entry import save_folder_atomically
+from qpipe.store.entry import MANIFEST_VERSION, entry_ok, save_folder_atomically
 from qpipe.store.paths import cache_dir
 
 
@@ -148,9 +149,11 @@ def _read_config(model_cfg: DictConfig) -> PretrainedConfig:
 
 
 def checked_folder(path: str) -> Path:
+    found = kind_of(path, "model.path")  # a link loop, a device: one line, not a RuntimeError
+    if found != "a folder":
+        it = f" ({found})" if found else ""
+        raise ConfigError(f"model.path={path!r} is not a folder{it}; give a Hugging Face folder")
     folder = Path(path).expanduser().resolve()
-    if not folder.is_dir():
-        raise ConfigError(f"model.path={path!r} is not a folder; give a Hugging Face folder")
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model.path={path!r} is not a Hugging Face folder (no config.json)")
     return folder
@@ -158,7 +161,7 @@ def checked_folder(path: str) -> Path:
 
 def _cache_key(model_cfg: DictConfig) -> str:
     blob = json.dumps(_plain(model_cfg), sort_keys=True, default=str)
-    blob += transformers.__version__
+    blob += transformers.__version__ + f"+manifest{MANIFEST_VERSION}"  # older: no manifest
     if source_kind(model_cfg) == "random":
         blob += "+processor"  # random folders carry their tokenizer (and VLM processor)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -188,8 +191,8 @@ def materialize(model_cfg: DictConfig) -> Path:
     if kind == "hub":
         return _download(model_cfg)
     target = cache_dir("models") / f"{model_cfg.name}-{kind}-{_cache_key(model_cfg)}"
-    if (target / "config.json").is_file():
-        return target
+    if entry_ok(target) and (target / "config.json").is_file():
+        return target  # checked against its manifest (once per process while unchanged)
     if kind == "gguf":
         needed = _weights_bytes(model_cfg, 4)  # dequantised to fp32
         return save_folder_atomically(target, lambda tmp: _dequantize_gguf(model_cfg, tmp), needed)
@@ -326,14 +329,20 @@ def _gguf_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
     ``outputs/cache/tokenizers`` (a borrowed tokenizer needs none of the weights)."""
     folder, file = _gguf_location(model_cfg)
     size = (folder / file).stat().st_size
-    key = hashlib.sha256(f"{file}:{size}:{transformers.__version__}".encode()).hexdigest()[:12]
+    blob = f"{file}:{size}:{transformers.__version__}:manifest{MANIFEST_VERSION}"
+    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def write(out: Path) -> None:
         AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(out)
 
     target = cache_dir("tokenizers") / f"{model_cfg.name}-gguf-{key}"
     save_folder_atomically(
-        target, write, needed=64 * 2**20, marker="tokenizer_config.json", what="the tokenizer"
+        target,
+        write,
+        needed=64 * 2**20,
+        marker="tokenizer_config.json",
+        what="the tokenizer",
+        kind="tokenizer",
     )
     return AutoTokenizer.from_pretrained(target)
 

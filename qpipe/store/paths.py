@@ -9,7 +9,9 @@ from pathlib import Path
 
 def outputs_root() -> Path:
     """The outputs folder: ``$QPIPE_OUTPUTS`` or ``./outputs``, made absolute once."""
-    return Path(os.environ.get("QPIPE_OUTPUTS", "outputs")).resolve()
+    # realpath, not Path.resolve: a symbolic link loop there raises RuntimeError on 3.11; the
+    # check below then names it in one line.
+    return Path(os.path.realpath(os.environ.get("QPIPE_OUTPUTS", "outputs")))
 
 
 def check_outputs_root() -> None:

@@ -31,10 +31,33 @@ def _jsonable(value: Any) -> Any:
 def _short_reason(err: Exception) -> str:
     """The gist of a tracking failure: the transport's own words are a paragraph long."""
     text = " ".join(str(err).split())
-    for gist in ("Connection refused", "Max retries exceeded", "timed out", "No space left"):
+    gists = (
+        "Connection refused",
+        "Max retries exceeded",
+        "timed out",
+        "No space left",
+        # a local sqlite store (qpipe.tracking.store_check)
+        "readonly database",
+        "database or disk is full",
+        "database is locked",
+        "disk I/O error",
+        "file is not a database",
+        "malformed",
+    )
+    for gist in gists:
         if gist in text:
             return f"{type(err).__name__}: {gist}"
     return f"{type(err).__name__}: {text[:120]}"
+
+
+def tracking_place(uri: str) -> str:
+    """``at http://host:5000`` or ``store /path/mlflow.db``: where the run was logging."""
+    prefix = "sqlite:///"
+    return f"store {uri[len(prefix) :]}" if uri.startswith(prefix) else f"at {uri}"
+
+
+def tracking_stopped(uri: str) -> str:
+    return "stopped taking writes" if uri.startswith("sqlite:") else "stopped answering"
 
 
 class RunJournal:
@@ -114,9 +137,11 @@ class JournaledTracker:
                 "reason": self.offline,
             }
             self.journal.save()
+            uri = self.tracker.tracking_uri
             log.warning(
-                "MLflow at %s stopped answering (%s); the run goes on and keeps its results in %s",
-                self.tracker.tracking_uri,
+                "MLflow %s %s (%s); the run goes on and keeps its results in %s",
+                tracking_place(uri),
+                tracking_stopped(uri),
                 reason[:120],
                 self.journal.path,
             )

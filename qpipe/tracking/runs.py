@@ -10,7 +10,8 @@ from typing import Any
 
 from qpipe.errors import QpipeError
 from qpipe.store.paths import outputs_root
-from qpipe.tracking.store_lock import store_lock
+from qpipe.tracking.store_check import check_sqlite_store, store_problem
+from qpipe.tracking.store_lock import sqlite_path, store_lock
 
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's experiment type, read by its UI
 HTTP_LIMITS = {
@@ -80,6 +81,9 @@ class Tracker:
             # (its record stays in the run folder, see qpipe.tracking.journal). The user's settings win.
             for name, value in HTTP_LIMITS.items():
                 os.environ.setdefault(name, value)
+        local = sqlite_path(self.tracking_uri)
+        if local is not None:  # read-only, locked, corrupt, full: one line, before MLflow
+            check_sqlite_store(local)
         try:
             mlflow.set_tracking_uri(self.tracking_uri)
             with store_lock(self.tracking_uri):  # parallel sweep jobs: one creator at a time
@@ -99,7 +103,8 @@ class Tracker:
         except QpipeError:
             raise
         except Exception as err:  # MLflow's own refusal (a store it won't open, a bad name)
-            raise TrackingRefused(refusal(self.tracking_uri, experiment, err)) from None
+            problem = store_problem(self.tracking_uri, err)
+            raise TrackingRefused(problem or refusal(self.tracking_uri, experiment, err)) from None
         self.run_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str]) -> str:

@@ -29,7 +29,7 @@ def owner_tags() -> dict[str, str]:
     }
 
 
-def _alive(pid: int, started: str) -> bool:
+def alive(pid: int, started: str) -> bool:
     try:
         return f"{psutil.Process(pid).create_time():.2f}" == started
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
@@ -54,11 +54,12 @@ def close_dead_runs(tracking_uri: str) -> list[str]:
     closed = []
     for run in runs:
         tags = run.data.tags
-        if PID not in tags or _alive(int(tags[PID]), tags.get(PID_STARTED, "")):
+        if PID not in tags or alive(int(tags[PID]), tags.get(PID_STARTED, "")):
             continue
         stage = tags.get("qpipe.stage", "?")
+        what = f"during {stage}" if tags.get("qpipe.role") != "parent" else "its sweep"
         reason = (
-            f"the process (pid {tags[PID]}) ended during {stage} without closing the run "
+            f"the process (pid {tags[PID]}) ended {what} without closing the run "
             "(SIGKILL, the OOM killer or a power loss); marked by the next qpipe start"
         )
         client.set_tag(run.info.run_id, "qpipe.failed_stage", stage)

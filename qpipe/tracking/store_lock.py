@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qpipe.errors import QpipeError
+from qpipe.store.lockwait import acquire
 from qpipe.store.paths import unwritable_reason
 
 
@@ -40,7 +41,7 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
             "what is in the way"
         ) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        acquire(fd, Path(f"{path}.lock"), f"creating the MLflow store {path} or its experiment")
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
