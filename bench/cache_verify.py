@@ -1,5 +1,5 @@
 """What checking a cache entry before reuse costs, measured here and extrapolated to
-InternVL3.5-8B's 17.06 GB folder (bf16 weights, bench/results/internvl_h100.md).
+InternVL3.5-8B's 17.06 GB folder (bf16 weights, bench/results/pipeline_internvl_h200.md).
 
     python bench/cache_verify.py [--folder F] [--gb 1.0] [--out bench/results]
 

@@ -4,7 +4,7 @@ that lacks its source package (the lent GPU):
     python bench/save_tokenizer.py .gpu/tokenizer            # Qwen's BPE + InternVL's tokens
     python bench/save_tokenizer.py .gpu/tokenizer smollm2    # SmolLM2's (from its GGUF)
 
-Then ``model.tokenizer=$PWD/.gpu/tokenizer`` (bench/internvl_h100.sh picks it up by itself).
+Then ``model.tokenizer=$PWD/.gpu/tokenizer`` (bench/pipeline_internvl.sh picks it up by itself).
 """
 
 from __future__ import annotations

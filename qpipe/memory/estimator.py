@@ -150,8 +150,8 @@ class KernelFacts:
 # MLP; the vision tower, then the language model); the blocks the allocator split or rounded
 # for them stay reserved while the peak's requests need fresh segments. Measured (reserved peak
 # - allocated peak) / activations on an H100 and an H200: Qwen3-8B 2048 tokens bf16 0.50, W4
-# 0.55 (bench/results/pipeline_h100_qwen3_8b.json); InternVL3.5-8B 4096 tokens + image bf16
-# 0.65, nf4 and W4 0.75 (bench/results/internvl_h100.json). Priced at the top of that range:
+# 0.55 (bench/results/pipeline_qwen3_8b_h100.json); InternVL3.5-8B 4096 tokens + image bf16
+# 0.65, nf4 and W4 0.75 (bench/results/pipeline_internvl_h200.json). Priced at the top of that range:
 # a verdict must not say "fits" for a card a few hundred MB too small.
 RESERVE_PER_TRANSIENT = 0.75
 

@@ -2,23 +2,23 @@
 # Issue 34's GPU rounds, one device call each (< 9 min): every part with its own time limit and
 # log, all of them packed into $OUT/round_<step>.tgz after each part (a part that fails or runs
 # out of time loses nothing of the others), the console in $OUT/round_<step>.log, the kernel
-# table printed last. Prepare the carried folders here first: bash bench/gpu/prepare_round34.sh
+# table printed last. Prepare the carried folders here first: bash bench/gpu/prepare_kernels.sh
 #
 #   call A  carry [".peers", ".carry/wheels34", ".carry/smollm2/part-aa"]
-#           command: bash bench/gpu/kernel_round.sh A
+#           command: bash bench/gpu/kernels.sh A
 #           env, the fragment kernel's check on every shape (bench/frag_check.py), the kernel
 #           table with GemLite and Marlin on issue 34's five shapes, the kernel GPU tests, the
 #           eager host overhead (bench/eager_overhead.py), SmolLM2 part 1 of 2.
 #   call B  carry [".peers", ".carry/wheels34", ".carry/smollm2/part-ab"]  (right after A: the
 #           machine keeps /tmp for 30 s)
-#           command: bash bench/gpu/kernel_round.sh B
+#           command: bash bench/gpu/kernels.sh B
 #           SmolLM2's real-weight checks on the W4 kernels, the kernel table on issue 20's eight
 #           shapes, the two tables merged.
-#   call C  (optional) carry [".peers", ".carry/bnb"]: bash bench/gpu/kernel_round.sh C
+#   call C  (optional) carry [".peers", ".carry/bnb"]: bash bench/gpu/kernels.sh C
 #           on all shapes: fp16, bnb nf4, qpipe_frag (v3, the fragment kernel) and qpipe_v2 (the
 #           same weights as v2 tiles on today's Triton kernels): before and after, one call.
 set -uo pipefail
-step=${1:?usage: kernel_round.sh A|B|C}
+step=${1:?usage: kernels.sh A|B|C}
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out_round}
 mkdir -p "$OUT"
@@ -59,7 +59,7 @@ gpu_tests() {  # gpu_tests FILE pytest-args...: the GPU-marked tests, with devic
   local file=$1
   shift
   {
-    echo "# python -m pytest -m gpu $* (bench/gpu/kernel_round.sh $step), $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo "# python -m pytest -m gpu $* (bench/gpu/kernels.sh $step), $(date -u +%Y-%m-%dT%H:%MZ)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
     # streamed (a part cut by its time limit still shows how far it got)

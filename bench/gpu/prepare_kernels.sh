@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Once, here (no GPU), in the checkout the device tool sends, inside the project's venv: what
-# issue 34's GPU calls carry (bench/gpu/kernel_round.sh). Nothing here is tracked by git:
+# issue 34's GPU calls carry (bench/gpu/kernels.sh). Nothing here is tracked by git:
 #   .peers/marlin/             IST-DASLab/marlin's source (the fetch tool, then git archive)
 #   .peers/wheels/             GemLite's wheel (PyPI ships an sdist: pip wheel builds it)
 #   .carry/wheels34/           hydra-core, omegaconf, antlr4, gguf (the GPU image lacks them)

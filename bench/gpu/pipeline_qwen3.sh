@@ -2,9 +2,9 @@
 # qpipe's pipeline on a lent GPU (the README's GPU results). Run on the device from the repo
 # root, with the wheels qpipe needs beyond the image in .gpu/whl and SmolLM2's tokenizer in
 # .gpu/tokenizer (the GGUF package itself is larger than what travels):
-#   bash bench/gpu_pipeline.sh OUTDIR
+#   bash bench/gpu/pipeline_qwen3.sh OUTDIR
 set -uo pipefail
-out=${1:?usage: gpu_pipeline.sh OUTDIR}
+out=${1:?usage: gpu/pipeline_qwen3.sh OUTDIR}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD QPIPE_OUTPUTS=/tmp/qo PYTHONUNBUFFERED=1 COLUMNS=160
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/device.csv"

