@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,56 +44,22 @@ QUANT = {
 }
 
 
-def versions() -> dict[str, str]:
-    import transformers
-    import triton
+def result_header(harness_name: str, **extra) -> dict:
+    """What every bench result file starts with (bench/harness.py: the command, date, card,
+    versions), and which harness measured it."""
+    import harness
 
-    out = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda),
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-    }
-    try:
-        import bitsandbytes
-
-        out["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        pass
-    return out
-
-
-def device_info() -> dict[str, str]:
-    smi = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-        capture_output=True,
-        text=True,
-    )
-    return {"gpu": torch.cuda.get_device_name(0), "nvidia_smi": smi.stdout.strip()}
-
-
-def result_header(harness: str, **extra) -> dict:
-    """What every bench result file starts with: the command, the harness, device, versions."""
-    return {
-        "command": "python " + " ".join(sys.argv),
-        "harness": harness,
-        "device": device_info(),
-        "versions": versions(),
-        **extra,
-    }
+    return harness.result_header(harness=harness_name, **extra)
 
 
 def markdown_heading(title: str, result: dict, command: str | None = None) -> list[str]:
-    """The first lines of every bench result page: title and device, command, versions."""
-    return [
-        f"# {title} — {result['device']['gpu']}",
-        "",
-        command or f"`{result['command']}`",
-        "",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        "",
-    ]
+    """The first lines of every bench result page (bench/harness.py's)."""
+    import harness
+
+    lines = harness.markdown_heading(title, result)
+    if command:
+        lines[2] = command
+    return lines
 
 
 def build_bf16(seed: int = 0):
