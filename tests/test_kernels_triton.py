@@ -118,6 +118,8 @@ def _run_interpreted_cases() -> None:
 
     for i, (name, m, n, k, gs, sym, act, dt, cfg, bias, inf) in enumerate(CASES):
         ql, x = _build_case(m, n, k, gs, sym, act, getattr(torch, dt), bias, inf, seed=i)
+        if name == "module_frag_fallback":  # held as QPIPE_FRAG=1 holds it (opt-in)
+            ql.convert_form("frag")
         ref = _reference(ql, x)
         form = ql.form
         if cfg is None:

@@ -148,11 +148,22 @@ def kernel_names() -> set[str]:
     return names
 
 
+def fixed_kernel(backend: Backend, requested: str) -> str:
+    """For a method whose matmuls no kernel setting changes (``kernels`` holds one): that
+    kernel, once ``requested`` is a kernel some backend runs (a sweep may set one for all)."""
+    if requested != "auto" and requested not in kernel_names():
+        raise ConfigError(
+            f"kernel={requested!r} is not valid; use one of: {', '.join(sorted(kernel_names()))}"
+        )
+    return backend.kernels[0]
+
+
 __all__ = [
     "Backend",
     "QuantizeRequest",
     "QuantizeResult",
     "finetune_base_option",
+    "fixed_kernel",
     "finetune_base_options",
     "get_backend",
     "kernel_names",

@@ -185,18 +185,6 @@ def named_kernel(backend: Backend, requested: str, quant: dict[str, Any]) -> str
     return requested
 
 
-def fixed_kernel(backend: Backend, requested: str) -> str:
-    """For a method whose matmuls no kernel setting changes (``kernels`` holds one): that
-    kernel, once ``requested`` is a kernel some backend runs (a sweep may set one for all)."""
-    from qpipe.backends import kernel_names
-
-    if requested != "auto" and requested not in kernel_names():
-        raise ConfigError(
-            f"kernel={requested!r} is not valid; use one of: {', '.join(sorted(kernel_names()))}"
-        )
-    return backend.kernels[0]
-
-
 class BackendBase:
     """Defaults for a backend of one's own: a method that quantizes without calibration, whose
     checkpoints load on one device with its own kernel (``kernels[0]``). A subclass states

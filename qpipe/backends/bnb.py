@@ -11,7 +11,8 @@ from typing import Any  # noqa: UP035 (OmegaConf reads the Options annotations)
 
 import torch
 
-from qpipe.backends.base import QuantizeRequest, QuantizeResult, fixed_kernel
+from qpipe.backends import fixed_kernel
+from qpipe.backends.base import QuantizeRequest, QuantizeResult
 from qpipe.backends.none import load_hf
 from qpipe.config.compose import dtype_from_name
 from qpipe.errors import ConfigError

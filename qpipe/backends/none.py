@@ -9,7 +9,8 @@ from typing import Any
 import torch
 import transformers
 
-from qpipe.backends.base import QuantizeRequest, QuantizeResult, fixed_kernel
+from qpipe.backends import fixed_kernel
+from qpipe.backends.base import QuantizeRequest, QuantizeResult
 from qpipe.config.safety import trust_remote_code
 from qpipe.memory.formats import DenseFormat, WeightFormat
 from qpipe.memory.onload import CalibrationMemory
