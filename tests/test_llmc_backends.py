@@ -45,6 +45,8 @@ def quant_cfg(name: str, **over: Any) -> dict[str, Any]:
         ("gptq", {"act_order": "desc"}, "quant.act_order='desc' is not valid; use one of static"),
         ("gptq", {"dampening": 0}, "quant.dampening=0 is not valid"),
         ("awq", {"duo_scaling": "maybe"}, "quant.duo_scaling='maybe' is not valid; use true"),
+        ("awq", {"n_grid": 2}, "quant.n_grid=2 is not valid with quant.duo_scaling=True; use an"),
+        ("awq", {"n_grid": 3, "duo_scaling": "both"}, "use an integer >= 4"),
         ("rtn", {"format": "gguf"}, "quant.format='gguf' is not valid; use compressed-tensors or"),
         ("gptq", {"groupsize": 64}, "quant.groupsize is not an option of quant.method=gptq"),
     ],

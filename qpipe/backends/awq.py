@@ -64,9 +64,15 @@ class AwqBackend(LlmcBackend):
         duo = quant.get("duo_scaling", True)
         if not (duo is True or duo is False or duo == "both"):
             raise ConfigError(f"quant.duo_scaling={duo!r} is not valid; use true, false or both")
+        # the grid's points are i / (n - 1) (n - 2 with duo_scaling, n / 2 - 1 with both):
+        # fewer points divide by zero inside llm-compressor
+        least = {True: 3, "both": 4}.get(duo, 2)
         grid = quant.get("n_grid", 20)
-        if not is_int(grid) or grid < 2:
-            raise ConfigError(f"quant.n_grid={grid!r} is not valid; use an integer >= 2")
+        if not is_int(grid) or grid < least:
+            raise ConfigError(
+                f"quant.n_grid={grid!r} is not valid with quant.duo_scaling={duo}; use an "
+                f"integer >= {least}"
+            )
 
     def modifiers(
         self,
