@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from qpipe.config.finetune import FinetuneSettings, LoraSettings
 from qpipe.errors import ConfigError
-from qpipe.memory.estimator import arch_dims
+from qpipe.memory.dims import arch_dims
 from qpipe.memory.inventory import inventory_of
 from qpipe.memory.training import (
     BaseWeights,

@@ -1,13 +1,12 @@
 """Memory estimation from a model's config alone."""
 
+from qpipe.memory.dims import ArchDims, arch_dims
 from qpipe.memory.estimator import (
-    ArchDims,
     Estimate,
     KernelFacts,
     VisionDims,
     Workload,
     adamw_training_gb,
-    arch_dims,
     estimate,
     quantized_matmuls,
     weights_gb,

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from qpipe.errors import ConfigError, DoesNotFit
-from qpipe.memory.estimator import GB, ArchDims, Estimate, Workload, estimate
+from qpipe.memory.dims import ArchDims
+from qpipe.memory.estimator import GB, Estimate, Workload, estimate
 from qpipe.memory.exclusion import PrecisionPlan
 from qpipe.memory.formats import WeightFormat
 from qpipe.memory.inventory import Inventory

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qpipe.memory.estimator import ArchDims, VisionDims, Workload
+from qpipe.memory.dims import ArchDims
+from qpipe.memory.estimator import VisionDims, Workload
 from qpipe.memory.exclusion import PrecisionPlan, plan_precision
 from qpipe.memory.formats import WeightFormat
 from qpipe.memory.inventory import Inventory

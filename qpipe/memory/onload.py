@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from qpipe.memory.estimator import GB, ArchDims
+from qpipe.memory.dims import ArchDims
+from qpipe.memory.estimator import GB
 from qpipe.memory.inventory import Inventory
 from qpipe.memory.placement import layer_index
 

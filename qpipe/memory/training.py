@@ -30,10 +30,11 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from qpipe.config.finetune import ALL_LINEAR, FinetuneSettings
 from qpipe.errors import ConfigError
+from qpipe.memory.dims import ArchDims
 from qpipe.memory.inventory import Inventory, ModuleInfo
 
 GB = 1e9
@@ -50,18 +51,6 @@ DS_BUCKETS = 2
 # Backward of one decoder layer: the gradients of its widest intermediates (the MLP's three
 # [tokens, intermediate] tensors and two of the residual width) live together.
 _BWD_MLP_WIDTHS, _BWD_HIDDEN_WIDTHS = 3, 2
-
-
-class Dims(Protocol):
-    """The decoder's dimensions (``qpipe.memory.estimator.ArchDims``)."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
 
 
 @dataclass(frozen=True)
@@ -322,7 +311,7 @@ def layer_saved_bytes(
     return saved
 
 
-def _layer_of(dims: Dims, inventory: Inventory) -> _Layer:
+def _layer_of(dims: ArchDims, inventory: Inventory) -> _Layer:
     qk_norm = any(m.name.endswith("self_attn.q_norm") for m in inventory.modules)
     return _Layer(
         hidden=dims.hidden,
@@ -349,7 +338,7 @@ class Activations:
 
 
 def activation_bytes(
-    dims: Dims,
+    dims: ArchDims,
     inventory: Inventory,
     plan: FinetuneSettings,
     flow: Flow,
@@ -469,7 +458,7 @@ def largest_layer_params(inventory: Inventory) -> int:
 
 def price_training(
     inventory: Inventory,
-    dims: Dims,
+    dims: ArchDims,
     plan: FinetuneSettings,
     base: BaseWeights,
     run_dtype_bytes: int,
@@ -575,7 +564,7 @@ class PlanFit:
 
 def plans_that_fit(
     inventory: Inventory,
-    dims: Dims,
+    dims: ArchDims,
     plan: FinetuneSettings,
     bases: dict[str, BaseWeights],
     run_dtype_bytes: int,
@@ -650,7 +639,7 @@ def default_full_plan(micro_batch: int, seq_len: int) -> FinetuneSettings:
 
 
 def full_finetune_extras(
-    inventory: Inventory, dims: Dims, micro_batch: int, seq_len: int, weights_bytes: int
+    inventory: Inventory, dims: ArchDims, micro_batch: int, seq_len: int, weights_bytes: int
 ) -> tuple[int, int]:
     """(model states beyond ``weights_bytes``, activations at the forward peak) of
     ``default_full_plan``: fp32 weights, gradients and AdamW's moments replace the inference
