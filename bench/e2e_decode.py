@@ -223,11 +223,13 @@ def teacher_forced(model, prompt: torch.Tensor, tokens: list[int]) -> dict:
     }
 
 
-def run_variant(variant: str, plan: list[tuple[str, list[int]]], args) -> list[dict]:
-    """One model build, then each (mode, batch sizes) of ``plan`` in turn."""
+def run_variant(
+    variant: str, plan: list[tuple[str, list[int]]], args, rows: list[dict], save
+) -> None:
+    """One model build, then each (mode, batch sizes) of ``plan`` in turn; each row goes into
+    ``rows`` and ``save()`` writes the result files at once (a call cut short keeps them)."""
     model = build_variant(variant)
     weights_gb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
-    rows = []
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=gen)
     for mode, batches in plan:
@@ -247,6 +249,7 @@ def run_variant(variant: str, plan: list[tuple[str, list[int]]], args) -> list[d
                 )
             except Exception as err:  # a row that fails is recorded, the others still run
                 rows.append({"variant": variant, "mode": mode, "batch": batch, "error": repr(err)})
+                save()
                 print(f"{variant:8s} {mode:8s} b{batch:<3d} FAILED {err!r}", flush=True)
                 continue
             row = {
@@ -263,6 +266,7 @@ def run_variant(variant: str, plan: list[tuple[str, list[int]]], args) -> list[d
             if mode == "compiled" and batch == 1:
                 row["teacher_forced"] = teacher_forced(model, ids, t.tokens)
             rows.append(row)
+            save()
             print(
                 f"{variant:8s} {mode:8s} b{batch:<3d} {t.decode_tok_s:8.1f} tok/s  "
                 f"ttft {t.ttft_ms:7.1f} ms  compile {t.compile_s:5.1f} s  "
@@ -276,7 +280,6 @@ def run_variant(variant: str, plan: list[tuple[str, list[int]]], args) -> list[d
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    return rows
 
 
 def markdown(result: dict) -> str:
@@ -390,12 +393,14 @@ def main() -> None:
     result = result_header(
         "bench/e2e_decode.py (qpipe.evaluation.decode.measure)", args=vars(args), rows=[]
     )
+
+    def save() -> None:
+        (out / f"e2e_{args.tag}.json").write_text(json.dumps(result, indent=1))
+        (out / f"e2e_{args.tag}.md").write_text(markdown(result))
+
     for variant in args.variants.split(","):
         plan = [(m, batches if m == "compiled" else eager_batches) for m in args.modes.split(",")]
-        result["rows"] += run_variant(variant, plan, args)
-        path = out / f"e2e_{args.tag}.json"
-        path.write_text(json.dumps(result, indent=1))
-        (out / f"e2e_{args.tag}.md").write_text(markdown(result))
+        run_variant(variant, plan, args, result["rows"], save)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ checks)
 e2e)
   variants=${2:?which variants, e.g. bf16,fp8}
   batches=${3:-1,16}
-  timeout 560 python3 bench/e2e_decode.py --out "$OUT" --tag "${card}_${variants//,/_}" \
+  timeout "${E2E_TIMEOUT:-540}" python3 bench/e2e_decode.py --out "$OUT" --tag "${card}_${variants//,/_}" \
     --variants "$variants" --batches "$batches" --eager-batches 1 --repeats 2 2>&1 \
     | grep --line-buffered -v -E "it/s\]" | tee "$OUT/e2e_console_${variants//,/_}.txt" | tail -30
   ;;

@@ -14,11 +14,7 @@
 set -uo pipefail
 out=${OUT:?set OUT to the folder for the results}
 mkdir -p "$out"
-for dir in .gpu/whl .gpu-wheels/*; do
-  if compgen -G "$dir/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$dir"/*.whl
-  fi
-done
+bash "$(dirname "$0")/setup.sh" || exit  # the carried wheels, installed once per machine
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=160
 tok=qwen
 [ -d .gpu/tokenizer ] && tok=$PWD/.gpu/tokenizer

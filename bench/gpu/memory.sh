@@ -16,11 +16,7 @@ set -uo pipefail
 out=${OUT:?set OUT to the folder for the results}
 part=${1:?which part: 1 or 2}
 mkdir -p "$out"
-for dir in .gpu/whl .gpu-wheels/*; do
-  if compgen -G "$dir/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$dir"/*.whl
-  fi
-done
+bash "$(dirname "$0")/setup.sh" || exit  # the carried wheels, installed once per machine
 export PYTHONPATH=/tmp/site:$PWD QPIPE_OUTPUTS=${QPIPE_OUTPUTS:-/tmp/qo} PYTHONUNBUFFERED=1 COLUMNS=160
 tok=qwen
 [ -d .gpu/tokenizer ] && tok=$PWD/.gpu/tokenizer
