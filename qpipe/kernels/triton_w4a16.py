@@ -76,6 +76,14 @@ def _gemv_asm(rows: int) -> str:
         f"add.rn.f16x2 t2, t2, {za};",
         f"fma.rn.f16x2 t3, t3, c16, {zb};",
     ]
+    return "\n".join(lines + gemv_rows_asm(rows) + ["}"])
+
+
+def gemv_rows_asm(rows: int) -> list[str]:
+    """The GEMV asm's last part, shared by the W4 and W8 kernels: the 8 dequantized columns
+    (t0..t3, fp16x2) times each row's 4 activation pairs (operands from $(rows + 3) on),
+    summed in one fp16x2 register, then in fp32 into output $r."""
+    lines = []
     for r in range(rows):
         x = [f"${rows + 3 + 4 * r + i}" for i in range(4)]
         lines += [
@@ -88,7 +96,7 @@ def _gemv_asm(rows: int) -> str:
             "cvt.f32.f16 fhi, hi;",
             f"add.f32 ${r}, flo, fhi;",
         ]
-    return "\n".join(lines + ["}"])
+    return lines
 
 
 def _dequant_asm() -> str:

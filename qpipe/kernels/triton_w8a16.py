@@ -39,7 +39,7 @@ import triton.language as tl
 
 from qpipe.kernels.interpreter import interpreting
 from qpipe.kernels.intweights import w8_kernel_takes
-from qpipe.kernels.triton_w4a16 import _epilogue, _k_range
+from qpipe.kernels.triton_w4a16 import _epilogue, _k_range, gemv_rows_asm
 from qpipe.kernels.workspace import WORKSPACE
 
 GEMV_MAX_M = 4  # the GEMV takes up to this many activation rows per program (1, 2 or 4)
@@ -69,19 +69,7 @@ def _gemv_asm(rows: int) -> str:
         f"add.rn.f16x2 t2, t2, {zz};",
         f"add.rn.f16x2 t3, t3, {zz};",
     ]
-    for r in range(rows):
-        x = [f"${rows + 3 + 4 * r + i}" for i in range(4)]
-        lines += [
-            f"mul.rn.f16x2 a, t0, {x[0]};",
-            f"fma.rn.f16x2 a, t1, {x[1]}, a;",
-            f"fma.rn.f16x2 a, t2, {x[2]}, a;",
-            f"fma.rn.f16x2 a, t3, {x[3]}, a;",
-            "mov.b32 {lo, hi}, a;",
-            "cvt.f32.f16 flo, lo;",
-            "cvt.f32.f16 fhi, hi;",
-            f"add.f32 ${r}, flo, fhi;",
-        ]
-    return "\n".join(lines + ["}"])
+    return "\n".join(lines + gemv_rows_asm(rows) + ["}"])
 
 
 _GEMV_ASM_1 = tl.constexpr(_gemv_asm(1))
