@@ -8,19 +8,32 @@ Two kernels:
 - ``torch`` (every other GPU, and the CPU): weight-only, the weight dequantized to the
   compute dtype for each call (``w.to(dtype) * scale``), then one matmul.
 A layer whose shape the FP8 matmul cannot take (K or N not a multiple of 16) runs weight-only.
+
+At decode (at most 4 rows of x after flattening) both give way, on any GPU Triton compiles for
+(compute capability 8.0 and later), to qpipe's FP8 GEMV (``triton_fp8.py``): weight-only
+numerics (x in its own precision, fp32 products and sums), streaming the e4m3 bytes once. A
+step of a few tokens is bound by reading the weights; per-token quantization plus a
+tensor-core tile sized for many rows made W8A8 barely faster than bf16 there, while 1 byte a
+weight against bf16's 2 is what a GEMV can turn into speed. The layer then reports
+``fp8_gemv+<kernel>`` (GEMV at M <= 4, the other kernel above).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
+
+from qpipe.kernels import ops  # noqa: F401  (registers torch.ops.qpipe.fp8_gemv)
+from qpipe.kernels.interpreter import interpreting
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 KERNELS = ("scaled_mm", "torch")
 _ALIGN = 16  # _scaled_mm wants K and N multiples of 16
+GEMV_MAX_M = 4  # rows of x up to which the FP8 GEMV runs (triton_fp8.GEMV_MAX_M)
 
 
 @functools.cache
@@ -29,6 +42,16 @@ def fp8_tensor_cores(device_index: int = 0) -> bool:
     if not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+@functools.cache
+def gemv_available(device_index: int = 0) -> bool:
+    """Whether the FP8 GEMV runs on this GPU: Triton present and compute capability ≥ 8.0.
+    It needs no FP8 hardware (integer bit moves dequantize the bytes); 8.0 is the oldest
+    target it was compiled for."""
+    if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +83,7 @@ class Fp8Linear(torch.nn.Module):
         bias: torch.Tensor | None,
         dtype: torch.dtype,
         kernel: str = "torch",
+        gemv: bool = True,
     ) -> None:
         super().__init__()
         if weight.dtype != FP8:
@@ -74,6 +98,28 @@ class Fp8Linear(torch.nn.Module):
         self.bias = (
             None if bias is None else torch.nn.Parameter(bias.to(dtype), requires_grad=False)
         )
+        # the GEMV at M <= 4 (False: ``kernel`` at every M, e.g. to measure W8A8 at decode)
+        self.gemv = gemv and self.in_features % 4 == 0  # it reads whole 4-byte words
+        self._gemv_here = self._gemv_device()
+
+    def _gemv_device(self) -> bool:
+        """Whether the weights sit where the GEMV runs: a GPU it compiles for, or Triton's CPU
+        interpreter (the tests). Kept in a plain attribute, refreshed when the module moves,
+        so that forward (and a compiled graph's guards) reads a constant."""
+        if self.weight.is_cuda:
+            return gemv_available(self.weight.device.index or 0)
+        return interpreting()
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._gemv_here = self._gemv_device()
+        return out
+
+    @property
+    def runs_on(self) -> str:
+        """The kernels this layer runs on, as a run reports them: ``fp8_gemv+<kernel>`` where
+        the GEMV takes the calls of at most 4 rows, else ``kernel``."""
+        return f"fp8_gemv+{self.kernel}" if self.gemv and self._gemv_here else self.kernel
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[out_features, in_features] in ``dtype``."""
@@ -82,7 +128,9 @@ class Fp8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "scaled_mm" and x.is_cuda:
+        if self.gemv and self._gemv_here and 0 < x2.shape[0] <= GEMV_MAX_M:
+            y = torch.ops.qpipe.fp8_gemv(x2, self.weight, self.weight_scale, self.bias)
+        elif self.kernel == "scaled_mm" and x.is_cuda:
             xq, xs = quantize_per_token(x2)
             y = torch._scaled_mm(
                 xq,
@@ -103,5 +151,5 @@ class Fp8Linear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, kernel={self.kernel}"
+            f"bias={self.bias is not None}, kernel={self.runs_on}"
         )

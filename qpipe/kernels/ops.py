@@ -10,6 +10,9 @@ its arguments. Triton is imported on the first call only: the op registers on ma
 ``torch.ops.qpipe.w8a16_linear(x, qweight, scales, zeros, bias, group_size)``: the same for
 ``Int8Linear``'s grouped 8-bit weights (``triton_w8a16.py``).
 
+``torch.ops.qpipe.fp8_gemv(x, weight, scale, bias)``: ``Fp8Linear``'s e4m3 weights and fp32
+channel scales times at most 4 activation rows, weight-only (``triton_fp8.py``).
+
 ``torch.ops.qpipe.decode_attention(q, k, v, mask, scale)``: grouped-query attention of a few
 new positions against a KV cache, [B, S, H, D] (``decode_attention.py``).
 """
@@ -55,6 +58,23 @@ def w8a16_linear(
 @w8a16_linear.register_fake
 def _w8a16_linear_fake(x, qweight, scales, zeros, bias, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("qpipe::fp8_gemv", mutates_args=())
+def fp8_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    from qpipe.kernels.tuning import fp8_gemv_tuned
+
+    return fp8_gemv_tuned(x, weight, scale, bias)
+
+
+@fp8_gemv.register_fake
+def _fp8_gemv_fake(x, weight, scale, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 DECODE_ATTENTION_MAX_ROWS = 64  # query heads per KV head x new positions, per program

@@ -123,8 +123,12 @@ def candidates(m: int, n: int, k: int, group_size: int, device: torch.device) ->
 
 
 def _launch_any(x, qweight, scales, zeros, group_size, bias, cfg, out=None) -> torch.Tensor:
-    """One launch with an explicit configuration: the fragment kernel's, a Triton W4 or a
-    W8 one's."""
+    """One launch with an explicit configuration: the fragment kernel's, a Triton W4, W8 or
+    FP8 one's."""
+    if qweight.dtype == torch.float8_e4m3fn:  # Fp8Linear's e4m3 weights, fp32 channel scales
+        from qpipe.kernels.triton_fp8 import fp8_gemv
+
+        return fp8_gemv(x, qweight, scales, bias, cfg, out=out)
     if qweight.dtype == torch.uint8:  # 8-bit weights (Int8Linear)
         from qpipe.kernels.triton_w8a16 import launch as w8_launch
 
@@ -148,7 +152,8 @@ def _time_cold(
     larger than the L2, so weights stream from HBM as in a real decoder), median over replays."""
     qweight, scales = copies[0][0], copies[0][1]
     # N: the 4-bit scales are [G, N], the 8-bit ones [N, G] (and their weights [N, K] bytes)
-    n = qweight.shape[0] if qweight.dtype == torch.uint8 else scales.shape[1]
+    # and FP8's [N, K] e4m3 bytes with [N] scales)
+    n = scales.shape[1] if qweight.dtype == torch.int32 else qweight.shape[0]
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     _launch_any(x, *copies[0], group_size, bias, cfg, out=y)  # compile, size the workspace
     torch.cuda.synchronize()
@@ -204,7 +209,7 @@ def _device_name(device: torch.device) -> str:
 # What a tuning choice depends on besides its key: these files' code and the libraries.
 # the kernels whose launch configurations are stored, and what decides them
 _FINGERPRINTED = (
-    "triton_w4a16.py", "triton_w8a16.py", "frag_w4a16.py", "w4_frag.cu", "layout.py",
+    "triton_w4a16.py", "triton_w8a16.py", "triton_fp8.py", "frag_w4a16.py", "w4_frag.cu", "layout.py",
     "tuning.py", "formats.py",
 )  # fmt: skip
 TUNING_KIND = "kernel_tuning"  # the folder under outputs/cache
@@ -366,6 +371,22 @@ class Tuner:
         space = lambda: w8.candidates(m, n, k, group_size, x.device)  # noqa: E731
         return self._tune(key, base, space, x, qweight, scales, zeros, group_size, bias)
 
+    def choose_fp8(
+        self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ):
+        """The FP8 GEMV's launch configuration (M <= 4) for this call."""
+        from qpipe.kernels import triton_fp8
+
+        m, k = x.shape
+        n = weight.shape[0]
+        key = "fp8|" + self.key(x, n, k, 0, False)
+        known = self._known(key)
+        if known is not None:
+            return known
+        base = triton_fp8.heuristic(m, n, k, x.device)
+        space = lambda: triton_fp8.candidates(m, n, k, x.device)  # noqa: E731
+        return self._tune(key, base, space, x, weight, scale, None, 0, bias)
+
     def _tune(self, key, base, space, x, qweight, scales, zeros, group_size, bias):
         can_time = (
             x.is_cuda
@@ -453,8 +474,23 @@ def w8a16_tuned(
     return w8_launch(x, qweight, scales, zeros, group_size, bias, cfg)
 
 
+def fp8_gemv_tuned(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The FP8 GEMV (``triton_fp8``) with the tuner's configuration for this shape."""
+    from qpipe.kernels.triton_fp8 import fp8_gemv
+
+    if not x.is_cuda:  # the interpreter: the heuristic
+        return fp8_gemv(x, weight, scale, bias)
+    return fp8_gemv(x, weight, scale, bias, TUNER.choose_fp8(x, weight, scale, bias))
+
+
 def _config_of(cfg: dict):
     """A remembered configuration (JSON) as its class."""
+    if cfg.get("kind") == "fp8_gemv":
+        from qpipe.kernels.triton_fp8 import Fp8GemvConfig
+
+        return Fp8GemvConfig(**cfg)
     if "block_m" in cfg and "prefetch" not in cfg:
         from qpipe.kernels.triton_w8a16 import W8Config
 
