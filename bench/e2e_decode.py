@@ -39,6 +39,8 @@ QUANT = {
     "w4_unfused": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
     "w8": {"method": "rtn", "bits": 8, "group_size": 128, "symmetric": True},
     "fp8": {"method": "fp8", "bits": 8, "group_size": 0},
+    # the same layers with the decode GEMV off: W8A8 (_scaled_mm) at every batch, for the ratio
+    "fp8_w8a8": {"method": "fp8", "bits": 8, "group_size": 0},
     # a mixed 4/8-bit plan of the kind quant=auto makes: down_proj at 8 bits, the rest at 4
     "w4_w8down": None,
 }
@@ -119,9 +121,11 @@ def to_w8(model, only: str = "") -> None:
         del lin
 
 
-def to_fp8(model) -> None:
-    """e4m3 weights per output channel on Fp8Linear, activations quantized per token in each
-    call (quant=fp8's layers; torch._scaled_mm on GPUs with FP8 tensor cores)."""
+def to_fp8(model, gemv: bool = True) -> None:
+    """e4m3 weights per output channel on Fp8Linear as quant=fp8 loads them: the FP8 GEMV
+    (weight-only) for steps of at most 4 rows, torch._scaled_mm with activations quantized per
+    token above (on GPUs with FP8 tensor cores; weight-only elsewhere). ``gemv=False``:
+    _scaled_mm at every step."""
     from qpipe.kernels.fp8_linear import Fp8Linear, fp8_tensor_cores, quantize_per_channel
 
     kernel = "scaled_mm" if fp8_tensor_cores() else "torch"
@@ -129,7 +133,7 @@ def to_fp8(model) -> None:
         lin = model.get_submodule(name)
         q, scale = quantize_per_channel(lin.weight.data)
         bias = None if lin.bias is None else lin.bias.data
-        _swap(model, name, Fp8Linear(q, scale, bias, torch.bfloat16, kernel=kernel))
+        _swap(model, name, Fp8Linear(q, scale, bias, torch.bfloat16, kernel, gemv=gemv))
         del lin
 
 
@@ -189,8 +193,8 @@ def build_variant(variant: str):
         to_nf4(model)
     elif variant == "w8":
         to_w8(model)
-    elif variant == "fp8":
-        to_fp8(model)
+    elif variant in ("fp8", "fp8_w8a8"):
+        to_fp8(model, gemv=variant == "fp8")
     elif variant == "w4_w8down":
         to_w8(model, only="down_proj")
         to_w4(model, with_head=False)
@@ -290,7 +294,9 @@ def markdown(result: dict) -> str:
         "compiled = static KV cache + torch.compile(reduce-overhead, fullgraph) decode step; "
         "eager = the same loop uncompiled; every variant attends through qpipe's split-KV "
         "decode kernel (grouped heads, no KV-cache copy). W4 = RTN int4 g128 asymmetric on "
-        "QuantLinear (Triton), q/k/v and gate/up fused. Medians of repeats after warm-up.",
+        "QuantLinear (Triton), q/k/v and gate/up fused. FP8 = e4m3 per channel on Fp8Linear: "
+        "the FP8 GEMV (weight-only) at batch <= 4, torch._scaled_mm (W8A8) above it and in "
+        "the prefill; fp8_w8a8 = _scaled_mm at every step. Medians of repeats after warm-up.",
         "",
         *[f"> {n}" for n in result.get("notes", [])],
         "",

@@ -201,30 +201,47 @@ class QpipeW8:
 
 
 class Fp8:
-    """Fp8Linear(kernel='scaled_mm'): e4m3 weights per output channel, activations quantized
-    per token in the call (W8A8 dynamic: quant=fp8's layers), bf16 in and out. Its error is
-    against the bf16 activations times the e4m3 weights (the activations' rounding included)."""
+    """Fp8Linear as quant=fp8 loads it on the GPU: e4m3 weights per output channel, bf16 in
+    and out; at M <= 4 the FP8 GEMV (weight-only, ``triton_fp8.py``), above it
+    ``torch._scaled_mm`` with the activations quantized per token in the call (W8A8 dynamic).
+    ``fp8_w8a8`` forces ``_scaled_mm`` at every M, so both paths stay visible. The error is
+    against the bf16 activations times the e4m3 weights (W8A8's activation rounding included)."""
 
-    name = "fp8"
+    def __init__(self, name: str = "fp8", gemv: bool = True) -> None:
+        self.name = name
+        self.gemv = gemv
 
     def setup(self, w, iw, l2):
         from qpipe.kernels.fp8_linear import Fp8Linear, quantize_per_channel
 
         q, scale = quantize_per_channel(w)
-        self.mods = [Fp8Linear(q, scale, None, torch.bfloat16, kernel="scaled_mm")
+        self.mods = [Fp8Linear(q, scale, None, torch.bfloat16, "scaled_mm", gemv=self.gemv)
                      for _ in range(n_copies(w.numel(), l2))]  # fmt: skip
         self.w8 = q.float() * scale[:, None]
 
     def bind(self, xs, ref):
+        from qpipe.kernels.fp8_linear import GEMV_MAX_M
+        from qpipe.kernels.tuning import TUNER, Tuner
+
         x = xs["bf16"]
         n, k = self.w8.shape
         ref8 = x.float() @ self.w8.t()
         calls = [lambda m_=m_: m_(x) for m_ in self.mods]
-        return _make_impl(
+        gemv = self.mods[0].gemv and x.shape[0] <= GEMV_MAX_M
+        what = "the FP8 GEMV (weight-only)" if gemv else "torch._scaled_mm, per-token activations"
+        impl = _make_impl(
             self.name, calls, n * k + n * 4 + x.numel() * 2 + x.shape[0] * n * 2,
-            "Fp8Linear(kernel='scaled_mm'): torch._scaled_mm, e4m3, per-token activations",
+            f"Fp8Linear ({self.mods[0].runs_on}): {what}, e4m3 per channel, bf16",
             lambda: rel_err(calls[0](), ref8),
         )  # fmt: skip
+        if gemv:  # the tuner's launch, after the first call
+
+            def config():
+                chosen = TUNER.best.get("fp8|" + Tuner.key(x, n, k, 0, False))
+                return chosen.as_dict() if chosen else {}
+
+            impl.config = config
+        return impl
 
 
 class Tinygemm:
@@ -363,6 +380,7 @@ def implementations(names: list[str], gemlite_autotune: bool = False) -> list:
         "qpipe_frag": lambda: Qpipe("qpipe_frag", form="frag"),
         "qpipe_w8": QpipeW8,
         "fp8": Fp8,
+        "fp8_w8a8": lambda: Fp8("fp8_w8a8", gemv=False),
         "gemlite": lambda: Peer("gemlite", gemlite_autotune),
         "marlin": lambda: Peer("marlin"),
     }
@@ -566,7 +584,7 @@ def markdown(env: dict, results: list[Result], header: dict | None = None) -> st
     by = {(r.shape, r.m, r.impl): r for r in results}
     order = (
         "fp16", "tinygemm", "bnb_nf4", "qpipe", "qpipe_v2", "qpipe_frag", "qpipe_w8", "fp8",
-        "gemlite", "marlin",
+        "fp8_w8a8", "gemlite", "marlin",
     )  # fmt: skip
     impls = [i for i in order if any(r.impl == i for r in results)]
     others = [i for i in impls if i != "fp16"]
@@ -583,8 +601,9 @@ def markdown(env: dict, results: list[Result], header: dict | None = None) -> st
         "fp16 scales (symmetric because Marlin holds nothing else; tinygemm, GemLite and "
         "Marlin are fed exactly these; bnb nf4 quantizes the same fp16 weights its own way, "
         "blocksize 64, its error against its own dequantized weights); qpipe_w8: symmetric "
-        "int8 g128; fp8: e4m3 per channel, bf16 activations quantized per token in the call "
-        "(torch._scaled_mm).",
+        "int8 g128; fp8: e4m3 per channel, bf16 activations, as Fp8Linear runs it: the FP8 GEMV "
+        "(weight-only) at M <= 4, torch._scaled_mm with activations quantized per token above; "
+        "fp8_w8a8: torch._scaled_mm at every M.",
         "",
         "| N x K | M | " + " | ".join(f"{i} µs" for i in impls) + " | "
         + " | ".join(f"{i} x" for i in others) + " | "
@@ -771,7 +790,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="folder for kernels_<card>[_<tag>].json/.md (default: $OUT or none)")  # fmt: skip
     ap.add_argument("--tag", default="", help="file name suffix: kernels_<card>_<tag>")
     ap.add_argument("--impls", default="fp16,tinygemm,bnb_nf4,qpipe,qpipe_w8,gemlite,marlin",
-                    help="fp16,tinygemm,bnb_nf4,qpipe,qpipe_v2,qpipe_w8,gemlite,marlin")  # fmt: skip
+                    help="fp16,tinygemm,bnb_nf4,qpipe,qpipe_v2,qpipe_w8,fp8,fp8_w8a8,"
+                    "gemlite,marlin")  # fmt: skip
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES),
                     help="NxK,... or a set: " + ", ".join(SHAPE_SETS))  # fmt: skip

@@ -3,7 +3,7 @@ on a machine without a GPU (a tuning aid: what a change costs before a GPU call 
 
     QPIPE_NVRTC=<libnvrtc.so.13> python bench/sass_loop.py [--out DIR]
 
-The fragment kernel is compiled by NVRTC (``cuda_rtc``), the W8A16 GEMV by Triton for a
+The fragment kernel is compiled by NVRTC (``cuda_rtc``), the W8A16 and FP8 GEMVs by Triton for a
 ``cuda:90`` target (with the divisibility a real launch specializes on); ``cuobjdump`` is
 Triton's copy or the one on PATH. The loop is the longest span between a backward branch and its
 target; its instructions (a static count: a predicated group-end step is counted on every
@@ -132,14 +132,49 @@ def w8_rows() -> list[dict]:
     return rows
 
 
+def fp8_rows() -> list[dict]:
+    """The FP8 GEMV (``triton_fp8``): e4m3 bytes dequantized by integer bit moves, fp32 FMAs;
+    bf16 activations (fp16 compiles to the same loop: they are widened to fp32 at the load)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qpipe.kernels.triton_fp8 import _fp8_gemv_kernel
+
+    sig = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp32", "b_ptr": "*fp32",
+           "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
+           "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "SPLIT_K": "i32"}  # fmt: skip
+    div16 = ["x_ptr", "q_ptr", "s_ptr", "b_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "N", "K",
+             "stride_xm", "stride_ym"]  # fmt: skip
+    rows = []
+    for bm, bn, bk, warps in ((1, 64, 128, 4), (1, 128, 128, 4), (2, 64, 128, 4),
+                              (4, 64, 128, 4), (4, 32, 128, 4)):  # fmt: skip
+        consts = {"HAS_BIAS": False, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                  "USE_ASM": True}  # fmt: skip
+        full = {**sig, **{k: "constexpr" for k in consts}}
+        names = list(full)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+        src = ASTSource(fn=_fp8_gemv_kernel, signature=full, constexprs=consts, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": 1})  # fmt: skip
+        lines, usage = _lines(k.asm["cubin"])
+        body = loop_body(lines)
+        weights = bn * bk // (warps * 32)  # e4m3 weights per thread per iteration
+        ops = collections.Counter(_op(ln) for ln in body)
+        rows.append({"kernel": "fp8 gemv", "config": f"block_m={bm} block_n={bn} warps={warps}",
+                     "dtype": "bf16", "usage": usage, "loop": len(body),
+                     "per_weight": len(body) / weights, "mma": 0, "top": ops.most_common(6)})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = harness.result_header(rows=frag_rows() + w8_rows())
+    result = harness.result_header(rows=frag_rows() + w8_rows() + fp8_rows())
     lines = harness.markdown_heading(
-        "Main-loop SASS of the W4 fragment kernel and the W8 GEMV", result
+        "Main-loop SASS of the W4 fragment kernel and the W8 and FP8 GEMVs", result
     )
     lines += [__doc__.split("\n\n")[2].strip(), "",
               "| kernel | config | dtype | registers | loop instructions | per weight | MMAs |",

@@ -94,7 +94,14 @@ def test_compiled_and_eager_follow_generate_on_real_weights(smollm2_bf16, weight
     if weights == "w4":
         model = _w4(model)
     elif weights == "fp8":
+        from qpipe.kernels import layer_kernels
+        from qpipe.kernels.fp8_linear import fp8_tensor_cores
+
         model = _fp8(model)
+        # batch 1's decode steps run on the FP8 GEMV, the prompt and batch 16's steps on the
+        # other kernel: the name qpipe logs says both
+        other = "scaled_mm" if fp8_tensor_cores() else "torch"
+        assert layer_kernels(model) == [f"fp8_gemv+{other}"]
     ids = token_ids(tokenizer, read_text("eval_gpl3.txt"), PROMPT).cuda()
     inputs = {"input_ids": ids.unsqueeze(0).repeat(batch, 1)}
     reference, gaps = decode.reference_continuation(model, inputs, NEW)

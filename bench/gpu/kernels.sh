@@ -92,10 +92,11 @@ A)
   # Marlin compiles in the background (about a minute of CPU) while the GPU checks run
   (timeout 300 python3 bench/peers.py >"$W/marlin_build.log" 2>&1 &)
   part frag_check 80 python3 bench/frag_check.py --out "$W" --shapes all
-  part kernels 250 table a issue34 fp16,tinygemm,bnb_nf4,qpipe_v2,qpipe_frag,qpipe_w8,fp8,gemlite,marlin 180
+  part kernels 250 table a issue34 fp16,tinygemm,bnb_nf4,qpipe_v2,qpipe_frag,qpipe_w8,fp8,fp8_w8a8,gemlite,marlin 180
   part gpu_tests 100 gpu_tests gpu_tests_a.txt --noconftest tests/test_frag_kernel.py \
     tests/test_kernels_w8a16.py tests/test_kernels_quant_linear.py tests/test_kernels_triton.py \
-    -k "frag or w8 or quant_linear or tiled or direct_launcher or cuda_graph or every_config"
+    tests/test_fp8_gemv.py \
+    -k "frag or w8 or quant_linear or tiled or direct_launcher or cuda_graph or every_config or fp8"
   part eager 60 python3 bench/eager_overhead.py --out "$W" --layers 4
   cat "$W"/kernels_*_a.md 2>/dev/null | grep -v "^$"
   ;;
@@ -103,7 +104,7 @@ B)
   part install 40 install .peers/wheels/*.whl .carry/wheels34/*.whl
   part smollm2 30 bash bench/carry_smollm2.sh add part-ab
   part real_weights 240 gpu_tests gpu_tests_real_weights.txt -s tests/test_decode_real_gpu.py -k w4
-  part kernels 240 table b issue20 fp16,tinygemm,bnb_nf4,qpipe_v2,qpipe_frag,qpipe_w8,fp8,gemlite,marlin 170
+  part kernels 240 table b issue20 fp16,tinygemm,bnb_nf4,qpipe_v2,qpipe_frag,qpipe_w8,fp8,fp8_w8a8,gemlite,marlin 170
   A_JSON=$(ls /tmp/round_A/kernels_*_a.json 2>/dev/null | head -1)
   B_JSON=$(ls "$W"/kernels_*_b.json 2>/dev/null | head -1)
   if [ -n "$A_JSON" ] && [ -n "$B_JSON" ]; then
