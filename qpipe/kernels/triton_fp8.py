@@ -228,24 +228,37 @@ def _split(tiles: int, k_tiles: int, sms: int, waves: float) -> int:
     return split
 
 
+def _rows(m: int) -> int:
+    """Activation rows a program holds: 1, 2 or 4."""
+    return 1 if m == 1 else (2 if m == 2 else 4)
+
+
 def heuristic(m: int, n: int, k: int, device: torch.device) -> Fp8GemvConfig:
-    """64 rows a program and 128-byte K tiles (the W8 GEMV's choice: the activations' per-tile
-    work is shared by more rows), the split that gives every SM about four programs."""
-    bn, bk = 64, 128
+    """128-byte K tiles; 64 rows a program up to M = 2 (the activations' per-tile work shared
+    by more rows, as in the W8 GEMV), 32 at 3-4 rows, where four fp32 accumulators per weight
+    word would take ~250 registers at 64 (sm_90: 130 at 32, a thread's 32 bytes a tile); the
+    split that gives every SM about four programs."""
+    bn, bk = (64 if _rows(m) <= 2 else 32), 128
     split = _split(-(-n // bn) * -(-m // GEMV_MAX_M), -(-k // bk), _num_sms(device), 4)
     return Fp8GemvConfig(bn, bk, split)
 
 
+# (rows a program, warps): a thread holds rows x BLOCK_K / (32 x warps) weight bytes a tile
+_TILES = ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8))
+
+
 def candidates(m: int, n: int, k: int, device: torch.device) -> list[Fp8GemvConfig]:
-    """The tuner's search space: tile heights x warps x K tiles x the splits that give between
-    one and sixteen programs per SM (the heuristic's first: the tuner checks every candidate
-    against the first one's output)."""
+    """The tuner's search space: tile heights x warps x K tiles where a thread's bytes per tile
+    times the activation rows stay within 128 (past it the accumulators spill on sm_90), x the
+    splits that give between one and sixteen programs per SM (the heuristic's first: the
+    tuner checks every candidate against the first one's output)."""
     sms = _num_sms(device)
-    base = heuristic(m, n, k, device)
-    out = [base]
+    out = [heuristic(m, n, k, device)]
     for bk in (128, 256):
         k_tiles = -(-k // bk)
-        for bn, warps in ((16, 2), (32, 4), (64, 4), (128, 4), (128, 8)):
+        for bn, warps in _TILES:
+            if bn * bk // (32 * warps) * _rows(m) > 128:
+                continue
             tiles = -(-n // bn) * -(-m // GEMV_MAX_M)
             ok = [s for s in (1, 2, 4, 8, 16, 32) if s <= k_tiles and sms <= tiles * s <= 16 * sms]
             for split in ok or [_split(tiles, k_tiles, sms, 4)]:
@@ -280,7 +293,7 @@ def fp8_gemv(
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if tuple(y.shape) != (m, n) or y.stride(1) != 1:
         raise ValueError(f"fp8_gemv: out is {tuple(y.shape)}, the product is {(m, n)}")
-    block_m = 1 if m == 1 else (2 if m == 2 else 4)
+    block_m = _rows(m)
     n_tiles = triton.cdiv(n, cfg.block_n)
     m_tiles = triton.cdiv(m, block_m)
     ws, cnt = WORKSPACE.for_launch(x.device, cfg.split_k, m, n, n_tiles * m_tiles)
