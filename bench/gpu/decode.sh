@@ -4,7 +4,8 @@
 #   bash bench/gpu/decode.sh checks               SmolLM2's real weights (bench/carry_smollm2.sh):
 #        eager and compiled decoding of bf16, W4 and FP8 follow transformers' generate (forced),
 #        W4's perplexity equals the torch reference's, FP8's is within +3 % of fp32; the FP8
-#        layer's and its decode GEMV's GPU tests -> $OUT/gpu_tests_real_weights_<card>.txt (the whole output)
+#        layer's GPU tests -> $OUT/gpu_tests_real_weights_<card>.txt (the whole output); FP8
+#        decoding at batch 1 runs on the FP8 GEMV, whose own GPU tests are bench/gpu/fp8.sh's
 #   bash bench/gpu/decode.sh e2e VARIANTS [BATCHES]   Qwen3-8B's architecture (random weights):
 #        compiled and eager tok/s per variant and batch (default batches 1,16) ->
 #        $OUT/e2e_<card>_<variants>.{json,md}; bf16 in every call gives the ratio on the machine
@@ -22,7 +23,7 @@ checks)
     python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
     # the whole output is kept: figures a test prints (perplexities, agreement) are the record
     timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging -rfE -s \
-      tests/test_decode_real_gpu.py tests/test_fp8.py tests/test_fp8_gemv.py 2>&1 | grep --line-buffered -v -E "it/s\]"
+      tests/test_decode_real_gpu.py tests/test_fp8.py 2>&1 | grep --line-buffered -v -E "it/s\]"
   } > "$OUT/gpu_tests_real_weights_$card.txt" 2>&1
   grep -E "passed|failed|perplexity|fp32|FAILED" "$OUT/gpu_tests_real_weights_$card.txt" | tail -20
   ;;

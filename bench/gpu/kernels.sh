@@ -95,8 +95,7 @@ A)
   part kernels 250 table a issue34 fp16,tinygemm,bnb_nf4,qpipe_v2,qpipe_frag,qpipe_w8,fp8,fp8_w8a8,gemlite,marlin 180
   part gpu_tests 100 gpu_tests gpu_tests_a.txt --noconftest tests/test_frag_kernel.py \
     tests/test_kernels_w8a16.py tests/test_kernels_quant_linear.py tests/test_kernels_triton.py \
-    tests/test_fp8_gemv.py \
-    -k "frag or w8 or quant_linear or tiled or direct_launcher or cuda_graph or every_config or fp8"
+    -k "frag or w8 or quant_linear or tiled or direct_launcher or cuda_graph or every_config"
   part eager 60 python3 bench/eager_overhead.py --out "$W" --layers 4
   cat "$W"/kernels_*_a.md 2>/dev/null | grep -v "^$"
   ;;
