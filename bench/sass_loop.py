@@ -139,7 +139,7 @@ def fp8_rows() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from qpipe.kernels.triton_fp8 import _fp8_gemv_kernel
+    from qpipe.kernels.triton_fp8 import _e4m3_gemv_kernel
 
     sig = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp32", "b_ptr": "*fp32",
            "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
@@ -154,7 +154,7 @@ def fp8_rows() -> list[dict]:
         full = {**sig, **{k: "constexpr" for k in consts}}
         names = list(full)
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
-        src = ASTSource(fn=_fp8_gemv_kernel, signature=full, constexprs=consts, attrs=attrs)
+        src = ASTSource(fn=_e4m3_gemv_kernel, signature=full, constexprs=consts, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": 1})  # fmt: skip
         lines, usage = _lines(k.asm["cubin"])

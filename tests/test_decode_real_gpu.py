@@ -101,7 +101,7 @@ def test_compiled_and_eager_follow_generate_on_real_weights(smollm2_bf16, weight
         # batch 1's decode steps run on the FP8 GEMV, the prompt and batch 16's steps on the
         # other kernel: the name qpipe logs says both
         other = "scaled_mm" if fp8_tensor_cores() else "torch"
-        assert layer_kernels(model) == [f"fp8_gemv+{other}"]
+        assert layer_kernels(model) == [f"e4m3_gemv+{other}"]
     ids = token_ids(tokenizer, read_text("eval_gpl3.txt"), PROMPT).cuda()
     inputs = {"input_ids": ids.unsqueeze(0).repeat(batch, 1)}
     reference, gaps = decode.reference_continuation(model, inputs, NEW)

@@ -160,7 +160,7 @@ def test_scaled_mm_matches_the_dequantized_matmul_on_the_gpu() -> None:
     for m, n, k in ((1, 4096, 4096), (16, 6144, 4096), (257, 1024, 12288)):
         w = torch.randn(n, k, device="cuda", generator=g) * 0.02
         q, scale = quantize_per_channel(w)
-        # gemv=False: _scaled_mm at M = 1 too (tests/test_fp8_gemv.py has the decode GEMV)
+        # gemv=False: _scaled_mm at M = 1 too (tests/test_e4m3_gemv.py has the decode GEMV)
         layer = Fp8Linear(q, scale, None, torch.bfloat16, kernel="scaled_mm", gemv=False)
         x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
         ref = x.float() @ (q.float() * scale[:, None]).t()

@@ -59,7 +59,7 @@ def _bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
 
 def _run_interpreted_cases() -> None:
     from qpipe.kernels.fp8_linear import Fp8Linear
-    from qpipe.kernels.triton_fp8 import Fp8GemvConfig, fp8_gemv
+    from qpipe.kernels.triton_fp8 import Fp8GemvConfig, e4m3_gemv
 
     for i, (name, m, n, k, dt, bias, cfg) in enumerate(CASES):
         dtype = getattr(torch, dt)
@@ -69,9 +69,9 @@ def _run_interpreted_cases() -> None:
         b = (torch.randn(n, generator=g)).to(dtype) if bias else None
         conf = None if cfg is None else Fp8GemvConfig(*cfg)
         w = q.double() * s.double()[:, None]
-        y = fp8_gemv(x, q, s, b, conf)
+        y = e4m3_gemv(x, q, s, b, conf)
         # the same values widened: the same fp32 sums, unrounded
-        y32 = y if dtype == torch.float32 else fp8_gemv(x.float(), q, s, b, conf)
+        y32 = y if dtype == torch.float32 else e4m3_gemv(x.float(), q, s, b, conf)
         ref = x.double() @ w.T + (0 if b is None else b.double())
         over = float(((y32.double() - ref).abs() / _bound(x, w, b)).max())  # <= 1 passes
         if dtype == torch.float32:
@@ -101,7 +101,7 @@ def _run_interpreted_cases() -> None:
     w = codes[:, None].repeat(1, 16).view(FP8)
     x = torch.zeros(2, 16)
     x[0, 0], x[1, 5] = 1.0, 1.0
-    y = fp8_gemv(x, w, torch.ones(len(codes)), None, Fp8GemvConfig(16, 16, 1, 1))
+    y = e4m3_gemv(x, w, torch.ones(len(codes)), None, Fp8GemvConfig(16, 16, 1, 1))
     exact = torch.equal(y, w[:, 0].float().expand(2, -1))
     print(json.dumps({"name": "every_code", "exact": exact, "codes": len(codes)}), flush=True)
 
@@ -116,13 +116,13 @@ def interpreted() -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
-def test_interpreted_fp8_gemv_matches_the_dequantized_reference(interpreted, case: str) -> None:
+def test_interpreted_e4m3_gemv_matches_the_dequantized_reference(interpreted, case: str) -> None:
     r = interpreted[case]
     assert r["over"] <= 1.0, r  # within fp32 accumulation's bound of the fp64 reference
     # fp16: y is the fp32 result rounded once; bf16: within a step (the interpreter truncates)
     assert r["steps"] <= (1.0 if r["dtype"] == "bfloat16" else 0.0), r
     if "module_equal" in r:  # Fp8Linear at M <= 4: the GEMV, reported as such
-        assert r["module_equal"] and r["runs_on"] == "fp8_gemv+torch", r  # N = 40: unaligned
+        assert r["module_equal"] and r["runs_on"] == "e4m3_gemv+torch", r  # N = 40: unaligned
         assert r["five_rows_ok"], r
 
 
@@ -130,13 +130,13 @@ def test_interpreted_fp8_linear_compiles_to_the_gemv_op_without_a_graph_break(in
     assert interpreted["compiled"]["equal"]
 
 
-def test_interpreted_fp8_gemv_decodes_every_e4m3_code_exactly(interpreted) -> None:
+def test_interpreted_e4m3_gemv_decodes_every_e4m3_code_exactly(interpreted) -> None:
     assert interpreted["every_code"] == {"name": "every_code", "exact": True, "codes": 254}
 
 
 def test_layer_without_gemv_reports_its_kernel_and_refuses_bad_shapes() -> None:
     from qpipe.kernels.fp8_linear import Fp8Linear, quantize_per_channel
-    from qpipe.kernels.triton_fp8 import fp8_gemv, gemv_takes
+    from qpipe.kernels.triton_fp8 import e4m3_gemv, gemv_takes
 
     q, s = quantize_per_channel(torch.randn(32, 48))
     assert Fp8Linear(q, s, None, torch.float32).runs_on == "torch"  # CPU, no interpreter
@@ -144,9 +144,9 @@ def test_layer_without_gemv_reports_its_kernel_and_refuses_bad_shapes() -> None:
     assert not odd.gemv  # K = 18: no whole 4-byte words
     assert gemv_takes(4, 48) and not gemv_takes(5, 48) and not gemv_takes(1, 18)
     with pytest.raises(ValueError, match="1..4 rows"):
-        fp8_gemv(torch.randn(5, 48), q, s)
+        e4m3_gemv(torch.randn(5, 48), q, s)
     with pytest.raises(ValueError, match="e4m3"):
-        fp8_gemv(torch.randn(1, 48), q.float(), s)
+        e4m3_gemv(torch.randn(1, 48), q.float(), s)
 
 
 def _tuple(cfg) -> tuple:
@@ -189,11 +189,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
     ("m", "dtype"),
     [(1, torch.float16), (2, torch.bfloat16), (3, torch.float16), (4, torch.bfloat16)],
 )
-def test_gpu_fp8_gemv_every_candidate_matches_the_reference(m: int, dtype: torch.dtype) -> None:
+def test_gpu_e4m3_gemv_every_candidate_matches_the_reference(m: int, dtype: torch.dtype) -> None:
     """Every configuration the tuner may pick: the fp32 run within fp32 accumulation's bound
     of the fp64 reference, and the fp16/bf16 run that result rounded once, bit for bit (one
     dtype per M: each (M, dtype, tile) pair is a compile)."""
-    from qpipe.kernels.triton_fp8 import candidates, fp8_gemv
+    from qpipe.kernels.triton_fp8 import candidates, e4m3_gemv
     from qpipe.kernels.workspace import WORKSPACE
 
     n, k = 1000, 2048 + 96  # N not a multiple of any tile, K not a multiple of the K tile
@@ -201,12 +201,12 @@ def test_gpu_fp8_gemv_every_candidate_matches_the_reference(m: int, dtype: torch
     w = q.double() * s.double()[:, None]
     ref = x.double() @ w.T + b.double()
     for cfg in candidates(m, n, k, x.device):
-        y32 = fp8_gemv(x.float(), q, s, b, cfg)
-        y = fp8_gemv(x, q, s, b, cfg)
+        y32 = e4m3_gemv(x.float(), q, s, b, cfg)
+        y = e4m3_gemv(x, q, s, b, cfg)
         over = float(((y32.double() - ref).abs() / _bound(x, w, b)).max())
         assert over <= 1.0, (_tuple(cfg), over)
         assert torch.equal(y, y32.to(dtype)), _tuple(cfg)
-        assert torch.equal(fp8_gemv(x, q, s, b, cfg), y), _tuple(cfg)  # deterministic
+        assert torch.equal(e4m3_gemv(x, q, s, b, cfg), y), _tuple(cfg)  # deterministic
     _, cnt = WORKSPACE._bufs[x.device]
     assert bool((cnt == 0).all())  # every split-K ticket handed back
 
@@ -224,7 +224,7 @@ def test_gpu_fp8_linear_decodes_on_the_gemv_in_graphs_and_compiled() -> None:
     q, s, x, b = _gpu_case(4, 4096, 4096, torch.bfloat16, seed=7)
     layer = Fp8Linear(q, s, b, torch.bfloat16, kernel=kernel)
     model = torch.nn.Sequential(layer)
-    assert layer_kernels(model) == [f"fp8_gemv+{kernel}"]
+    assert layer_kernels(model) == [f"e4m3_gemv+{kernel}"]
     w = q.double() * s.double()[:, None]
     for m in (1, 2, 3, 4):
         xm = x[:m].reshape(m, 1, -1)  # decode: [batch, 1 token, K]

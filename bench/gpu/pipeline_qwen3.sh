@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# qpipe's pipeline on a lent GPU (the README's GPU results). Run on the device from the repo
-# root, with the wheels qpipe needs beyond the image in .gpu/whl and SmolLM2's tokenizer in
-# .gpu/tokenizer (the GGUF package itself is larger than what travels):
+# qpipe's pipeline on a lent GPU, Qwen3-8B (random weights): bf16, W4 on the Triton kernels and
+# on the torch reference. Run on the device from the repo root, carrying .gpu-wheels/1
+# (bench/gpu/prepare.sh) and a Qwen tokenizer folder in .gpu/tokenizer
+# (python bench/save_tokenizer.py .gpu/tokenizer):
 #   bash bench/gpu/pipeline_qwen3.sh OUTDIR
 set -uo pipefail
 out=${1:?usage: gpu/pipeline_qwen3.sh OUTDIR}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
+bash "$(dirname "$0")/setup.sh" || exit
 export PYTHONPATH=/tmp/site:$PWD QPIPE_OUTPUTS=/tmp/qo PYTHONUNBUFFERED=1 COLUMNS=160
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/device.csv"
 run() { python3 -m qpipe "$@" 2>&1 | grep -v -E "it/s\]" | tee -a "$out/pipeline.log"; }

@@ -15,7 +15,7 @@ numerics (x in its own precision, fp32 products and sums), streaming the e4m3 by
 step of a few tokens is bound by reading the weights; per-token quantization plus a
 tensor-core tile sized for many rows made W8A8 barely faster than bf16 there, while 1 byte a
 weight against bf16's 2 is what a GEMV can turn into speed. The layer then reports
-``fp8_gemv+<kernel>`` (GEMV at M <= 4, the other kernel above).
+``e4m3_gemv+<kernel>`` (GEMV at M <= 4, the other kernel above).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from qpipe.kernels import ops  # noqa: F401  (registers torch.ops.qpipe.fp8_gemv)
+from qpipe.kernels import ops  # noqa: F401  (registers torch.ops.qpipe.e4m3_gemv)
 from qpipe.kernels.interpreter import interpreting
 
 FP8 = torch.float8_e4m3fn
@@ -117,9 +117,9 @@ class Fp8Linear(torch.nn.Module):
 
     @property
     def runs_on(self) -> str:
-        """The kernels this layer runs on, as a run reports them: ``fp8_gemv+<kernel>`` where
+        """The kernels this layer runs on, as a run reports them: ``e4m3_gemv+<kernel>`` where
         the GEMV takes the calls of at most 4 rows, else ``kernel``."""
-        return f"fp8_gemv+{self.kernel}" if self.gemv and self._gemv_here else self.kernel
+        return f"e4m3_gemv+{self.kernel}" if self.gemv and self._gemv_here else self.kernel
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[out_features, in_features] in ``dtype``."""
@@ -129,7 +129,7 @@ class Fp8Linear(torch.nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.gemv and self._gemv_here and 0 < x2.shape[0] <= GEMV_MAX_M:
-            y = torch.ops.qpipe.fp8_gemv(x2, self.weight, self.weight_scale, self.bias)
+            y = torch.ops.qpipe.e4m3_gemv(x2, self.weight, self.weight_scale, self.bias)
         elif self.kernel == "scaled_mm" and x.is_cuda:
             xq, xs = quantize_per_token(x2)
             y = torch._scaled_mm(

@@ -10,7 +10,7 @@ its arguments. Triton is imported on the first call only: the op registers on ma
 ``torch.ops.qpipe.w8a16_linear(x, qweight, scales, zeros, bias, group_size)``: the same for
 ``Int8Linear``'s grouped 8-bit weights (``triton_w8a16.py``).
 
-``torch.ops.qpipe.fp8_gemv(x, weight, scale, bias)``: ``Fp8Linear``'s e4m3 weights and fp32
+``torch.ops.qpipe.e4m3_gemv(x, weight, scale, bias)``: ``Fp8Linear``'s e4m3 weights and fp32
 channel scales times at most 4 activation rows, weight-only (``triton_fp8.py``).
 
 ``torch.ops.qpipe.decode_attention(q, k, v, mask, scale)``: grouped-query attention of a few
@@ -60,20 +60,20 @@ def _w8a16_linear_fake(x, qweight, scales, zeros, bias, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
-@torch.library.custom_op("qpipe::fp8_gemv", mutates_args=())
-def fp8_gemv(
+@torch.library.custom_op("qpipe::e4m3_gemv", mutates_args=())
+def e4m3_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    from qpipe.kernels.tuning import fp8_gemv_tuned
+    from qpipe.kernels.tuning import e4m3_gemv_tuned
 
-    return fp8_gemv_tuned(x, weight, scale, bias)
+    return e4m3_gemv_tuned(x, weight, scale, bias)
 
 
-@fp8_gemv.register_fake
-def _fp8_gemv_fake(x, weight, scale, bias):
+@e4m3_gemv.register_fake
+def _e4m3_gemv_fake(x, weight, scale, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 

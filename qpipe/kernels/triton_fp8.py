@@ -118,7 +118,7 @@ def _load_words(w_ptrs, kt, kt1, KW, offs_w, n_ok, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemv_kernel(
+def _e4m3_gemv_kernel(
     x_ptr,
     q_ptr,  # the e4m3 weights viewed as int32 [N, K / 4]
     s_ptr,  # fp32 [N]
@@ -202,7 +202,7 @@ class Fp8GemvConfig:
     block_k: int
     split_k: int
     num_warps: int = 4
-    kind: str = "fp8_gemv"  # tells a stored tuning choice from the W4/W8 configurations
+    kind: str = "e4m3_gemv"  # tells a stored tuning choice from the W4/W8 configurations
 
     def as_dict(self) -> dict[str, int | str]:
         return asdict(self)
@@ -268,7 +268,7 @@ def candidates(m: int, n: int, k: int, device: torch.device) -> list[Fp8GemvConf
     return out
 
 
-def fp8_gemv(
+def e4m3_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor,
@@ -282,7 +282,7 @@ def fp8_gemv(
     n = weight.shape[0]
     if weight.dtype != torch.float8_e4m3fn or weight.shape[1] != k or scale.numel() != n:
         raise ValueError(
-            f"fp8_gemv: x is {tuple(x.shape)}, weight {tuple(weight.shape)} {weight.dtype}, "
+            f"e4m3_gemv: x is {tuple(x.shape)}, weight {tuple(weight.shape)} {weight.dtype}, "
             f"scale {tuple(scale.shape)}: want e4m3 [N, K] and N scales"
         )
     if not gemv_takes(m, k) or not weight.is_contiguous() or weight.data_ptr() % 4:
@@ -292,12 +292,12 @@ def fp8_gemv(
         x = x.contiguous()
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if tuple(y.shape) != (m, n) or y.stride(1) != 1:
-        raise ValueError(f"fp8_gemv: out is {tuple(y.shape)}, the product is {(m, n)}")
+        raise ValueError(f"e4m3_gemv: out is {tuple(y.shape)}, the product is {(m, n)}")
     block_m = _rows(m)
     n_tiles = triton.cdiv(n, cfg.block_n)
     m_tiles = triton.cdiv(m, block_m)
     ws, cnt = WORKSPACE.for_launch(x.device, cfg.split_k, m, n, n_tiles * m_tiles)
-    _fp8_gemv_kernel[(m_tiles, n_tiles, cfg.split_k)](
+    _e4m3_gemv_kernel[(m_tiles, n_tiles, cfg.split_k)](
         x, weight.view(torch.int32), scale, bias if bias is not None else scale, y, ws, cnt,
         m, n, k, x.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

@@ -126,9 +126,9 @@ def _launch_any(x, qweight, scales, zeros, group_size, bias, cfg, out=None) -> t
     """One launch with an explicit configuration: the fragment kernel's, a Triton W4, W8 or
     FP8 one's."""
     if qweight.dtype == torch.float8_e4m3fn:  # Fp8Linear's e4m3 weights, fp32 channel scales
-        from qpipe.kernels.triton_fp8 import fp8_gemv
+        from qpipe.kernels.triton_fp8 import e4m3_gemv
 
-        return fp8_gemv(x, qweight, scales, bias, cfg, out=out)
+        return e4m3_gemv(x, qweight, scales, bias, cfg, out=out)
     if qweight.dtype == torch.uint8:  # 8-bit weights (Int8Linear)
         from qpipe.kernels.triton_w8a16 import launch as w8_launch
 
@@ -379,7 +379,7 @@ class Tuner:
 
         m, k = x.shape
         n = weight.shape[0]
-        key = "fp8|" + self.key(x, n, k, 0, False)
+        key = "e4m3|" + self.key(x, n, k, 0, False)
         known = self._known(key)
         if known is not None:
             return known
@@ -474,20 +474,20 @@ def w8a16_tuned(
     return w8_launch(x, qweight, scales, zeros, group_size, bias, cfg)
 
 
-def fp8_gemv_tuned(
+def e4m3_gemv_tuned(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The FP8 GEMV (``triton_fp8``) with the tuner's configuration for this shape."""
-    from qpipe.kernels.triton_fp8 import fp8_gemv
+    from qpipe.kernels.triton_fp8 import e4m3_gemv
 
     if not x.is_cuda:  # the interpreter: the heuristic
-        return fp8_gemv(x, weight, scale, bias)
-    return fp8_gemv(x, weight, scale, bias, TUNER.choose_fp8(x, weight, scale, bias))
+        return e4m3_gemv(x, weight, scale, bias)
+    return e4m3_gemv(x, weight, scale, bias, TUNER.choose_fp8(x, weight, scale, bias))
 
 
 def _config_of(cfg: dict):
     """A remembered configuration (JSON) as its class."""
-    if cfg.get("kind") == "fp8_gemv":
+    if cfg.get("kind") == "e4m3_gemv":
         from qpipe.kernels.triton_fp8 import Fp8GemvConfig
 
         return Fp8GemvConfig(**cfg)
