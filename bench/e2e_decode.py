@@ -5,6 +5,11 @@ one process, one GPU.
 
     python bench/e2e_decode.py --out DIR [--variants bf16,nf4,w4,w4_head] [--batches 1,4,16]
 
+Any variant with the suffix ``_fusednorm`` (``bf16_fusednorm``, ``w4_fusednorm``) is the same
+model decoding with ``QPIPE_FUSED_NORM=1`` (the residual adds and RMSNorms on qpipe's fused
+kernel, ``qpipe.evaluation.fused_norm``); the other variants run with it off, so one call
+measures before and after.
+
 The model is Qwen3-8B's architecture (InternVL3.5-8B's language model) with random weights
 built from its config (no hub on the lent GPU): memory and speed are real, tokens are not.
 Writes DIR/e2e_<tag>.json and .md with the device, versions, the command and raw numbers.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from qpipe.backends import weight_format_of  # noqa: E402
 from qpipe.config.compose import load_model_group  # noqa: E402
 from qpipe.evaluation import decode  # noqa: E402
+from qpipe.evaluation.fused_norm import ENV as FUSED_NORM_ENV  # noqa: E402
 from qpipe.memory import Workload, arch_dims, estimate, inventory_of  # noqa: E402
 from qpipe.memory.exclusion import plan_precision  # noqa: E402
 from qpipe.models.source import load_config  # noqa: E402
@@ -44,6 +51,14 @@ QUANT = {
     # a mixed 4/8-bit plan of the kind quant=auto makes: down_proj at 8 bits, the rest at 4
     "w4_w8down": None,
 }
+
+
+FUSED_NORM = "_fusednorm"  # a variant's suffix: its decode step on the fused add + RMSNorm
+
+
+def base_variant(variant: str) -> str:
+    """The precision a variant builds (``w4_fusednorm`` -> ``w4``)."""
+    return variant.removesuffix(FUSED_NORM)
 
 
 def result_header(harness_name: str, **extra) -> dict:
@@ -232,7 +247,9 @@ def run_variant(
 ) -> None:
     """One model build, then each (mode, batch sizes) of ``plan`` in turn; each row goes into
     ``rows`` and ``save()`` writes the result files at once (a call cut short keeps them)."""
-    model = build_variant(variant)
+    model = build_variant(base_variant(variant))
+    before = os.environ.get(FUSED_NORM_ENV)
+    os.environ[FUSED_NORM_ENV] = "1" if variant.endswith(FUSED_NORM) else "0"
     weights_gb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=gen)
@@ -262,7 +279,7 @@ def run_variant(
                 "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
                 "wall_s": time.perf_counter() - start,
                 **t.as_dict(),
-                **estimated_peak(variant, batch, args.prompt + new + 1),
+                **estimated_peak(base_variant(variant), batch, args.prompt + new + 1),
             }
             row["est_error_pct"] = (
                 (row["est_peak_gb"] - row["peak_allocated_gb"]) / row["peak_allocated_gb"] * 100
@@ -281,6 +298,10 @@ def run_variant(
 
     for line in TUNER.skipped:  # candidate configurations that did not compile or run
         print(f"tuner skipped {line}", flush=True)
+    if before is None:
+        os.environ.pop(FUSED_NORM_ENV, None)
+    else:
+        os.environ[FUSED_NORM_ENV] = before
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -393,6 +414,12 @@ def main() -> None:
     if args.merge:
         merge(args.merge, out, args.tag, args.note)
         return
+    unknown = [v for v in args.variants.split(",") if base_variant(v) not in QUANT]
+    if unknown:
+        sys.exit(
+            f"unknown variant(s) {','.join(unknown)}: valid are {', '.join(QUANT)}, "
+            f"each also with the suffix {FUSED_NORM}"
+        )
     torch._dynamo.config.cache_size_limit = 64
     batches = [int(b) for b in args.batches.split(",")]
     eager_batches = [int(b) for b in args.eager_batches.split(",")]

@@ -1,7 +1,8 @@
 """Greedy decoding on SmolLM2's real weights on the GPU: qpipe's compiled loop (static cache,
 CUDA graphs, the split-KV attention kernel) and its eager loop against transformers'
 ``generate`` (dynamic cache), in bf16 and with the blocks on qpipe's W4 kernel, at batch 1 and
-16, with the benchmark's 512-token prompt.
+16, with the benchmark's 512-token prompt; and bf16 at batch 1 with ``QPIPE_FUSED_NORM=1``
+(the residual adds and RMSNorms on qpipe's fused kernel).
 
 Random weights cannot see a wrong attention (their residual stream decides the argmax);
 real ones can. Each path is stepped on generate's own history ("forced"), so one tied step
@@ -87,9 +88,6 @@ def _fp8(model):
 @pytest.mark.parametrize("weights", ["bf16", "w4", "fp8"])
 @pytest.mark.parametrize("batch", [1, 16])
 def test_compiled_and_eager_follow_generate_on_real_weights(smollm2_bf16, weights, batch) -> None:
-    from qpipe.corpora.texts import read_text, token_ids
-    from qpipe.evaluation import decode
-
     model, tokenizer = smollm2_bf16
     if weights == "w4":
         model = _w4(model)
@@ -102,6 +100,15 @@ def test_compiled_and_eager_follow_generate_on_real_weights(smollm2_bf16, weight
         # other kernel: the name qpipe logs says both
         other = "scaled_mm" if fp8_tensor_cores() else "torch"
         assert layer_kernels(model) == [f"e4m3_gemv+{other}"]
+    _follow_generate(model, tokenizer, batch, weights)
+
+
+def _follow_generate(model, tokenizer, batch: int, label: str, fused_norm: bool = False) -> None:
+    """Eager and compiled decoding, each forced on generate's own continuation, agree with it
+    at all but one step at most; every batch row decodes like row 0."""
+    from qpipe.corpora.texts import read_text, token_ids
+    from qpipe.evaluation import decode
+
     ids = token_ids(tokenizer, read_text("eval_gpl3.txt"), PROMPT).cuda()
     inputs = {"input_ids": ids.unsqueeze(0).repeat(batch, 1)}
     reference, gaps = decode.reference_continuation(model, inputs, NEW)
@@ -109,9 +116,18 @@ def test_compiled_and_eager_follow_generate_on_real_weights(smollm2_bf16, weight
         torch._dynamo.reset()
         timing = decode.measure(model, inputs, NEW, compiled=compiled, reference=reference)
         found = decode.agreement(timing, reference, gaps)
-        print(weights, batch, timing.mode, found.as_dict())
+        print(label, batch, timing.mode, found.as_dict())
+        assert timing.fused_norm == fused_norm, timing.mode
         assert timing.rows_identical, f"{timing.mode}: batch rows decode differently"
         assert found.forced >= NEW - 1, (timing.mode, found.as_dict(), gaps)
+
+
+def test_fused_norm_follows_generate_on_real_weights(smollm2_bf16, monkeypatch) -> None:
+    """QPIPE_FUSED_NORM=1: the decoder layers' residual adds and RMSNorms on qpipe's fused
+    kernel (bf16, batch 1), eager and in the compiled CUDA-graph step."""
+    model, tokenizer = smollm2_bf16
+    monkeypatch.setenv("QPIPE_FUSED_NORM", "1")
+    _follow_generate(model, tokenizer, 1, "bf16_fusednorm", fused_norm=True)
 
 
 def test_w4_kernels_perplexity_matches_the_torch_reference(smollm2_bf16) -> None:

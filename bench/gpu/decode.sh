@@ -3,6 +3,7 @@
 # call per part (each < 9 min; the machine stays warm 30 s between calls):
 #   bash bench/gpu/decode.sh checks               SmolLM2's real weights (bench/carry_smollm2.sh):
 #        eager and compiled decoding of bf16, W4 and FP8 follow transformers' generate (forced),
+#        bf16 with QPIPE_FUSED_NORM=1 too (batch 1), the fused add + RMSNorm kernel's own test,
 #        W4's perplexity equals the torch reference's, FP8's is within +3 % of fp32; the FP8
 #        layer's GPU tests -> $OUT/gpu_tests_real_weights_<card>.txt (the whole output); FP8
 #        decoding at batch 1 runs on the FP8 GEMV, whose own GPU tests are bench/gpu/fp8.sh's
@@ -23,7 +24,7 @@ checks)
     python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
     # the whole output is kept: figures a test prints (perplexities, agreement) are the record
     timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging -rfE -s \
-      tests/test_decode_real_gpu.py tests/test_fp8.py 2>&1 | grep --line-buffered -v -E "it/s\]"
+      tests/test_decode_real_gpu.py tests/test_fp8.py tests/test_fused_norm.py 2>&1 | grep --line-buffered -v -E "it/s\]"
   } > "$OUT/gpu_tests_real_weights_$card.txt" 2>&1
   grep -E "passed|failed|perplexity|fp32|FAILED" "$OUT/gpu_tests_real_weights_$card.txt" | tail -20
   ;;

@@ -7,7 +7,9 @@ Python (logits processors, stopping criteria, cache bookkeeping) costs milliseco
 more than an 8B model's 4-bit weights take to read on an H100, so it would hide the kernels.
 The loop works for any transformers causal LM and for a VLM's language model (InternVL): the
 prefill may carry extra inputs (pixel values), the decode steps carry one token each.
-Grouped-query models attend without expanding their KV cache (``qpipe.evaluation.attention``).
+Grouped-query models attend without expanding their KV cache (``qpipe.evaluation.attention``);
+with ``QPIPE_FUSED_NORM=1`` the decoder layers add and normalize in one kernel
+(``qpipe.evaluation.fused_norm``, opt-in until measured).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from qpipe.errors import ConfigError
 from qpipe.evaluation.attention import grouped_attention
+from qpipe.evaluation.fused_norm import fused_norm
 
 DECODE_MODES = ("eager", "compiled", "both")
 
@@ -59,6 +62,8 @@ class DecodeTiming:
     # choice at every step of that history, and whether every batch row decoded like row 0
     forced: list[int] = field(default_factory=list)
     rows_identical: bool = True
+    # whether the decoder layers ran on the fused add + RMSNorm kernel (QPIPE_FUSED_NORM=1)
+    fused_norm: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,7 +174,7 @@ def measure(
     batch, length = ids.shape
     device = ids.device
     decoder = StaticDecoder(model, length + new_tokens + 1, compiled=compiled, backend=backend)
-    with torch.inference_mode(), grouped_attention(model):
+    with torch.inference_mode(), grouped_attention(model), fused_norm(model) as fused:
         compile_s = warm_up(decoder, inputs)
         ttfts, decodes = [], []
         tokens: list[torch.Tensor] = []
@@ -203,6 +208,7 @@ def measure(
         tokens=sequences[0].tolist(),
         forced=forced,
         rows_identical=bool((sequences == sequences[:1]).all()),
+        fused_norm=fused,
     )
 
 

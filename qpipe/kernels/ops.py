@@ -15,6 +15,9 @@ channel scales times at most 4 activation rows, weight-only (``triton_fp8.py``).
 
 ``torch.ops.qpipe.decode_attention(q, k, v, mask, scale)``: grouped-query attention of a few
 new positions against a KV cache, [B, S, H, D] (``decode_attention.py``).
+
+``torch.ops.qpipe.add_rms_norm(x, residual, weight, eps)``: ``(rmsnorm(x + residual) * weight,
+x + residual)`` in one kernel, transformers' RMSNorm arithmetic (``add_rms_norm.py``).
 """
 
 from __future__ import annotations
@@ -115,3 +118,20 @@ def decode_attention(
 def _decode_attention_fake(query, key, value, mask, scale):
     b, h, s, d = query.shape
     return query.new_empty(b, s, h, d)
+
+
+@torch.library.custom_op("qpipe::add_rms_norm", mutates_args=())
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add and RMSNorm fused (``add_rms_norm.py``): (normed, sum), shaped like x."""
+    from qpipe.kernels.add_rms_norm import add_rms_norm as run
+
+    return run(x, residual, weight, eps)
+
+
+@add_rms_norm.register_fake
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        x, memory_format=torch.contiguous_format
+    )
