@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from qpipe.kernels.interpreter import interpreting
-from qpipe.kernels.triton_w4a16 import _epilogue, _k_range
+from qpipe.kernels.triton_w4a16 import _epilogue, _gemv_program
 from qpipe.kernels.workspace import WORKSPACE
 
 GEMV_MAX_M = 4  # activation rows a program takes (1, 2 or 4)
@@ -139,16 +139,10 @@ def _e4m3_gemv_kernel(
     USE_ASM: tl.constexpr = True,  # the PTX dequantization (False: the interpreter's bit ops)
 ):
     BKW: tl.constexpr = BLOCK_K // 4
-    # the row block is the fastest grid axis: programs reading one weight tile run together
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    m0 = pid_m * BLOCK_M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, BKW)
-    n_ok = offs_n < N
+    pid_m, pid_n, pid_k, m0, offs_n, offs_w, n_ok, kt0, kt1 = _gemv_program(
+        N, K, BLOCK_M, BLOCK_N, BLOCK_K, BKW, SPLIT_K
+    )
     KW = K // 4
-    kt0, kt1 = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
     w_ptrs = q_ptr + offs_n[:, None] * KW + offs_w[None, :]
     acc0 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)

@@ -228,6 +228,22 @@ def _k_range(K, pid_k, BLOCK_K: tl.constexpr, SPLIT_K):
 
 
 @triton.jit
+def _gemv_program(
+    N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BKW: tl.constexpr, SPLIT_K,
+):  # fmt: skip
+    """Where a GEMV program (W4, W8, FP8) works: its row block, output columns, words of a K
+    tile and K tiles. The row block is the fastest grid axis: programs that read the same
+    weight tile for different rows run side by side, so all but the first find it in L2."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kt0, kt1 = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    return pid_m, pid_n, pid_k, pid_m * BLOCK_M, offs_n, tl.arange(0, BKW), offs_n < N, kt0, kt1
+
+
+@triton.jit
 def _nib(words, SHIFT: tl.constexpr):
     """Nibble at bit SHIFT of each word as the fp32 1 + q/16: the nibble is moved to the top
     four mantissa bits of 1.0 (shift, then one AND-OR), an exact value with no int->float
@@ -432,16 +448,9 @@ def _gemv_kernel(
     TILED: tl.constexpr = False,  # weight words in 1 KB tiles (layout.tile_w4)
 ):
     BKW: tl.constexpr = BLOCK_K // 8
-    # The row block is the fastest grid axis: programs that read the same weight tile for
-    # different rows run side by side, so all but the first find it in L2.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    m0 = pid_m * BLOCK_M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, BKW)
-    n_ok = offs_n < N
-    kt0, kt1 = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
+    pid_m, pid_n, pid_k, m0, offs_n, offs_w, n_ok, kt0, kt1 = _gemv_program(
+        N, K, BLOCK_M, BLOCK_N, BLOCK_K, BKW, SPLIT_K
+    )
     w_ptrs = _w_rows(qw_ptr, offs_n, offs_w, KW, TILED)
     acc0 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from qpipe.kernels.interpreter import interpreting
 from qpipe.kernels.intweights import w8_kernel_takes
-from qpipe.kernels.triton_w4a16 import _epilogue, _k_range, gemv_rows_asm
+from qpipe.kernels.triton_w4a16 import _epilogue, _gemv_program, _k_range, gemv_rows_asm
 from qpipe.kernels.workspace import WORKSPACE
 
 GEMV_MAX_M = 4  # the GEMV takes up to this many activation rows per program (1, 2 or 4)
@@ -179,16 +179,10 @@ def _w8_gemv_kernel(
 ):
     BKW: tl.constexpr = BLOCK_K // 4
     BKD: tl.constexpr = BLOCK_K // 8  # word pairs per row per tile
-    # the row block is the fastest grid axis: programs reading one weight tile run together
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    m0 = pid_m * BLOCK_M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, BKW)
-    n_ok = offs_n < N
+    pid_m, pid_n, pid_k, m0, offs_n, offs_w, n_ok, kt0, kt1 = _gemv_program(
+        N, K, BLOCK_M, BLOCK_N, BLOCK_K, BKW, SPLIT_K
+    )
     KW = K // 4
-    kt0, kt1 = _k_range(K, pid_k, BLOCK_K, SPLIT_K)
     w_ptrs = q_ptr + offs_n[:, None] * KW + offs_w[None, :]
     acc0 = tl.zeros((BLOCK_N, BKD), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BKD), dtype=tl.float32)
