@@ -167,6 +167,13 @@ static uint4 ld16(const void* p) {
 }
 QP_INLINE uint4 ld_weights(const uint4* p) { return ld16(p); }
 QP_INLINE uint4 ld_x(const u16* p) { return ld16(p); }
+QP_INLINE void st_w(u16* p, uint4 v) {
+  if ((uintptr_t)p % 16) {
+    std::fprintf(stderr, "misaligned 16-byte store at %p\n", p);
+    std::abort();
+  }
+  std::memcpy(p, &v, 16);
+}
 QP_INLINE float ld_partial(const float* p) { return *p; }  // blocks run one after another
 
 // -- mma.sync.m16n8k16.row.col, f32 accumulators ----------------------------------------------
@@ -258,9 +265,58 @@ static Kernel pick(int T, int R, int W, int P, bool bf16, bool z, bool b) {
   std::exit(3);
 }
 
+// --dequant CASE_FILE OUT_FILE: w4_frag_dequant. CASE_FILE: int32 header N K group_size bf16
+// has_z rt0 tiles grid_x threads group_shift, then qw, s and z as above. OUT_FILE: w (u16
+// [16 tiles, K]).
+static int run_dequant(const char* case_path, const char* out_path) {
+  FILE* f = std::fopen(case_path, "rb");
+  if (!f) return 2;
+  auto h = read_vec<int>(f, 10);
+  const int N = h[0], K = h[1], gs = h[2], bf16 = h[3], has_z = h[4], rt0 = h[5], tiles = h[6];
+  const int shift = h[9], G = K / gs;
+  auto qw_words = read_vec<u32>(f, (size_t)N * K / 8);
+  auto qw = std::unique_ptr<uint4[]>(new uint4[(size_t)N * K / 32]);
+  std::memcpy(qw.get(), qw_words.data(), qw_words.size() * 4);
+  auto s = exact(read_vec<u16>(f, (size_t)G * N));
+  auto z = has_z ? exact(read_vec<u8>(f, (size_t)G * N)) : nullptr;
+  std::fclose(f);
+  if (h[8] != 256 || (64 << shift) != gs) {
+    std::fprintf(stderr, "the planned launch does not fit the kernel\n");
+    return 2;
+  }
+  const size_t n_out = (size_t)16 * tiles * K;
+  auto w = std::unique_ptr<u16[]>(new u16[n_out]);
+  for (size_t i = 0; i < n_out; ++i) w[i] = 0x7e00;  // poison (the test compares every bit)
+  using Dq = void (*)(const uint4*, const u16*, const u8*, u16*, int, int, int, int, int);
+  const Dq kernels[4] = {&w4_frag_dequant<false, false>, &w4_frag_dequant<false, true>,
+                         &w4_frag_dequant<true, false>, &w4_frag_dequant<true, true>};
+  const Dq kernel = kernels[(bf16 ? 2 : 0) | (has_z ? 1 : 0)];
+  gridDim.x = h[7], gridDim.y = 1, gridDim.z = 1;
+  blockDim.x = 256;
+  for (u32 bx = 0; bx < gridDim.x; ++bx) {
+    Block block(256);
+    std::vector<std::thread> threads;
+    for (int tid = 0; tid < 256; ++tid)
+      threads.emplace_back([&, tid] {
+        threadIdx.x = tid;
+        blockIdx.x = bx, blockIdx.y = 0, blockIdx.z = 0;
+        current_block = &block;
+        kernel(qw.get(), s.get(), z.get(), w.get(), N, K, shift, rt0, tiles);
+        block.bar.arrive_and_drop();
+      });
+    for (auto& th : threads) th.join();
+  }
+  FILE* o = std::fopen(out_path, "wb");
+  if (!o) return 2;
+  std::fwrite(w.get(), 2, n_out, o);
+  std::fclose(o);
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 4 && std::strcmp(argv[1], "--dequant") == 0) return run_dequant(argv[2], argv[3]);
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s CASE_FILE OUT_FILE\n", argv[0]);
+    std::fprintf(stderr, "usage: %s [--dequant] CASE_FILE OUT_FILE\n", argv[0]);
     return 2;
   }
   FILE* f = std::fopen(argv[1], "rb");

@@ -205,11 +205,119 @@ def test_cuda_source_computes_the_reference_on_the_cpu_emulator(case, tmp_path_f
     assert counters.numel() == tiles and bool((counters == 0).all()), counters
 
 
+# -- the dense prefill path (frag_dense): w4_frag_dequant + cuBLAS ----------------------------
+
+# (N, K, group, bf16, zeros, first row tile, row tiles)
+DEQUANT = [
+    (48, 256, 128, False, True, 0, 3),  # every row, two groups
+    (64, 384, 64, True, False, 1, 2),  # rows 16..48, six groups, symmetric
+    (32, 512, 256, False, False, 1, 1),  # the last tile only
+    (48, 256, 64, True, True, 1, 2),  # the chunk ending at N
+]
+
+
+@pytest.mark.parametrize("case", DEQUANT, ids=[f"n{c[0]}k{c[1]}g{c[2]}_{'bf16' if c[3] else 'f16'}"
+                                                 f"_z{int(c[4])}" for c in DEQUANT])  # fmt: skip
+def test_cuda_dequant_writes_the_reference_weights_bit_for_bit(case, tmp_path_factory) -> None:
+    """``w4_frag_dequant`` (the CUDA source, on the emulator under ASan) writes exactly the
+    rows ``frag_dense.reference_rows`` computes: (q - z) * s rounded once, every bit."""
+    from qpipe.kernels.frag_dense import dequant_geometry, reference_rows
+
+    n, k, gs, bf16, has_z, rt0, tiles = case
+    exe = _emulator(tmp_path_factory.getbasetemp())
+    work = tmp_path_factory.mktemp("dequant")
+    gen = torch.Generator().manual_seed(DEQUANT.index(case))
+    dt = torch.bfloat16 if bf16 else torch.float16
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (k // gs, n), generator=gen, dtype=torch.uint8) if has_z else None
+    # scales of both signs and magnitudes, so rounding and sign paths are all exercised
+    scales = ((torch.rand(k // gs, n, generator=gen) - 0.3) * 0.05).to(dt)
+    qw = frag_w4(pack_int4_rows(q))
+    blocks, threads = dequant_geometry(k, 16 * tiles)
+    shift = (gs // FRAG_K).bit_length() - 1
+    with open(work / "case.bin", "wb") as f:
+        f.write(struct.pack("<10i", n, k, gs, int(bf16), int(has_z), rt0, tiles, blocks, threads,
+                            shift))  # fmt: skip
+        f.write(qw.numpy().tobytes())
+        f.write(scales.view(torch.int16).numpy().tobytes())
+        if zeros is not None:
+            f.write(zeros.numpy().tobytes())
+    proc = subprocess.run([str(exe), "--dequant", str(work / "case.bin"), str(work / "w.bin")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.frombuffer(bytearray((work / "w.bin").read_bytes()), dtype=torch.int16)
+    want = torch.empty(16 * tiles, k, dtype=dt)
+    reference_rows(qw, scales, zeros, gs, 16 * rt0, want)
+    assert torch.equal(got.view(16 * tiles, k), want.view(torch.int16))
+    # and the reference is the layer's own dequantization (layout.dequantize_kernel_order)
+    ref = _dequant_ref(q, scales, zeros, gs, dt)[16 * rt0 : 16 * (rt0 + tiles)]
+    assert torch.equal(want.double(), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_path_multiplies_chunk_by_chunk_into_the_output_columns(dtype) -> None:
+    """frag_dense.launch: chunks of rows (the last one short), each GEMM into its columns of
+    y, bias and zeros or not, equal to the product with the reference weights."""
+    from qpipe.kernels import frag_dense
+    from qpipe.kernels.tuning import _config_of, _launch_any
+
+    n, k, m, gs = 80, 256, 37, 128
+    gen = torch.Generator().manual_seed(7)
+    q = _q(n, k, 7)
+    qw = frag_w4(pack_int4_rows(q))
+    scales = (torch.rand(k // gs, n, generator=gen) * 0.02 + 0.002).to(dtype)
+    zeros = torch.randint(0, 16, (k // gs, n), generator=gen, dtype=torch.uint8)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    for z, b, rows in ((zeros, bias, 32), (None, None, 48), (zeros, None, 80), (None, bias, 512)):
+        ref = x.double() @ _dequant_ref(q, scales, z, gs, dtype).t()
+        ref = ref if b is None else ref + b.double()
+        cfg = _config_of(frag_dense.DenseConfig(chunk_rows=rows).as_dict())  # as stored
+        y = _launch_any(x, qw, scales, z, gs, b, cfg)
+        rel = float((y.double() - ref).norm() / ref.norm())
+        assert y.dtype == dtype and rel < tol, (rows, rel)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        frag_dense.launch(x, qw, scales, None, gs, None, frag_dense.DenseConfig(chunk_rows=40))
+    with pytest.raises(ValueError, match="groups of 64"):
+        frag_dense.launch(x, qw, scales, None, 96, None, frag_dense.DenseConfig())
+
+
+def test_tuner_offers_the_dense_path_from_its_crossover(monkeypatch) -> None:
+    """The heuristic takes the dense path from DENSE_MIN_M rows; the tuner times it beside the
+    fragment kernel from TUNE_MIN_M rows, with chunks that fit MAX_CHUNK_BYTES; a dense choice
+    binds no direct launcher (QuantLinear runs it through the op's path)."""
+    from qpipe.kernels import frag_dense, frag_w4a16
+    from qpipe.kernels.tuning import frag_candidates, frag_heuristic
+
+    monkeypatch.setattr(frag_w4a16, "_num_sms", lambda device: 132)  # an H100's count
+    dev = torch.device("cuda")
+    n, k = 4096, 4096
+    for m in (1, 4, 16):
+        assert frag_heuristic(m, n, k, dev).kind == "frag"
+        assert {c.kind for c in frag_candidates(m, n, k, dev)} == {"frag"}
+    for m in (64, 256, 4096):  # where the dense path's self-check failed: the kernel only
+        assert frag_heuristic(m, n, k, dev, dense=False).kind == "frag"
+        assert {c.kind for c in frag_candidates(m, n, k, dev, dense=False)} == {"frag"}
+    for m in (frag_dense.TUNE_MIN_M, 64):
+        assert {c.kind for c in frag_candidates(m, n, k, dev)} == {"frag", "dense"}
+    assert frag_heuristic(frag_dense.DENSE_MIN_M - 1, n, k, dev).kind == "frag"
+    for m in (frag_dense.DENSE_MIN_M, 2048):
+        base = frag_heuristic(m, n, k, dev)
+        assert base.kind == "dense" and base in frag_candidates(m, n, k, dev)
+    dense = [c for c in frag_candidates(256, n, k, dev) if c.kind == "dense"]
+    assert [c.chunk_rows for c in dense] == [1024, 2048, 4096]  # 8, 16, 32 MiB of 4096 columns
+    for n2, k2 in ((28672, 8192), (3584, 18944), (64, 128)):
+        for c in frag_dense.candidates(256, n2, k2):
+            assert c.chunk_rows % 16 == 0 and 16 <= c.chunk_rows <= n2
+            assert c.chunk_rows * k2 * 2 <= frag_dense.MAX_CHUNK_BYTES
+
+
 # -- NVRTC ------------------------------------------------------------------------------------
 
 
 def test_nvrtc_compiles_every_instantiation_the_tuner_uses(tmp_path, monkeypatch) -> None:
-    from qpipe.kernels import cuda_rtc, frag_w4a16
+    from qpipe.kernels import cuda_rtc, frag_dense, frag_w4a16
 
     try:
         cuda_rtc.nvrtc()
@@ -223,10 +331,12 @@ def test_nvrtc_compiles_every_instantiation_the_tuner_uses(tmp_path, monkeypatch
         for i, (t, r, w, p) in enumerate(shapes)
         for f in (flags if i == 0 else [flags[0], flags[-1]])
     ]
+    exprs += [frag_dense._expr(*f) for f in itertools.product((False, True), repeat=2)]
     for arch in ("80", "90"):
         cubin, lowered = cuda_rtc.compile_cubin(frag_w4a16._source(), exprs, arch)
         assert len(cubin) > 10_000 and set(lowered) == set(exprs)
-        assert all(name.startswith("_Z14w4_frag_kernel") for name in lowered.values())
+        assert all(name.startswith(("_Z14w4_frag_kernel", "_Z15w4_frag_dequant"))
+                   for name in lowered.values())  # fmt: skip
     # cached: a second call reads the files
     assert cuda_rtc.compile_cubin(frag_w4a16._source(), exprs, "90")[0] == cubin
 

@@ -137,6 +137,10 @@ def _launch_any(x, qweight, scales, zeros, group_size, bias, cfg, out=None) -> t
         from qpipe.kernels.frag_w4a16 import launch as frag_launch
 
         return frag_launch(x, qweight, scales, zeros, group_size, bias, cfg, out=out)
+    if cfg.kind == "dense":  # fragment-order weights at large M: dequantize + cuBLAS
+        from qpipe.kernels.frag_dense import launch as dense_launch
+
+        return dense_launch(x, qweight, scales, zeros, group_size, bias, cfg, out=out)
     return launch(x, qweight, scales, zeros, group_size, bias, cfg, out=out)
 
 
@@ -210,7 +214,7 @@ def _device_name(device: torch.device) -> str:
 # the kernels whose launch configurations are stored, and what decides them
 _FINGERPRINTED = (
     "triton_w4a16.py", "triton_w8a16.py", "triton_fp8.py", "frag_w4a16.py", "w4_frag.cu", "layout.py",
-    "tuning.py", "formats.py",
+    "tuning.py", "formats.py", "frag_dense.py",
 )  # fmt: skip
 TUNING_KIND = "kernel_tuning"  # the folder under outputs/cache
 
@@ -337,8 +341,11 @@ class Tuner:
             known = self._known(key)
             if known is not None:
                 return known
-            base = frag_w4a16.heuristic(m, n, k, x.device)
-            space = lambda: frag_w4a16.candidates(m, n, k, x.device)  # noqa: E731
+            from qpipe.kernels.frag_dense import unavailable as dense_unavailable
+
+            dense = x.is_cuda and dense_unavailable(x.device) is None
+            base = frag_heuristic(m, n, k, x.device, dense)
+            space = lambda: frag_candidates(m, n, k, x.device, dense)  # noqa: E731
         else:
             n, _, tiled = weight_dims(qweight, scales)
             key = self.key(x, n, k, group_size, zeros is not None, tiled)
@@ -425,6 +432,30 @@ class Tuner:
 TUNER = Tuner()
 
 
+def frag_heuristic(m: int, n: int, k: int, device: torch.device, dense: bool = True):
+    """The untimed choice for fragment-order weights: the fragment kernel, or from
+    ``frag_dense.DENSE_MIN_M`` rows on the dense path (dequantize + cuBLAS) where it runs
+    (``dense``: ``frag_dense.unavailable`` is None)."""
+    from qpipe.kernels import frag_dense, frag_w4a16
+
+    if dense and m >= frag_dense.DENSE_MIN_M:
+        return frag_dense.heuristic(m, n, k)
+    return frag_w4a16.heuristic(m, n, k, device)
+
+
+def frag_candidates(m: int, n: int, k: int, device: torch.device, dense: bool = True) -> list:
+    """What the tuner times for fragment-order weights: the fragment kernel's configurations
+    and, from ``frag_dense.TUNE_MIN_M`` rows on where it runs, the dense path's chunk sizes;
+    the heuristic's choice among them."""
+    from qpipe.kernels import frag_dense, frag_w4a16
+
+    out = frag_w4a16.candidates(m, n, k, device)
+    if dense:
+        out += frag_dense.candidates(m, n, k)
+    base = frag_heuristic(m, n, k, device, dense)
+    return out if base in out else [*out, base]
+
+
 def w4a16_matmul(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -442,7 +473,7 @@ def w4a16_matmul(
         from qpipe.kernels.layout import to_form
 
         qweight = to_form(qweight, scales.shape[1], "tiled")
-        cfg = None if cfg is not None and cfg.kind == "frag" else cfg
+        cfg = None if cfg is not None and cfg.kind in ("frag", "dense") else cfg
     if cfg is None:
         cfg = TUNER.choose(x, qweight, scales, zeros, group_size, bias)
     return _launch_any(x, qweight, scales, zeros, group_size, bias, cfg)
@@ -499,4 +530,8 @@ def _config_of(cfg: dict):
         from qpipe.kernels.frag_w4a16 import FragConfig
 
         return FragConfig(**cfg)
+    if cfg.get("kind") == "dense":
+        from qpipe.kernels.frag_dense import DenseConfig
+
+        return DenseConfig(**cfg)
     return KernelConfig(**cfg)

@@ -62,6 +62,10 @@ QP_INLINE float ld_partial(const float* p) {
   return v;
 }
 
+// The dense weight of the prefill path (w4_frag_dequant): a cuBLAS GEMM reads it right after,
+// from L2 where the chunk fits.
+QP_INLINE void st_w(u16* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
 QP_INLINE u32 lop3_and_or(u32 a, u32 mask, u32 bits) {  // (a & mask) | bits
   u32 d;
   asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(mask), "r"(bits));
@@ -378,4 +382,52 @@ __global__ void __launch_bounds__(WARPS * 32)
     }
   }
   if (threadIdx.x == 0) cnt[tile] = 0;  // zero again for the next launch
+}
+
+// The prefill path (frag_dense.py): rows [16 rt0, 16 (rt0 + tiles)) of W dequantized to a
+// row-major [16 tiles, K] weight at w, each (q - z) * s rounded once to the activation dtype
+// (dequant<SCALED>: the torch reference's weights bit for bit), for a cuBLAS GEMM to read. At
+// large M that dequantizes each weight once per call, where the MMA kernel above does it once
+// per 8 T activation rows. One warp per 16 x 64 tile: one 16-byte load a lane, and four
+// 16-byte stores (rows g and g + 8, 16 contiguous columns 16 t .. 16 t + 15 each: lanes
+// t = 0..3 of a row write its 128 contiguous bytes).
+template <bool BF16, bool HAS_Z>
+__global__ void __launch_bounds__(256)
+    w4_frag_dequant(const uint4* __restrict__ qw, const u16* __restrict__ s,
+                    const u8* __restrict__ z, u16* __restrict__ w, int N, int K, int group_shift,
+                    int rt0, int tiles) {
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int chunks = K >> 6;
+  const i64 job = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);  // 8 warps, a tile each
+  if (job >= (i64)tiles * chunks) return;
+  const int rt = rt0 + (int)(job / chunks);
+  const int c = (int)(job % chunks);
+  const uint4 v = ld_weights(qw + ((i64)rt * chunks + c) * 32 + lane);
+  const int row = rt * 16 + g;
+  const i64 gi = (i64)(c >> group_shift) * N;
+  const u32 sp = (u32)s[gi + row] | ((u32)s[gi + row + 8] << 16);
+  const u32 sa = prmt(sp, 0x1010u);   // (s_g, s_g)
+  const u32 sbb = prmt(sp, 0x3232u);  // (s_g+8, s_g+8)
+  u32 za = pair_of<BF16>(BF16 ? -136.0f : -1032.0f);  // symmetric: the zero is 8
+  u32 zbb = pair_of<BF16>(BF16 ? -136.0f : -72.0f);
+  if (HAS_Z) {
+    const float zg = (float)z[gi + row];
+    const float zg8 = (float)z[gi + row + 8];
+    za = pair_of<BF16>(BF16 ? -(128.0f + zg) : -(1024.0f + zg));
+    zbb = pair_of<BF16>(BF16 ? -(128.0f + zg8) : -(64.0f + zg8));
+  }
+  u32 a[4][4];  // word kk: a0 / a2 row g columns 4 kk + 0, 1 / 2, 3; a1 / a3 the same of row g + 8
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const u32 word = kk == 0 ? v.x : (kk == 1 ? v.y : (kk == 2 ? v.z : v.w));
+    dequant<BF16, true>(word, za, zbb, sa, sbb, a[kk][0], a[kk][1], a[kk][2], a[kk][3]);
+  }
+  u16* wg = w + ((i64)(rt - rt0) * 16 + g) * K + (i64)c * 64 + 16 * t;
+  u16* wg8 = wg + (i64)8 * K;
+  st_w(wg, uint4{a[0][0], a[0][2], a[1][0], a[1][2]});
+  st_w(wg + 8, uint4{a[2][0], a[2][2], a[3][0], a[3][2]});
+  st_w(wg8, uint4{a[0][1], a[0][3], a[1][1], a[1][3]});
+  st_w(wg8 + 8, uint4{a[2][1], a[2][3], a[3][1], a[3][3]});
 }
