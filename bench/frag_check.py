@@ -1,6 +1,7 @@
 """The fragment-order W4A16 kernel against the fp32 reference on every shape of issues 20 and 34,
-at M = 1, 2, 4, 8, 16, 32, 64, fp16 and bf16, symmetric and asymmetric weights: every launch
-configuration the tuner may try, fresh random inputs per case, the output poisoned (NaN)
+at M = 1, 2, 4, 8, 16, 32, 64 (more with --ms), fp16 and bf16, symmetric and asymmetric weights:
+every launch configuration the tuner may try (the dense prefill path's chunk sizes from
+frag_dense.TUNE_MIN_M rows on, where its self-check passed), fresh random inputs per case, the output poisoned (NaN)
 before each launch, and the split-K counters checked zero after. Also: where the kernel runs
 here (``frag_w4a16.unavailable``) and the compiled kernels' registers / spills.
 
@@ -28,8 +29,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import harness  # noqa: E402
 from kernel_bench import parse_shapes  # noqa: E402
 
-from qpipe.kernels import frag_w4a16  # noqa: E402
+from qpipe.kernels import frag_dense, frag_w4a16  # noqa: E402
 from qpipe.kernels.layout import frag_w4, pack_int4_rows  # noqa: E402
+from qpipe.kernels.tuning import _launch_any, frag_candidates  # noqa: E402
 from qpipe.kernels.workspace import WORKSPACE  # noqa: E402
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -58,6 +60,9 @@ def check(shapes, ms, log=print) -> dict:
     if reason is not None:
         log(f"fragment kernel unavailable here: {reason}")
         return result
+    result["dense_unavailable"] = frag_dense.unavailable(dev)
+    dense = result["dense_unavailable"] is None
+    log(f"dense prefill path: {result['dense_unavailable'] or 'runs'}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n, k in shapes:
         t0 = time.time()
@@ -76,9 +81,9 @@ def check(shapes, ms, log=print) -> dict:
                 for m in ms:
                     x = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
                     ref = x.float() @ w.t()
-                    for cfg in frag_w4a16.candidates(m, n, k, dev):
+                    for cfg in frag_candidates(m, n, k, dev, dense):
                         y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-                        frag_w4a16.launch(x, qw, s, zeros, 128, None, cfg, out=y)
+                        _launch_any(x, qw, s, zeros, 128, None, cfg, out=y)
                         torch.cuda.synchronize()
                         rel = float((y.float() - ref).norm() / ref.norm())
                         ok = bool(torch.isfinite(y).all()) and rel < TOL[dtype]
@@ -110,14 +115,16 @@ def markdown(result: dict) -> str:
         f"{len(cases)} launches (every tuner candidate x shape x M x fp16/bf16 x symmetric/"
         f"asymmetric), outputs poisoned with NaN first: **{len(result['failures'])} failed**.",
         "",
-        "| dtype | M | worst rel. error | launches |",
-        "|---|---|---|---|",
+        f"Dense prefill path (frag_dense): {result.get('dense_unavailable') or 'runs'}.",
+        "",
+        "| dtype | M | path | worst rel. error | launches |",
+        "|---|---|---|---|---|",
     ]
-    by: dict[tuple[str, int], list[float]] = {}
+    by: dict[tuple[str, int, str], list[float]] = {}
     for c in cases:
-        by.setdefault((c["dtype"], c["m"]), []).append(c["rel"])
-    for (d, m), rels in sorted(by.items()):
-        lines.append(f"| {d} | {m} | {max(rels):.2e} | {len(rels)} |")
+        by.setdefault((c["dtype"], c["m"], c["cfg"]["kind"]), []).append(c["rel"])
+    for (d, m, kind), rels in sorted(by.items()):
+        lines.append(f"| {d} | {m} | {kind} | {max(rels):.2e} | {len(rels)} |")
     if result["failures"]:
         lines += ["", "Failures:"] + [f"- {f}" for f in result["failures"][:40]]
     if result.get("resources"):

@@ -373,12 +373,16 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 33, 64, 130])
 def test_gpu_frag_kernel_every_config_matches_reference(dtype, m) -> None:
-    from qpipe.kernels import frag_w4a16
+    """Every configuration the tuner may time: the fragment kernel's and, from
+    frag_dense.TUNE_MIN_M rows on, the dense prefill path's chunk sizes."""
+    from qpipe.kernels import frag_dense, frag_w4a16
+    from qpipe.kernels.tuning import _launch_any, frag_candidates
     from qpipe.kernels.workspace import WORKSPACE
 
     reason = frag_w4a16.unavailable(torch.device("cuda"))
     if reason is not None:
         pytest.skip(reason)
+    assert frag_dense.unavailable(torch.device("cuda")) is None  # its self-check passed
     n, k, gs = 1040, 2048, 128  # N not a multiple of any block's rows
     gen = torch.Generator().manual_seed(m)
     q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
@@ -390,13 +394,16 @@ def test_gpu_frag_kernel_every_config_matches_reference(dtype, m) -> None:
     qw = frag_w4(pack_int4_rows(q)).cuda()
     args = (scales.cuda(), zeros.cuda(), gs, bias.cuda())
     tol = 2e-3 if dtype == torch.float16 else 1e-2
-    for cfg in frag_w4a16.candidates(m, n, k, torch.device("cuda")):
+    space = frag_candidates(m, n, k, torch.device("cuda"))
+    assert ("dense" in {c.kind for c in space}) == (m >= frag_dense.TUNE_MIN_M)
+    space += [frag_dense.DenseConfig(chunk_rows=r) for r in (16, 512)]  # short last chunks
+    for cfg in space:
         for z in (args[1], None):
             want = ref if z is not None else (
                 x.double() @ _dequant_ref(q, scales, None, gs, dtype).t() + bias.double()
             )  # fmt: skip
             y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-            frag_w4a16.launch(x.cuda(), qw, args[0], z, gs, args[3], cfg, out=y)
+            _launch_any(x.cuda(), qw, args[0], z, gs, args[3], cfg, out=y)
             torch.cuda.synchronize()
             rel = float((y.double().cpu() - want).norm() / want.norm())
             assert bool(torch.isfinite(y).all()) and rel < tol, (cfg, z is None, rel)
