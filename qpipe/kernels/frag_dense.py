@@ -7,8 +7,8 @@ M = 64 on (bench/results/kernels_h100.md: 0.52-1.04x fp16 at M = 64, 0.28-0.45x 
 Dequantizing once per call costs about N K / 2 bytes read plus N K 2 bytes written and read
 again, independent of M, while the GEMM's work grows with M: with B bytes/s of HBM and F
 FLOP/s of tensor cores, the dequantization is a fraction ~ (2.5 N K / B) / (2 M N K / F)
-= 1.25 F / (B M) of a compute-bound GEMM: ~ 1.25 x 300 / M on an H100 (F / B ~ 990 TFLOP/s /
-3.35 TB/s), under 20 % from M ~ 2000. Below that the chunking matters: a chunk of at most
+= 1.25 F / (B M) of a compute-bound GEMM: ~ 1.25 x 300 / M on an H100 (its datasheet: 989
+dense fp16 TFLOP/s, 3.35 TB/s), under 20 % from M ~ 2000. Below that the chunking matters: a chunk of at most
 ``MAX_CHUNK_BYTES`` is written and read again inside the L2 (50 MB on an H100), so from HBM the
 call reads the 4-bit weights once and cuBLAS reads the dense chunk from L2; the crossover
 against the fragment kernel is then measured, not derived: the tuner offers these
