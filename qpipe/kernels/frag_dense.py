@@ -211,7 +211,7 @@ def self_check(device: torch.device) -> None:
     """Both activation dtypes, symmetric and not: ``w4_frag_dequant``'s rows against
     ``reference_rows`` bit for bit, and the chunked product (two chunks, the last one short,
     bias) against the torch reference within the output's rounding; raise otherwise."""
-    from qpipe.kernels.frag_w4a16 import _reference
+    from qpipe.kernels.frag_w4a16 import check_against_reference
     from qpipe.kernels.layout import frag_w4, pack_int4_rows
 
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -236,11 +236,7 @@ def self_check(device: torch.device) -> None:
             raise RuntimeError(f"{dtype}: w4_frag_dequant differs from the reference weights")
         y = launch(x, qw, s, z, gs, b, DenseConfig(chunk_rows=64))
         torch.cuda.synchronize(device)
-        ref = _reference(x, qw, s, z, gs, b)
-        rel = float((y.float() - ref).norm() / ref.norm())
-        tol = 2e-3 if dtype == torch.float16 else 1e-2
-        if not rel < tol:
-            raise RuntimeError(f"{dtype} dense M={m}: relative error {rel:.3g} >= {tol}")
+        check_against_reference(y, x, qw, s, z, gs, b, f"{dtype} dense M={m}")
 
 
 _REASONS: dict[int, str | None] = {}

@@ -266,6 +266,16 @@ def _reference(x, qweight, scales, zeros, group_size, bias) -> torch.Tensor:
     return y if bias is None else y + bias.float()
 
 
+def check_against_reference(y, x, qweight, scales, zeros, group_size, bias, what: str) -> None:
+    """A self-check's verdict on one launch: ``y`` within the relative error the kernel tests
+    allow (fp16 2e-3, bf16 1e-2) of the fp32 reference, else a RuntimeError naming ``what``."""
+    ref = _reference(x, qweight, scales, zeros, group_size, bias)
+    rel = float((y.float() - ref).norm() / ref.norm())
+    tol = 2e-3 if x.dtype == torch.float16 else 1e-2
+    if not rel < tol:
+        raise RuntimeError(f"{what}: relative error {rel:.3g} >= {tol}")
+
+
 def self_check(device: torch.device) -> None:
     """Run small problems of both activation dtypes (symmetric and not, with and without a
     split, bias, M past one block) against the torch reference; raise on any difference
@@ -288,11 +298,7 @@ def self_check(device: torch.device) -> None:
         cfg = FragConfig(t=t_for(m), r=1, warps=4, prefetch=2, split_k=split)
         y = launch(x, qw, s, z, gs, b, cfg)
         torch.cuda.synchronize(device)
-        ref = _reference(x, qw, s, z, gs, b)
-        rel = float((y.float() - ref).norm() / ref.norm())
-        tol = 2e-3 if dtype == torch.float16 else 1e-2
-        if not rel < tol:
-            raise RuntimeError(f"{dtype} M={m} split {split}: relative error {rel:.3g} >= {tol}")
+        check_against_reference(y, x, qw, s, z, gs, b, f"{dtype} M={m} split {split}")
 
 
 _REASONS: dict[int, str | None] = {}
